@@ -1,0 +1,78 @@
+"""Everything that touches ComfyUI's internals, in one place: model loading, encoding with the
+workflow's CLIP and VAE, applying a LoRA the way the stock LoraLoader does, and its folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_base
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+
+from ..trainer.backends.comfy_flux import ComfyFlux
+from ..trainer.data import DatasetError
+
+log = logging.getLogger("flux_dreambooth")
+
+BUILTIN_DATASETS = {"builtin:quickstart": Path(__file__).resolve().parent.parent / "trainer" / "assets" / "quickstart"}
+
+
+def set_training_kernels(on: bool) -> None:
+    """ComfyUI picks autograd-friendly kernels (e.g. RoPE) while this flag is set."""
+    comfy.model_management.in_training = on
+
+
+def flux_backend(model) -> ComfyFlux:
+    """The workflow's MODEL, loaded on its device with its patches, as a training backend."""
+    if not isinstance(model.model, comfy.model_base.Flux) or type(model.model).__name__ != "Flux":
+        raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 models "
+                         "(load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return ComfyFlux(model.model, training_flag=set_training_kernels)
+
+
+class ComfyEncoders:
+    """The trainer's Encoders protocol on the workflow's own VAE and CLIP."""
+
+    def __init__(self, model, clip, vae):
+        self.model, self.clip, self.vae = model, clip, vae
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.permute(0, 2, 3, 1))  # ComfyUI images are (B, H, W, C)
+        return self.model.model.process_latent_in(latents)
+
+    def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+        return cond[0], pooled[0]
+
+
+def apply_lora(model, lora_sd: dict, strength: float):
+    """What the stock LoraLoader does with a file, for a state dict."""
+    return comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0)[0]
+
+
+def load_lora_file(name: str) -> dict:
+    return comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", name), safe_load=True)
+
+
+def lora_files() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def loras_root() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def resolve_input_path(text: str, what: str) -> Path:
+    """An absolute path, a path relative to ComfyUI's input folder, or a built-in dataset."""
+    text = text.strip()
+    if text in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[text]
+    if not text:
+        raise DatasetError(f"{what} is empty; give a folder path (absolute, or inside ComfyUI's input folder).")
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path

@@ -1,0 +1,55 @@
+"""One LoRA layer group per node; chain them into a selection (seed 000's art-style template
+uses two: some double blocks' attention and some single blocks' projections)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..trainer.layers import DOUBLE, LAYER_TYPES, PRESETS, SINGLE, LayerGroup, LayerSpec, parse_layer_types
+from .types import CATEGORY, LoraLayers
+
+
+def _names(blocks: str) -> str:
+    return ", ".join(LAYER_TYPES[blocks])
+
+
+class LoraLayerGroup(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothLayers",
+            display_name="LoRA Layer Group",
+            category=CATEGORY,
+            description="Which layers get a LoRA, in mflux/diffusers names. Chain several groups through "
+                        "`previous`. ComfyUI fuses q/k/v into one layer; picking attn.to_q alone trains only "
+                        "its slice.",
+            inputs=[
+                LoraLayers.Input("previous", optional=True, tooltip="Groups from another LoRA Layer Group node."),
+                io.Combo.Input("blocks", options=[SINGLE, DOUBLE], default=SINGLE,
+                               tooltip="single_transformer_blocks (38 in FLUX.1, later layers, details) or "
+                                       "transformer_blocks (19, the double-stream layers, broader features)."),
+                io.Int.Input("start", default=0, min=0, max=100,
+                             tooltip="First block of the range. The people template starts at 10 to leave early "
+                                     "layers (composition) alone."),
+                io.Int.Input("end", default=38, min=1, max=100,
+                             tooltip="End of the range, exclusive as in mflux: 38 covers all single blocks, 19 all "
+                                     "double blocks."),
+                io.String.Input("layer_types", default="proj_out, proj_mlp, attn.to_q, attn.to_k, attn.to_v",
+                                tooltip=f"Comma-separated diffusers names. Single blocks: {_names(SINGLE)}. "
+                                        f"Double blocks: {_names(DOUBLE)}. Presets: {', '.join(PRESETS)}. "
+                                        "Attention (q, k, v) holds likeness; projections and MLPs hold style."),
+                io.Int.Input("rank", default=8, min=1, max=256,
+                             tooltip="LoRA rank: 4–8 for a pet or object, 8–16 for a face, 16–32 for a style. "
+                                     "Higher learns more detail, takes more memory, overfits sooner."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank "
+                                       "(scale 1). Half the rank (seed 003: rank 32, alpha 16) trains gentler."),
+            ],
+            outputs=[LoraLayers.Output(display_name="lora_layers")],
+        )
+
+    @classmethod
+    def execute(cls, blocks, start, end, layer_types, rank, alpha, previous=None) -> io.NodeOutput:
+        group = LayerGroup(blocks, start, end, parse_layer_types(layer_types, blocks), rank, alpha or None)
+        groups = (previous.groups if previous is not None else ()) + (group,)
+        return io.NodeOutput(LayerSpec(groups))

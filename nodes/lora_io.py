@@ -1,0 +1,117 @@
+"""Apply a LoRA to a MODEL, save one into models/loras, and the tiny FLUX loader."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..trainer import export
+from . import host
+from .tiny import WEIGHT_DTYPES, load_tiny_flux
+from .types import CATEGORY
+
+log = logging.getLogger("flux_dreambooth")
+NO_FILE = "(none)"
+
+
+class ApplyFluxLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothApply",
+            display_name="Apply FLUX LoRA",
+            category=CATEGORY,
+            description="MODEL + LoRA → MODEL, exactly as the stock Load LoRA node applies a file. Takes the "
+                        "Train node's LoRA, a file from models/loras, or both.",
+            inputs=[
+                io.Model.Input("model"),
+                io.LoraModel.Input("lora", optional=True, tooltip="A LoRA from the Train node."),
+                io.Combo.Input("lora_name", options=[NO_FILE] + host.lora_files(), default=NO_FILE,
+                               tooltip="A LoRA file from models/loras (for example one this pack saved)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="1.0 is as trained. 0.7–0.9 loosens an overfit LoRA; above 1 exaggerates."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength, lora=None) -> io.NodeOutput:
+        if lora is None and lora_name == NO_FILE:
+            raise ValueError("Apply FLUX LoRA has nothing to apply: connect `lora` from the Train node or pick "
+                             "a file in `lora_name`.")
+        if lora is not None:
+            model = host.apply_lora(model, lora, strength)
+        if lora_name != NO_FILE:
+            model = host.apply_lora(model, host.load_lora_file(lora_name), strength)
+        return io.NodeOutput(model)
+
+
+class SaveFluxLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothSave",
+            display_name="Save FLUX LoRA",
+            category=CATEGORY,
+            description="Writes the LoRA into models/loras, where Load LoRA lists it. Written to a temporary "
+                        "file and renamed, so a crash never leaves half a LoRA.",
+            is_output_node=True,
+            inputs=[
+                io.LoraModel.Input("lora"),
+                io.String.Input("filename_prefix", default="flux_dreambooth/lora",
+                                tooltip="Name inside models/loras; subfolders are fine ('people/alice'). A "
+                                        "counter is added so nothing is overwritten."),
+                io.Combo.Input("format", options=list(export.FORMATS), default="kohya",
+                               tooltip="kohya (lora_unet_*): what ComfyUI, Forge and most tools read. "
+                                       "diffusers: PEFT names for diffusers pipelines; ComfyUI reads it too."),
+                io.Combo.Input("precision", options=list(export.SAVE_DTYPES), default="fp16",
+                               tooltip="fp16 halves the file at no visible cost (ai-toolkit's default). fp32 "
+                                       "stores the weights exactly as trained."),
+            ],
+            outputs=[io.String.Output(display_name="lora_name",
+                                      tooltip="The saved file's name as Load LoRA lists it.")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename_prefix, format, precision) -> io.NodeOutput:
+        root = host.loras_root()
+        base = export.safe_path(root, filename_prefix, extension="")
+        counter = 1
+        while (path := base.with_name(f"{base.name}_{counter:05}.safetensors")).exists():
+            counter += 1
+        dtype = export.SAVE_DTYPES[precision]
+        if isinstance(lora, export.TrainedLora):
+            sd, meta = lora.to_file_dict(format, dtype), dict(lora.metadata, **{"dreambooth.format": format})
+        else:  # a LORA_MODEL from another node (e.g. ComfyUI's own trainer): saved as it is
+            sd, meta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in lora.items()}, {}
+        export.save_atomic(path, sd, meta)
+        name = path.relative_to(root.resolve()).as_posix()
+        log.info("Saved LoRA %s", path)
+        return io.NodeOutput(name, ui={"text": [name]})
+
+
+class TinyFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothTinyFlux",
+            display_name="Tiny FLUX (demo, random weights)",
+            category=CATEGORY,
+            description="A FLUX-architecture MODEL, CLIP and VAE at toy sizes with random, seeded weights: "
+                        "try the whole pack on a CPU in a minute before downloading 30 GB. Its images are "
+                        "noise; what matters is that training, saving and sampling all work.",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Same seed, same weights."),
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
+                               tooltip="Store the transformer like the stock UNET loader would (fp8_e4m3fn, "
+                                       "bf16…), to try those training paths."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     io.Vae.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, seed, weight_dtype) -> io.NodeOutput:
+        return io.NodeOutput(*load_tiny_flux(seed, weight_dtype))

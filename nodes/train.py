@@ -1,0 +1,130 @@
+"""The Train node: encode the dataset with the workflow's CLIP and VAE, train on a background
+thread on the workflow's own FLUX, hand back the model with the LoRA applied."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from comfy_api.latest import io
+
+from ..trainer import data, export
+from ..trainer.flow import TIMESTEP_SAMPLINGS, TimestepSampling
+from ..trainer.layers import LayerSpec
+from ..trainer.lora import LORA_DTYPES, LoraSet
+from ..trainer.train import LR_SCHEDULES, TrainConfig, fixed_noise_loss, train
+from . import host
+from .runner import BackgroundJob
+from .types import CATEGORY, Dataset, LoraLayers
+
+log = logging.getLogger("flux_dreambooth")
+
+DEFAULT_LAYERS = "attention+mlp"
+EVAL_IMAGES = 4  # the fixed-noise loss (a steadier signal than the per-step loss) is measured on these
+
+
+class TrainFluxLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothTrain",
+            display_name="Train FLUX LoRA (DreamBooth)",
+            category=CATEGORY,
+            description="Teaches the loaded FLUX your subject: a flow-matching LoRA trained on the MODEL as "
+                        "ComfyUI loaded it (bf16, fp16 or fp8), on a background thread. Cancel stops it "
+                        "within a step.",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 model to train on (dev, schnell, Krea…)."),
+                io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once."),
+                io.Vae.Input("vae", tooltip="Its VAE, to encode the images once."),
+                Dataset.Input("dataset", tooltip="From a DreamBooth Dataset node."),
+                LoraLayers.Input("lora_layers", optional=True,
+                                 tooltip="From LoRA Layer Group nodes. Unconnected: attention and MLP layers of "
+                                         "every block at rank 16."),
+                io.Int.Input("steps", default=1000, min=1, max=100000,
+                             tooltip="Optimizer steps. 10–20 photos: 1000–2000 for a subject, more for a style. "
+                                     "Too many and samples copy the training photos."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=False,
+                               tooltip="1e-4 is the usual FLUX LoRA rate; 5e-5 for faces (people template) or "
+                                       "long runs; 2e-4 for quick style runs."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per step. 1 is best for small datasets; raise it only with memory "
+                                     "to spare and lower the step count to match."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Training size in pixels (square, center-cropped). 512 is fast and learns "
+                                     "likeness; 1024 for fine detail. Images smaller than this are refused."),
+                io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seeds LoRA init, image order, noise and σ: same seed, same LoRA."),
+                io.Float.Input("guidance", default=1.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Guidance value shown to guidance-distilled models (dev) while training. "
+                                       "1.0 is what ai-toolkit, SimpleTuner and kohya use; ignored by schnell."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="flux_shift",
+                               tooltip="How noise levels are drawn. flux_shift: logit-normal, shifted for image "
+                                       "size like FLUX samples (good default). logit_normal: centred on mid "
+                                       "noise. uniform: all levels alike."),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant",
+                               tooltip="constant is the usual choice; cosine or linear decay to 0 at the end."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000,
+                             tooltip="Steps to ramp the learning rate up from 0 (SimpleTuner uses 100)."),
+                io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-4, round=False,
+                               tooltip="AdamW weight decay on the LoRA. 1e-4 (seed 003) to 0.01 (seed 002)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute each block in backward instead of storing its activations: "
+                                         "far less memory for about a third more time. Turn off only with "
+                                         "memory to spare."),
+                io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="fp32",
+                               tooltip="Precision of the trained LoRA weights. fp32 is exact; bf16 halves their "
+                                       "(small) memory."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
+                io.LoraModel.Output(display_name="lora", tooltip="The LoRA, for Save FLUX LoRA or Apply FLUX LoRA."),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step (works with Plot Loss Graph)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, resolution, seed, guidance,
+                timestep_sampling, lr_schedule, warmup_steps, weight_decay, gradient_checkpointing, lora_dtype,
+                lora_layers=None) -> io.NodeOutput:
+        config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                             weight_decay=weight_decay, guidance=guidance,
+                             timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
+                             warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing)
+        backend = host.flux_backend(model)
+        spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
+        targets = spec.targets(backend.dims)
+        started = time.perf_counter()
+        examples = data.encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), resolution)
+        log.info("Training %d LoRA layers on %d images at %d² for %d steps.", len(targets), len(examples),
+                 resolution, steps)
+        every = max(1, steps // 20)
+
+        def work(stop, report):
+            owned = [data.Example(e.latents.clone(), e.context.clone(), e.pooled.clone(), e.caption, e.source)
+                     for e in examples]  # tensors made under inference_mode can't join autograd
+            lora = LoraSet(targets, LORA_DTYPES[lora_dtype], seed).to(backend.device)
+
+            def on_step(info):
+                report(info.step)
+                if info.step % every == 0 or info.step == info.total:
+                    log.info("step %d/%d  loss %.4f  lr %.2e", info.step, info.total, info.loss, info.lr)
+
+            probe = owned[:EVAL_IMAGES]
+            before = fixed_noise_loss(backend, lora, probe, guidance)
+            result = train(backend, lora, owned, config, repeats=[dataset.repeats] * len(owned),
+                           on_step=on_step, should_stop=stop.is_set)
+            return lora, result, (before, fixed_noise_loss(backend, lora, probe, guidance))
+
+        lora, result, (before, after) = BackgroundJob(work, steps).run()
+        base = getattr(model.model, "flux_dreambooth_name",
+                       "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
+        meta = export.metadata(spec, result.steps_done, dataset.trigger_word, base,
+                               extra={"resolution": resolution, "learning_rate": learning_rate, "seed": seed})
+        trained = export.TrainedLora(lora.cpu(), meta)
+        seconds = time.perf_counter() - started
+        summary = (f"{result.steps_done} steps in {seconds:.0f} s on {len(targets)} LoRA layers; fixed-noise loss "
+                   f"{before:.4f} → {after:.4f} ({100 * (after / before - 1):+.1f}%)")
+        log.info("Trained: %s", summary)
+        return io.NodeOutput(host.apply_lora(model, trained, 1.0), trained, {"loss": result.losses},
+                             ui={"text": [summary], "fixed_noise_loss": [before, after]})

@@ -1,0 +1,7 @@
+"""Socket types the nodes pass between each other."""
+
+from comfy_api.latest import io
+
+Dataset = io.Custom("FLUX_DREAMBOOTH_DATASET")
+LoraLayers = io.Custom("FLUX_LORA_LAYERS")
+CATEGORY = "FLUX DreamBooth"

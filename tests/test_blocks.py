@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from trainer.blocks import BlockRunner
+
+
+class InplaceBlock(nn.Module):
+    """Shaped like ComfyUI's FLUX double block: norms, then residual adds in place."""
+
+    def __init__(self, d, outplace=False):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.attn, self.mlp = nn.Linear(d, d), nn.Linear(d, d)
+        self.outplace = outplace
+
+    def forward(self, img, txt, vec):
+        if self.outplace:
+            img = img + self.attn(self.norm(img)) * vec
+            img = img + self.mlp(self.norm(img))
+            return img, txt + self.attn(self.norm(txt))
+        img += self.attn(self.norm(img)) * vec
+        img += self.mlp(self.norm(img))
+        txt += self.attn(self.norm(txt))
+        return img, txt
+
+
+def _grads(outplace, runner_kwargs=None, lora_in=(True, True, False)):
+    torch.manual_seed(0)
+    blocks = [InplaceBlock(8, outplace).requires_grad_(False) for _ in range(3)]
+    loras = [torch.zeros(8, 8, requires_grad=True) for _ in blocks]
+    with torch.no_grad():
+        for p in loras:
+            p.normal_()
+    handles = [b.attn.register_forward_hook(lambda m, a, o, p=p: o + a[0] @ p)
+               for b, p, on in zip(blocks, loras, lora_in) if on]
+    runner = BlockRunner(blocks, list(lora_in), [("img", "txt")] * 3, **runner_kwargs) if runner_kwargs else None
+    try:
+        img, txt, vec = torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.randn(2, 1, 8)
+        for b in blocks:
+            img, txt = b(img, txt, vec)
+        (img.square().mean() + txt.square().mean()).backward()
+    finally:
+        if runner:
+            runner.restore()
+        for h in handles:
+            h.remove()
+    return [p.grad for p, on in zip(loras, lora_in) if on]
+
+
+def test_inplace_blocks_break_plain_autograd():
+    with pytest.raises(RuntimeError, match="inplace"):
+        _grads(outplace=False)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_runner_gives_the_gradients_of_the_out_of_place_maths(checkpointing):
+    reference = _grads(outplace=True)
+    got = _grads(outplace=False, runner_kwargs={"checkpointing": checkpointing})
+    for g, r in zip(got, reference):
+        assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_blocks_without_lora_before_the_first_lora_build_no_graph():
+    block = InplaceBlock(8).requires_grad_(False)
+    runner = BlockRunner([block], [False], [("img", "txt")], checkpointing=False)
+    img, txt = block(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.ones(1, 1, 8))
+    runner.restore()
+    assert not img.requires_grad and not txt.requires_grad
+    assert "forward" not in block.__dict__

@@ -1,0 +1,260 @@
+"""Host tests: the pack inside a real ComfyUI (COMFYUI_PATH), run by ComfyUI's own executor."""
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from comfyui_host import PACK_DIR, requires_host, ui_to_api
+from PIL import Image
+
+pytestmark = requires_host
+
+QUICKSTART = next((PACK_DIR / "example_workflows").glob("*quickstart*.json"))
+NODES = ["FluxDreamBoothApply", "FluxDreamBoothDatasetFolder", "FluxDreamBoothDatasetMflux", "FluxDreamBoothLayers",
+         "FluxDreamBoothSave", "FluxDreamBoothTinyFlux", "FluxDreamBoothTrain"]
+
+
+def by_type(prompt, class_type):
+    return [k for k, v in prompt.items() if v["class_type"] == class_type]
+
+
+def pixels(host, ui) -> np.ndarray:
+    return np.asarray(Image.open(host.output_file(ui)), dtype=np.float32)
+
+
+def loras(host) -> set[str]:
+    return {p.relative_to(host.root / "loras").as_posix() for p in (host.root / "loras").rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def quickstart(host):
+    """The shipped quickstart workflow, run once, with a second Save node writing fp32."""
+    prompt = ui_to_api(json.loads(QUICKSTART.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    (train,) = by_type(prompt, "FluxDreamBoothTrain")
+    (save,) = by_type(prompt, "FluxDreamBoothSave")
+    prompt["900"] = {"class_type": "FluxDreamBoothSave", "inputs": {**prompt[save]["inputs"], "precision": "fp32",
+                                                                     "filename_prefix": "flux_dreambooth/exact"}}
+    started = time.perf_counter()
+    outputs = host.run(prompt)
+    return prompt, outputs, time.perf_counter() - started
+
+
+def test_pack_loads_as_a_v3_extension_with_its_web_folder(host):
+    assert host.pack_nodes == NODES
+    assert not hasattr(host.pack, "NODE_CLASS_MAPPINGS")  # V3 only: V1 would silently win
+    assert Path(host.nodes.EXTENSION_WEB_DIRS[host.pack.__name__.split("/")[-1]]) == PACK_DIR / "web" / "js"
+
+
+def test_quickstart_trains_saves_and_changes_the_sample(host, quickstart):
+    prompt, outputs, seconds = quickstart
+    (train,) = by_type(prompt, "FluxDreamBoothTrain")
+    before, after = outputs[train]["fixed_noise_loss"]
+    assert after < 0.8 * before, (before, after)
+    saved = outputs[by_type(prompt, "FluxDreamBoothSave")[0]]["text"][0]
+    assert saved.startswith("flux_dreambooth/quickstart_") and saved in loras(host)
+    without, with_lora = (pixels(host, outputs[k]) for k in by_type(prompt, "SaveImage"))
+    assert np.abs(without - with_lora).mean() > 2.0
+    logging.getLogger(__name__).info("quickstart ran in %.1f s on ComfyUI %s", seconds, host.version)
+
+
+@pytest.mark.parametrize("workflow", sorted((PACK_DIR / "example_workflows").glob("*.json")), ids=lambda p: p.stem)
+def test_example_workflows_are_valid_prompts_for_this_comfyui(host, workflow):
+    """Every shipped workflow converts and passes ComfyUI's own validation (model files it names
+    are stood in for by empty files: validation checks names, it loads nothing)."""
+    import asyncio
+
+    prompt = ui_to_api(json.loads(workflow.read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    stand_ins = {"UNETLoader": {"unet_name": "diffusion_models"}, "VAELoader": {"vae_name": "vae"},
+                 "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}}
+    for node in prompt.values():
+        for field, folder in stand_ins.get(node["class_type"], {}).items():
+            path = host.root / "models" / folder / node["inputs"][field]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+            host.folder_paths.add_model_folder_path(folder, str(path.parent))
+    valid = asyncio.run(host.execution.validate_prompt("check", prompt, None))
+    assert valid[0], valid[1:]
+    assert {n["class_type"] for n in prompt.values()} >= {"FluxDreamBoothTrain", "FluxDreamBoothSave", "KSampler"}
+
+
+def test_comfyui_loader_accepts_every_key_of_the_saved_file(host, quickstart, caplog):
+    import comfy.lora
+    import comfy.utils
+
+    model, _, _ = host.pack.nodes.tiny.load_tiny_flux(0)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    for name in loras(host):
+        sd = comfy.utils.load_torch_file(str(host.root / "loras" / name))
+        with caplog.at_level(logging.WARNING):
+            patches = comfy.lora.load_lora(sd, key_map)
+        assert "lora key not loaded" not in caplog.text
+        assert len(patches) == sum(k.endswith(".lora_down.weight") for k in sd) > 0
+
+
+@pytest.mark.parametrize("prefix, exact", [("flux_dreambooth/exact", True), ("flux_dreambooth/quickstart", False)])
+def test_stock_lora_loader_gives_the_in_memory_sample(host, quickstart, prefix, exact):
+    prompt, outputs, _ = quickstart
+    name = next(n for n in loras(host) if n.startswith(prefix))
+    sampler = by_type(prompt, "KSampler")[1]  # the one fed by the Train node's MODEL
+    (loader,) = by_type(prompt, "FluxDreamBoothTinyFlux")
+    replay = {k: json.loads(json.dumps(v)) for k, v in prompt.items()
+              if v["class_type"] in ("FluxDreamBoothTinyFlux", "CLIPTextEncode", "EmptySD3LatentImage")}
+    replay["50"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [loader, 0], "lora_name": name,
+                                                                    "strength_model": 1.0}}
+    replay["51"] = {"class_type": "KSampler", "inputs": {**prompt[sampler]["inputs"], "model": ["50", 0]}}
+    replay["52"] = {"class_type": "VAEDecode", "inputs": {"samples": ["51", 0], "vae": [loader, 2]}}
+    replay["53"] = {"class_type": "SaveImage", "inputs": {"images": ["52", 0], "filename_prefix": "replay"}}
+    from_file = pixels(host, host.run(replay)["53"])
+    without, in_memory = (pixels(host, outputs[k]) for k in by_type(prompt, "SaveImage"))
+    if exact:
+        assert np.array_equal(from_file, in_memory)
+    else:  # fp16 file: rounding only, a tiny fraction of what the LoRA changes
+        assert np.abs(from_file - in_memory).mean() < 0.02 * np.abs(without - in_memory).mean()
+
+
+def test_comfyui_and_diffusers_backends_agree(host):
+    """Same weights (mapped with ComfyUI's own flux_to_diffusers) give the same loss and LoRA
+    gradients, with and without gradient checkpointing."""
+    import comfy.model_management
+    import comfy.utils
+    from diffusers import FluxTransformer2DModel
+
+    pack = host.pack
+    with torch.inference_mode():  # as inside a node
+        model, _, _ = pack.nodes.tiny.load_tiny_flux(0)
+        comfy.model_management.load_models_gpu([model])
+    dit = model.model.diffusion_model
+    sd = {k: v.clone() for k, v in dit.state_dict().items()}
+    cfg = model.model.model_config.unet_config
+    key_map = comfy.utils.flux_to_diffusers(cfg)
+    reference = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
+        attention_head_dim=128, num_attention_heads=cfg["num_heads"], joint_attention_dim=cfg["context_in_dim"],
+        pooled_projection_dim=cfg["vec_in_dim"], guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    converted = {}
+    for name in reference.state_dict():
+        src = key_map[name]
+        if isinstance(src, str):
+            converted[name] = sd[src]
+        elif src[1] is not None:
+            converted[name] = sd[src[0]].narrow(*src[1])
+        else:
+            converted[name] = src[2](sd[src[0]])
+    reference.load_state_dict(converted)
+
+    T = pack.trainer
+    spec = T.layers.LayerSpec((
+        T.layers.LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.2",
+                                                         "norm1_context.linear", "attn.add_k_proj"), 4, 2.0),
+        T.layers.LayerGroup("single_transformer_blocks", 1, 4, ("attn.to_k", "proj_mlp", "proj_out"), 3)))
+    torch.manual_seed(3)
+    lat, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    ctx, pooled, sig = torch.randn(2, 7, 64), torch.randn(2, 64), torch.tensor([0.3, 0.8])
+
+    def step(backend, checkpointing):
+        lora = T.lora.LoraSet(spec.targets(backend.dims), seed=5)
+        with torch.no_grad():
+            for i, w in enumerate(lora):
+                w.up.copy_(torch.randn(w.up.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+        with backend.training(lora, checkpointing):
+            v = backend.velocity(T.flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, 3.5)
+            loss = T.flow.flow_matching_loss(v, T.flow.velocity_target(lat, noise)).mean()
+            loss.backward()
+        return loss.item(), [p.grad for p in lora.parameters()]
+
+    ref_loss, ref_grads = step(T.backends.diffusers_flux.DiffusersFlux(reference), False)
+    host_backend = T.backends.comfy_flux.ComfyFlux(model.model, pack.nodes.host.set_training_kernels)
+    for checkpointing in (False, True):
+        loss, grads = step(host_backend, checkpointing)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+def _train_prompt(**train_inputs):
+    prompt = {
+        "1": {"class_type": "FluxDreamBoothTinyFlux", "inputs": {"seed": 0, "weight_dtype": "default"}},
+        "2": {"class_type": "FluxDreamBoothDatasetFolder",
+              "inputs": {"folder": "builtin:quickstart", "trigger_word": "sks", "repeats": 1}},
+        "3": {"class_type": "FluxDreamBoothLayers",
+              "inputs": {"blocks": "single_transformer_blocks", "start": 0, "end": 4, "layer_types": "attention",
+                         "rank": 4, "alpha": 0.0}},
+        "4": {"class_type": "FluxDreamBoothTrain",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
+                         "lora_layers": ["3", 0], "steps": 4, "learning_rate": 2e-3, "batch_size": 1,
+                         "resolution": 64, "seed": 0, "guidance": 1.0, "timestep_sampling": "flux_shift",
+                         "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 1e-4,
+                         "gradient_checkpointing": True, "lora_dtype": "fp32"}},
+        "5": {"class_type": "FluxDreamBoothSave",
+              "inputs": {"lora": ["4", 1], "filename_prefix": "checks/lora", "format": "kohya", "precision": "fp16"}},
+    }
+    prompt["4"]["inputs"].update(train_inputs)
+    return prompt
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp8_e4m3fn"])
+def test_trains_on_bf16_and_fp8_weights(host, weight_dtype):
+    prompt = _train_prompt(steps=6)
+    prompt["1"]["inputs"]["weight_dtype"] = weight_dtype
+    outputs = host.run(prompt)
+    before, after = outputs["4"]["fixed_noise_loss"]
+    assert np.isfinite([before, after]).all() and after < before
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["4"]["inputs"].update(resolution=256), "smaller than the training resolution 256"),
+    (lambda p: p["3"]["inputs"].update(layer_types="proj_out, attn.to_add_out"), "'attn.to_add_out'"),
+    (lambda p: p["3"]["inputs"].update(end=9), "ends at 9, but this model has 4 single_transformer_blocks"),
+    (lambda p: p["2"]["inputs"].update(folder="no/such/folder"), "does not exist"),
+    (lambda p: p["5"]["inputs"].update(filename_prefix="../../escape"), "leaves the loras folder"),
+])
+def test_bad_input_is_named_and_writes_nothing(host, change, message):
+    prompt = _train_prompt()
+    change(prompt)
+    existing = loras(host)
+    with pytest.raises(RuntimeError) as e:
+        host.run(prompt)
+    assert message in str(e.value)
+    assert loras(host) == existing
+
+
+def test_cancel_stops_training_within_a_step(host):
+    import comfy.model_management
+
+    prompt = _train_prompt(steps=2000)
+    existing = loras(host)
+    result = {}
+    host.server.events.clear()  # no stale progress from earlier prompts
+    runner = threading.Thread(target=lambda: result.update(ok=_run_quietly(host, prompt)))
+    runner.start()
+    deadline = time.time() + 120
+    while not _training_progress(host) and time.time() < deadline:
+        time.sleep(0.05)
+    step_at_cancel = _training_progress(host)
+    assert step_at_cancel >= 1, "training never reported progress"
+    cancelled = time.perf_counter()
+    comfy.model_management.interrupt_current_processing(True)
+    runner.join(timeout=60)
+    assert not runner.is_alive() and result["ok"] is False
+    assert time.perf_counter() - cancelled < 10
+    assert any(e == "execution_interrupted" for e, _ in host.server.events)
+    assert _training_progress(host) <= step_at_cancel + 2
+    assert loras(host) == existing
+
+
+def _training_progress(host) -> int:
+    values = [d["value"] for e, d in list(host.server.events) if e == "progress" and str(d.get("node")) == "4"]
+    return max(values, default=0)
+
+
+def _run_quietly(host, prompt) -> bool:
+    try:
+        host.run(prompt)
+        return True
+    except RuntimeError:
+        return False

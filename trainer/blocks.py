@@ -1,0 +1,158 @@
+"""How each transformer block runs while training.
+
+Three things happen per block, whichever model the block comes from:
+
+* A block with no LoRA whose inputs need no gradient runs without building a graph.
+* ComfyUI's FLUX blocks add to their residual stream in place (`img += …`), which breaks
+  autograd: a LayerNorm saved the stream before the add. With `inplace_stream` set, a tensor that
+  autograd saves is cloned when it shares memory with the stream, and only then.
+* Gradient checkpointing: the block runs without a graph on the way forward and again, with
+  one, during backward. The stream inputs are cloned first, so the saved inputs stay as they were
+  (a checkpoint that re-reads an input the block changed in place computes wrong gradients).
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def protect_stream(streams: list[torch.Tensor]):
+    """Clone saved tensors that share memory with the residual stream, so in-place adds can't
+    change what backward reads."""
+    ptrs = {t.untyped_storage().data_ptr() for t in streams}
+
+    def pack(t):
+        return t.clone() if t.untyped_storage().data_ptr() in ptrs else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _flatten(args: tuple, kwargs: dict):
+    """Tensors of (args, kwargs), one level deep into tuples/lists, and a function to put
+    new tensors back in their places."""
+    tensors: list[torch.Tensor] = []
+
+    def take(v):
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+            return len(tensors) - 1
+        if isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
+            return type(v)(take(x) for x in v)
+        return None
+
+    slots_a = [take(a) for a in args]
+    slots_k = {k: take(v) for k, v in kwargs.items()}
+
+    def put(slot, original, new):
+        if slot is None:
+            return original
+        if isinstance(slot, int):
+            return new[slot]
+        return type(slot)(new[s] for s in slot)
+
+    def rebuild(new):
+        return (tuple(put(s, a, new) for s, a in zip(slots_a, args)),
+                {k: put(slots_k[k], v, new) for k, v in kwargs.items()})
+
+    return tensors, rebuild
+
+
+def _outputs(out) -> tuple[list[torch.Tensor], callable]:
+    if isinstance(out, torch.Tensor):
+        return [out], lambda ts: ts[0]
+    return list(out), lambda ts: type(out)(ts)
+
+
+class _Checkpoint(torch.autograd.Function):
+    """Forward without a graph; recompute with one during backward (reentrant style)."""
+
+    @staticmethod
+    def forward(ctx, run, _dummy, *tensors):
+        ctx.run = run
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            outs, _ = _outputs(run(list(tensors)))
+        return tuple(o.clone() if any(o is t for t in tensors) else o for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs, _ = _outputs(ctx.run(inputs))
+        pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, *[t.grad if t.requires_grad else None for t in inputs])
+
+
+class BlockRunner:
+    """Wraps the forward of each block for training; `restore()` puts the originals back.
+
+    `stream_args[i]` names the residual-stream arguments of block i that it changes in place
+    (empty for models that add out of place); `has_lora[i]` says whether block i holds a LoRA.
+    """
+
+    def __init__(self, blocks: list[nn.Module], has_lora: list[bool], stream_args: list[tuple[str, ...]],
+                 checkpointing: bool):
+        self.blocks = blocks
+        self.checkpointing = checkpointing
+        self._saved = []
+        for block, lora, streams in zip(blocks, has_lora, stream_args):
+            self._saved.append(block.__dict__.get("forward"))
+            block.forward = self._wrap(block.forward, lora, streams)
+
+    def restore(self) -> None:
+        for block, saved in zip(self.blocks, self._saved):
+            if saved is None:
+                del block.forward
+            else:
+                block.forward = saved
+        self._saved = []
+
+    def _wrap(self, forward, has_lora: bool, stream_names: tuple[str, ...]):
+        signature = inspect.signature(forward)
+
+        def streams_of(args, kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            return [bound[n] for n in stream_names if isinstance(bound.get(n), torch.Tensor)]
+
+        def run(args, kwargs, clone_streams: bool):
+            if stream_names:
+                if clone_streams:
+                    bound = signature.bind_partial(*args, **kwargs)
+                    for n in stream_names:
+                        if isinstance(bound.arguments.get(n), torch.Tensor):
+                            bound.arguments[n] = bound.arguments[n].clone()
+                    args, kwargs = bound.args, bound.kwargs
+                with protect_stream(streams_of(args, kwargs)):
+                    return forward(*args, **kwargs)
+            return forward(*args, **kwargs)
+
+        def wrapped(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            tensors, rebuild = _flatten(args, kwargs)
+            if not has_lora and not any(t.requires_grad for t in tensors):
+                with torch.no_grad():
+                    return forward(*args, **kwargs)
+            if not self.checkpointing:
+                return run(args, kwargs, clone_streams=False)
+            out_structure = []
+
+            def recompute(new_tensors):
+                out = run(*rebuild(new_tensors), clone_streams=True)
+                if not out_structure:
+                    out_structure.append(_outputs(out)[1])
+                return out
+
+            dummy = torch.empty(0, requires_grad=True)
+            outs = _Checkpoint.apply(recompute, dummy, *tensors)
+            return out_structure[0](list(outs))
+
+        return wrapped

@@ -1,0 +1,56 @@
+// Shows what a node reported after it ran (the Train node's summary, the Save node's file name)
+// at the bottom of the node. Drawn, not a widget, so saved workflows keep their widget values.
+import { app } from "../../scripts/app.js";
+
+const REPORTING = new Set(["FluxDreamBoothTrain", "FluxDreamBoothSave"]);
+const LINE = 15;
+
+function wrap(ctx, text, width) {
+  const lines = [];
+  for (const paragraph of text.split("\n")) {
+    let line = "";
+    for (const word of paragraph.split(" ")) {
+      const next = line ? `${line} ${word}` : word;
+      if (line && ctx.measureText(next).width > width) {
+        lines.push(line);
+        line = word;
+      } else {
+        line = next;
+      }
+    }
+    lines.push(line);
+  }
+  return lines;
+}
+
+app.registerExtension({
+  name: "flux_dreambooth.report",
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!REPORTING.has(nodeData.name)) return;
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      this.fluxReport = (output?.text ?? []).join("\n");
+      this.fluxReportLines = null;
+      this.setDirtyCanvas(true, true);
+    };
+
+    const onDrawForeground = nodeType.prototype.onDrawForeground;
+    nodeType.prototype.onDrawForeground = function (ctx) {
+      onDrawForeground?.apply(this, arguments);
+      if (!this.fluxReport || this.flags?.collapsed) return;
+      ctx.save();
+      ctx.font = "12px sans-serif";
+      if (!this.fluxReportLines) {
+        this.fluxReportLines = wrap(ctx, this.fluxReport, this.size[0] - 20);
+        const needed = this.computeSize()[1] + this.fluxReportLines.length * LINE + 10;
+        if (this.size[1] < needed) this.setSize([this.size[0], needed]);
+      }
+      ctx.fillStyle = "#8fd18f";
+      const top = this.size[1] - this.fluxReportLines.length * LINE - 4;
+      this.fluxReportLines.forEach((line, i) => ctx.fillText(line, 10, top + (i + 1) * LINE - 3));
+      ctx.restore();
+    };
+  },
+});
