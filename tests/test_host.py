@@ -96,16 +96,22 @@ def test_comfyui_loader_accepts_every_key_of_the_saved_file(host, quickstart, ca
         assert len(patches) == sum(k.endswith(".lora_down.weight") for k in sd) > 0
 
 
-@pytest.mark.parametrize("prefix, exact", [("flux_dreambooth/exact", True), ("flux_dreambooth/quickstart", False)])
-def test_stock_lora_loader_gives_the_in_memory_sample(host, quickstart, prefix, exact):
+@pytest.mark.parametrize("prefix, exact, apply_with", [
+    ("flux_dreambooth/exact", True, "LoraLoaderModelOnly"),
+    ("flux_dreambooth/quickstart", False, "LoraLoaderModelOnly"),
+    ("flux_dreambooth/exact", True, "FluxDreamBoothApply")])
+def test_a_saved_lora_reloaded_gives_the_in_memory_sample(host, quickstart, prefix, exact, apply_with):
+    """The file, through ComfyUI's stock LoraLoader (or our Apply node), renders what the Train
+    node's MODEL rendered."""
     prompt, outputs, _ = quickstart
     name = next(n for n in loras(host) if n.startswith(prefix))
     sampler = by_type(prompt, "KSampler")[1]  # the one fed by the Train node's MODEL
     (loader,) = by_type(prompt, "FluxDreamBoothTinyFlux")
     replay = {k: json.loads(json.dumps(v)) for k, v in prompt.items()
               if v["class_type"] in ("FluxDreamBoothTinyFlux", "CLIPTextEncode", "EmptySD3LatentImage")}
-    replay["50"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": [loader, 0], "lora_name": name,
-                                                                    "strength_model": 1.0}}
+    inputs = ({"lora_name": name, "strength_model": 1.0} if apply_with == "LoraLoaderModelOnly"
+              else {"lora_name": name, "strength": 1.0})
+    replay["50"] = {"class_type": apply_with, "inputs": {"model": [loader, 0], **inputs}}
     replay["51"] = {"class_type": "KSampler", "inputs": {**prompt[sampler]["inputs"], "model": ["50", 0]}}
     replay["52"] = {"class_type": "VAEDecode", "inputs": {"samples": ["51", 0], "vae": [loader, 2]}}
     replay["53"] = {"class_type": "SaveImage", "inputs": {"images": ["52", 0], "filename_prefix": "replay"}}
@@ -197,8 +203,8 @@ def _train_prompt(**train_inputs):
     return prompt
 
 
-@pytest.mark.parametrize("weight_dtype", ["bf16", "fp8_e4m3fn"])
-def test_trains_on_bf16_and_fp8_weights(host, weight_dtype):
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp8_e4m3fn"])
+def test_trains_on_bf16_fp16_and_fp8_weights(host, weight_dtype):
     prompt = _train_prompt(steps=6)
     prompt["1"]["inputs"]["weight_dtype"] = weight_dtype
     outputs = host.run(prompt)

@@ -59,11 +59,15 @@ class ComfyFlux(FluxBackend):
 
     def prepare(self) -> None:
         """Weights loaded inside ComfyUI's `inference_mode` can't be saved for backward; swap
-        each such tensor for a normal copy of itself (one tensor at a time, values unchanged)."""
+        each such tensor for a normal copy of itself (one tensor at a time, values unchanged).
+        Layers whose weights ComfyUI streams in per call (dynamic VRAM's `_v`, meta tensors) hand
+        autograd fresh copies already and are left alone."""
         for module in self.dit.modules():
+            if hasattr(module, "_v"):
+                continue
             for store in (module._parameters, module._buffers):
                 for name, t in store.items():
-                    if t is not None and t.is_inference():
+                    if t is not None and t.is_inference() and not t.is_meta:
                         copy = t.clone()
                         store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
 
