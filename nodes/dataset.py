@@ -12,7 +12,14 @@ from .types import CATEGORY, Dataset, LoraLayers
 TRIGGER_TIP = ("A rare word that will mean your subject, e.g. 'sks' or 'ohwx'. Put into every caption: "
                "it replaces '[trigger]', or is prepended when the caption lacks it. Leave empty for styles "
                "whose captions already say everything.")
-REPEATS_TIP = "How often each image appears per epoch. Only matters when mixing datasets; 1 is fine alone."
+REPEATS_TIP = ("How often each image appears per epoch, relative to the datasets chained to this one: raise it "
+               "for a set with fewer photos. 1 is fine for a dataset on its own.")
+PREVIOUS_TIP = ("Another dataset to train on together with this one: a second subject with its own trigger word, "
+                "or more photos of the same one.")
+
+
+def _chain(previous: data.Dataset | None, dataset: data.Dataset) -> data.Dataset:
+    return dataset if previous is None else previous + dataset
 
 
 def _summary(dataset: data.Dataset) -> str:
@@ -32,6 +39,7 @@ class DatasetFromFolder(io.ComfyNode):
                         "SimpleTuner's 'textfile' captions. Every unreadable image or missing caption is "
                         "reported by name before training starts.",
             inputs=[
+                Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
                 io.String.Input("folder", default="builtin:quickstart",
                                 tooltip="Folder of images (.png .jpg .webp) and captions (.txt). Absolute, or "
                                         "relative to ComfyUI's input folder. 'builtin:quickstart' is the small "
@@ -44,8 +52,12 @@ class DatasetFromFolder(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, folder, trigger_word, repeats) -> io.NodeOutput:
-        dataset = data.from_folder(host.resolve_input_path(folder, "folder"), trigger_word, repeats)
+    def fingerprint_inputs(cls, folder, **_):
+        return data.fingerprint(host.resolve_input_path(folder, "folder"))
+
+    @classmethod
+    def execute(cls, folder, trigger_word, repeats, previous=None) -> io.NodeOutput:
+        dataset = _chain(previous, data.from_folder(host.resolve_input_path(folder, "folder"), trigger_word, repeats))
         return io.NodeOutput(dataset, _summary(dataset))
 
 
@@ -59,6 +71,7 @@ class DatasetFromMfluxConfig(io.ComfyNode):
             description="Reads an mflux train config: its `examples` block (a path and {image, prompt} "
                         "pairs) becomes the dataset, its `lora_layers` the layer selection.",
             inputs=[
+                Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
                 io.String.Input("config_path", default="",
                                 tooltip="Path to the mflux JSON config (absolute, or relative to ComfyUI's input "
                                         "folder). Image paths are read relative to the config, as mflux does."),
@@ -72,8 +85,13 @@ class DatasetFromMfluxConfig(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, config_path, trigger_word, repeats) -> io.NodeOutput:
-        dataset, config = data.from_mflux_config(host.resolve_input_path(config_path, "config_path"),
-                                                 trigger_word, repeats)
-        layers = LayerSpec.from_mflux(config["lora_layers"]) if config.get("lora_layers") else None
+    def fingerprint_inputs(cls, config_path, **_):
+        return data.fingerprint(host.resolve_input_path(config_path, "config_path"))
+
+    @classmethod
+    def execute(cls, config_path, trigger_word, repeats, previous=None) -> io.NodeOutput:
+        path = host.resolve_input_path(config_path, "config_path")
+        dataset, config = data.from_mflux_config(path, trigger_word, repeats)
+        layers = LayerSpec.from_mflux(config["lora_layers"], source=str(path)) if config.get("lora_layers") else None
+        dataset = _chain(previous, dataset)
         return io.NodeOutput(dataset, layers, _summary(dataset))

@@ -26,13 +26,22 @@ def set_training_kernels(on: bool) -> None:
     comfy.model_management.in_training = on
 
 
-def flux_backend(model) -> ComfyFlux:
-    """The workflow's MODEL, loaded on its device with its patches, as a training backend."""
+def flux_backend(model) -> tuple[ComfyFlux, object]:
+    """A training backend on the workflow's MODEL, and the patcher to load before training.
+
+    With dynamic VRAM (ComfyUI ≥ 0.2x on a GPU) weights are streamed in per call; training needs
+    them resident, so it runs on a non-dynamic clone of the same model, as ComfyUI's own trainer
+    does. Nothing is loaded here: call `load_for_training` once the dataset is encoded."""
     if not isinstance(model.model, comfy.model_base.Flux) or type(model.model).__name__ != "Flux":
         raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 models "
                          "(load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return ComfyFlux(model.model, training_flag=set_training_kernels)
+    patcher = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model
+    return ComfyFlux(patcher.model, patcher.load_device, training_flag=set_training_kernels), patcher
+
+
+def load_for_training(patcher) -> None:
+    """Put the whole model, with any LoRAs already applied to it, on its device."""
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
 
 
 class ComfyEncoders:
@@ -73,6 +82,6 @@ def resolve_input_path(text: str, what: str) -> Path:
     if text in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[text]
     if not text:
-        raise DatasetError(f"{what} is empty; give a folder path (absolute, or inside ComfyUI's input folder).")
+        raise DatasetError(f"{what} is empty; give a path (absolute, or relative to ComfyUI's input folder).")
     path = Path(text).expanduser()
     return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path

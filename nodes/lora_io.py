@@ -76,9 +76,9 @@ class SaveFluxLora(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename_prefix, format, precision) -> io.NodeOutput:
         root = host.loras_root()
-        base = export.safe_path(root, filename_prefix, extension="")
+        export.safe_path(root, filename_prefix)  # a name of its own, inside models/loras
         counter = 1
-        while (path := base.with_name(f"{base.name}_{counter:05}.safetensors")).exists():
+        while (path := export.safe_path(root, f"{filename_prefix}_{counter:05}.safetensors")).exists():
             counter += 1
         dtype = export.SAVE_DTYPES[precision]
         if isinstance(lora, export.TrainedLora):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from comfy_api.latest import io
 
@@ -54,7 +55,8 @@ class TrainFluxLora(io.ComfyNode):
                              tooltip="Training size in pixels (square, center-cropped). 512 is fast and learns "
                                      "likeness; 1024 for fine detail. Images smaller than this are refused."),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seeds LoRA init, image order, noise and σ: same seed, same LoRA."),
+                             tooltip="Seeds LoRA init, image order, noise and σ: same seed, same LoRA (bit for "
+                                     "bit on CPU; on a GPU up to its non-deterministic kernels)."),
                 io.Float.Input("guidance", default=1.0, min=0.0, max=10.0, step=0.1,
                                tooltip="Guidance value shown to guidance-distilled models (dev) while training. "
                                        "1.0 is what ai-toolkit, SimpleTuner and kohya use; ignored by schnell."),
@@ -73,8 +75,8 @@ class TrainFluxLora(io.ComfyNode):
                                          "far less memory for about a third more time. Turn off only with "
                                          "memory to spare."),
                 io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="fp32",
-                               tooltip="Precision of the trained LoRA weights. fp32 is exact; bf16 halves their "
-                                       "(small) memory."),
+                               tooltip="Precision of the trained LoRA weights. Keep fp32: in bf16 the small "
+                                       "updates of low learning rates (5e-5) are often rounded away."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
@@ -91,18 +93,20 @@ class TrainFluxLora(io.ComfyNode):
                              weight_decay=weight_decay, guidance=guidance,
                              timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing)
-        backend = host.flux_backend(model)
+        backend, patcher = host.flux_backend(model)
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
         targets = spec.targets(backend.dims)
         started = time.perf_counter()
         examples = data.encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), resolution)
+        host.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
         log.info("Training %d LoRA layers on %d images at %d² for %d steps.", len(targets), len(examples),
                  resolution, steps)
         every = max(1, steps // 20)
 
         def work(stop, report):
-            owned = [data.Example(e.latents.clone(), e.context.clone(), e.pooled.clone(), e.caption, e.source)
-                     for e in examples]  # tensors made under inference_mode can't join autograd
+            # tensors made under inference_mode can't join autograd: take copies
+            owned = [replace(e, latents=e.latents.clone(), context=e.context.clone(), pooled=e.pooled.clone())
+                     for e in examples]
             lora = LoraSet(targets, LORA_DTYPES[lora_dtype], seed).to(backend.device)
 
             def on_step(info):
@@ -112,9 +116,9 @@ class TrainFluxLora(io.ComfyNode):
 
             probe = owned[:EVAL_IMAGES]
             before = fixed_noise_loss(backend, lora, probe, guidance)
-            result = train(backend, lora, owned, config, repeats=[dataset.repeats] * len(owned),
-                           on_step=on_step, should_stop=stop.is_set)
-            return lora, result, (before, fixed_noise_loss(backend, lora, probe, guidance))
+            result = train(backend, lora, owned, config, on_step=on_step, should_stop=stop.is_set)
+            after = before if result.stopped else fixed_noise_loss(backend, lora, probe, guidance)
+            return lora, result, (before, after)
 
         lora, result, (before, after) = BackgroundJob(work, steps).run()
         base = getattr(model.model, "flux_dreambooth_name",

@@ -24,7 +24,40 @@ def test_folder_with_captions_and_trigger(tmp_path):
     caption(photo(tmp_path / "c.webp"), "sks dog, sitting")
     ds = data.from_folder(tmp_path, trigger_word="sks", repeats=3)
     assert [i.caption for i in ds.items] == ["photo of sks dog", "sks, a dog in the park", "sks dog, sitting"]
-    assert ds.repeats == 3 and len(ds) == 3
+    assert [i.repeats for i in ds.items] == [3, 3, 3] and len(ds) == 3
+
+
+def test_trigger_word_must_appear_as_a_word():
+    assert data.with_trigger("a dog that asks for treats", "sks") == "sks, a dog that asks for treats"
+    assert data.with_trigger("photo of sks, dog", "sks") == "photo of sks, dog"
+
+
+def test_caption_encodings(tmp_path):
+    photo(tmp_path / "bom.jpg")
+    (tmp_path / "bom.txt").write_bytes("\ufeffsks dog".encode("utf-8"))
+    photo(tmp_path / "latin.jpg")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 sks".encode("latin-1"))
+    with pytest.raises(data.DatasetError, match="latin.txt is not UTF-8"):
+        data.from_folder(tmp_path)
+    (tmp_path / "latin.txt").write_text("café sks", encoding="utf-8")
+    assert [i.caption for i in data.from_folder(tmp_path, "sks").items] == ["sks dog", "café sks"]
+
+
+def test_datasets_chain_with_their_own_triggers_and_repeats(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    caption(photo(tmp_path / "a" / "1.jpg"), "a dog")
+    caption(photo(tmp_path / "b" / "1.jpg"), "a cat")
+    both = data.from_folder(tmp_path / "a", "sks", 1) + data.from_folder(tmp_path / "b", "xyz", 4)
+    assert [(i.caption, i.repeats) for i in both.items] == [("sks, a dog", 1), ("xyz, a cat", 4)]
+    assert both.trigger_word == "sks, xyz"
+
+
+def test_fingerprint_follows_the_files(tmp_path):
+    caption(photo(tmp_path / "1.jpg"), "x")
+    first = data.fingerprint(tmp_path)
+    assert data.fingerprint(tmp_path) == first
+    caption(photo(tmp_path / "2.jpg"), "y")
+    assert data.fingerprint(tmp_path) != first
 
 
 def test_every_bad_file_is_named_at_once(tmp_path):
@@ -57,7 +90,7 @@ def test_images_smaller_than_the_resolution_are_named(tmp_path):
     caption(photo(tmp_path / "big.jpg", size=(600, 520)), "x")
     caption(photo(tmp_path / "small.jpg", size=(500, 300)), "x")
     ds = data.from_folder(tmp_path)
-    with pytest.raises(data.DatasetError, match=r"small.jpg \(500×300\)"):
+    with pytest.raises(data.DatasetError, match=r"small.jpg \(500×300\)\. Lower resolution to 288"):
         data.check_resolution(ds, 512)
     with pytest.raises(data.DatasetError, match="multiple of 16"):
         data.check_resolution(ds, 500)

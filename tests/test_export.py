@@ -112,6 +112,7 @@ def test_metadata_records_the_training(tmp_path):
 def test_a_failed_save_keeps_the_last_good_file(tmp_path):
     path = tmp_path / "lora.safetensors"
     export.save_atomic(path, {"a": torch.ones(2)}, {})
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by other programs, unlike a mkstemp file
     good = path.read_bytes()
     with pytest.raises(Exception):
         export.save_atomic(path, {"a": "not a tensor"}, {})
@@ -119,7 +120,8 @@ def test_a_failed_save_keeps_the_last_good_file(tmp_path):
     assert os.listdir(tmp_path) == ["lora.safetensors"]
 
 
-@pytest.mark.parametrize("name", ["../evil", "/etc/lora", "a/../../b", "C:\\loras\\x", "sub/../../x", "", "dir/"])
+@pytest.mark.parametrize("name", ["../evil", "/etc/lora", "a/../../b", "C:\\loras\\x", "sub/../../x", "", "dir/",
+                                  ".", "./.", "sub/.."])
 def test_names_that_leave_the_folder_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match="file name"):
         export.safe_path(tmp_path, name)
@@ -132,7 +134,8 @@ def test_links_that_leave_the_folder_are_refused(tmp_path):
     (tmp_path / "loras" / "link").symlink_to(outside)
     with pytest.raises(ValueError, match="outside"):
         export.safe_path(tmp_path / "loras", "link/x")
-    assert export.safe_path(tmp_path / "loras", "people/alice") == (tmp_path / "loras" / "people" / "alice.safetensors")
+    assert export.safe_path(tmp_path / "loras", "people/alice.safetensors") == \
+        tmp_path / "loras" / "people" / "alice.safetensors"
 
 
 def test_fp16_overflow_is_refused_rather_than_written_as_inf():

@@ -174,7 +174,7 @@ def test_comfyui_and_diffusers_backends_agree(host):
         return loss.item(), [p.grad for p in lora.parameters()]
 
     ref_loss, ref_grads = step(T.backends.diffusers_flux.DiffusersFlux(reference), False)
-    host_backend = T.backends.comfy_flux.ComfyFlux(model.model, pack.nodes.host.set_training_kernels)
+    host_backend = T.backends.comfy_flux.ComfyFlux(model.model, model.load_device, pack.nodes.host.set_training_kernels)
     for checkpointing in (False, True):
         loss, grads = step(host_backend, checkpointing)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -218,6 +218,7 @@ def test_trains_on_bf16_fp16_and_fp8_weights(host, weight_dtype):
     (lambda p: p["3"]["inputs"].update(end=9), "ends at 9, but this model has 4 single_transformer_blocks"),
     (lambda p: p["2"]["inputs"].update(folder="no/such/folder"), "does not exist"),
     (lambda p: p["5"]["inputs"].update(filename_prefix="../../escape"), "leaves the loras folder"),
+    (lambda p: p["5"]["inputs"].update(filename_prefix="."), "has no name part"),
 ])
 def test_bad_input_is_named_and_writes_nothing(host, change, message):
     prompt = _train_prompt()
@@ -251,6 +252,15 @@ def test_cancel_stops_training_within_a_step(host):
     assert any(e == "execution_interrupted" for e, _ in host.server.events)
     assert _training_progress(host) <= step_at_cancel + 2
     assert loras(host) == existing
+    # ComfyUI is left as it was: kernels flag off, no LoRA hooks or wrapped blocks on any FLUX
+    import gc
+
+    import comfy.ldm.flux.model
+
+    assert not comfy.model_management.in_training
+    fluxes = [o for o in gc.get_objects() if type(o) is comfy.ldm.flux.model.Flux]
+    assert fluxes and not any(m._forward_hooks for f in fluxes for m in f.modules())
+    assert not any("forward" in b.__dict__ for f in fluxes for b in [*f.double_blocks, *f.single_blocks])
 
 
 def _training_progress(host) -> int:

@@ -91,6 +91,18 @@ def test_layer_type_text_and_presets():
     assert len(spec.targets(FluxDims(256, 1024, 2, 4))) == 2 * 12 + 4 * 5
 
 
+@pytest.mark.parametrize("broken, message", [
+    ({"single_transformer_blocks": {"block_range": {"start": 0}, "layer_types": ["proj_out"]}}, "block_range"),
+    ({"single_transformer_blocks": {"block_range": {"start": 0, "end": 4}, "layer_types": "proj_out"}},
+     "list of names"),
+    ({"single_transformer_blocks": {"block_range": {"start": 0, "end": 4}, "layer_types": ["proj_out"],
+                                    "lora_rank": 0}}, "lora_rank is 0"),
+])
+def test_broken_mflux_layers_name_the_config(broken, message):
+    with pytest.raises(ValueError, match=f"train.json.*{message}|{message}.*train.json"):
+        LayerSpec.from_mflux(broken, source="train.json")
+
+
 def test_spec_round_trips_through_json():
     spec = LayerSpec.from_mflux(ART)
     assert LayerSpec.from_json(spec.to_json()) == spec

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -64,13 +65,14 @@ def test_lora_is_computed_on_activations_not_on_a_merged_weight():
         return t
 
     handles = attach(lora, lambda w: layer, split=False)
+    x = torch.randn(4, 32, requires_grad=True)  # as inside a model: activations carry gradients
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = layer(torch.randn(4, 32)).square().sum()
+        loss = layer(x).square().sum()
     loss.backward()
     detach_all(handles)
     full = [t for t in saved if tuple(t.shape) in ((96, 32), (32, 96))]
-    assert all(t.data_ptr() == layer.weight.data_ptr() for t in full)
-    assert layer.weight.grad is None
+    assert full and all(t.data_ptr() == layer.weight.data_ptr() for t in full)
+    assert layer.weight.grad is None and x.grad is not None
     assert all(w.down.grad is not None and w.up.grad is not None for w in lora)
 
 
@@ -95,11 +97,9 @@ def test_init_is_seeded_and_starts_as_a_no_op():
     assert wa.down.abs().max() <= 1 / (32 + 128) ** 0.5
 
 
-def test_wrong_model_shape_is_a_clear_error():
-    lora = _lora((LayerGroup(SINGLE, 0, 1, ("proj_out",), 4),))
-    try:
-        attach(lora, lambda w: _linear(64, 64), split=False)
-    except ValueError as e:
-        assert "single_transformer_blocks.0.proj_out" in str(e) and "not FLUX.1-shaped" in str(e)
-    else:
-        raise AssertionError("a mismatched layer was accepted")
+def test_wrong_model_shape_is_a_clear_error_and_leaves_no_hooks():
+    lora = _lora((LayerGroup(DOUBLE, 0, 1, ("attn.to_q",), 4), LayerGroup(SINGLE, 0, 1, ("proj_out",), 4)))
+    good, bad = _linear(32, 96), _linear(64, 64)
+    with pytest.raises(ValueError, match="single_transformer_blocks.0.proj_out.*not FLUX.1-shaped"):
+        attach(lora, lambda w: good if w.target.name.startswith("transformer_blocks") else bad, split=False)
+    assert not good._forward_hooks and not bad._forward_hooks

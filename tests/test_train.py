@@ -50,6 +50,23 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_flux, examples):
         _run(tiny_flux, examples, gradient_checkpointing=False)
     assert r1.losses == pytest.approx(r2.losses, rel=1e-5)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+    assert _saved_bytes(tiny_flux, examples, True) < 0.25 * _saved_bytes(tiny_flux, examples, False)
+
+
+def _saved_bytes(tiny_flux, examples, checkpointing) -> int:
+    """Bytes autograd keeps for backward after one forward (each storage counted once)."""
+    backend = tiny_flux.backend()
+    lora, storages = new_lora(backend), {}
+    e = examples[0]
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with backend.training(lora, checkpointing), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.velocity(e.latents[None], torch.tensor([0.5]), e.context[None], e.pooled[None], 1.0).sum()
+    params = {p.untyped_storage().data_ptr() for p in tiny_flux.transformer.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def test_batches_mix_captions_of_different_lengths(tiny_flux, examples):
@@ -80,6 +97,9 @@ def test_nan_loss_stops_with_a_clear_message(tiny_flux, examples):
     backend.velocity = poisoned
     with pytest.raises(FloatingPointError, match="step 3.*learning_rate"):
         train(backend, new_lora(backend), examples, TrainConfig(steps=10))
+    # the shared model is left as it was found: no LoRA hooks, no wrapped blocks
+    assert not any(m._forward_hooks for m in tiny_flux.transformer.modules())
+    assert not any("forward" in b.__dict__ for _, b, _ in backend.blocks())
 
 
 def test_trains_on_bf16_weights_with_fp32_or_bf16_lora(tiny_flux, examples):

@@ -100,12 +100,18 @@ class BlockRunner:
 
     def __init__(self, blocks: list[nn.Module], has_lora: list[bool], stream_args: list[tuple[str, ...]],
                  checkpointing: bool):
-        self.blocks = blocks
+        self.blocks = []
         self.checkpointing = checkpointing
         self._saved = []
-        for block, lora, streams in zip(blocks, has_lora, stream_args):
-            self._saved.append(block.__dict__.get("forward"))
-            block.forward = self._wrap(block.forward, lora, streams)
+        try:
+            for block, lora, streams in zip(blocks, has_lora, stream_args):
+                wrapped = self._wrap(block.forward, lora, streams)
+                self.blocks.append(block)
+                self._saved.append(block.__dict__.get("forward"))
+                block.forward = wrapped
+        except BaseException:
+            self.restore()
+            raise
 
     def restore(self) -> None:
         for block, saved in zip(self.blocks, self._saved):
@@ -113,7 +119,7 @@ class BlockRunner:
                 del block.forward
             else:
                 block.forward = saved
-        self._saved = []
+        self.blocks, self._saved = [], []
 
     def _wrap(self, forward, has_lora: bool, stream_names: tuple[str, ...]):
         signature = inspect.signature(forward)
@@ -137,6 +143,10 @@ class BlockRunner:
         def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return forward(*args, **kwargs)
+            # the caller may change its option dicts after this call (ComfyUI's block_index): a
+            # recompute must see them as they are now
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
             tensors, rebuild = _flatten(args, kwargs)
             if not has_lora and not any(t.requires_grad for t in tensors):
                 with torch.no_grad():

@@ -6,7 +6,9 @@ training starts.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -32,6 +34,7 @@ class Example:
     pooled: torch.Tensor
     caption: str = ""
     source: str = ""
+    repeats: int = 1
 
 
 class Encoders(Protocol):
@@ -48,17 +51,22 @@ class Encoders(Protocol):
 class DatasetItem:
     image: Path
     caption: str
+    repeats: int = 1  # how often the image appears per epoch, relative to the others
 
 
 @dataclass(frozen=True)
 class Dataset:
     items: tuple[DatasetItem, ...]
     trigger_word: str = ""
-    repeats: int = 1
     source: str = ""
 
     def __len__(self):
         return len(self.items)
+
+    def __add__(self, other: "Dataset") -> "Dataset":
+        """Train on both: e.g. two subjects with their own trigger words."""
+        triggers = [t for t in dict.fromkeys((self.trigger_word, other.trigger_word)) if t]
+        return Dataset(self.items + other.items, ", ".join(triggers), f"{self.source}; {other.source}")
 
 
 def with_trigger(caption: str, trigger_word: str) -> str:
@@ -69,7 +77,7 @@ def with_trigger(caption: str, trigger_word: str) -> str:
         return caption.replace(TRIGGER_PLACEHOLDER, "").strip()
     if TRIGGER_PLACEHOLDER in caption:
         return caption.replace(TRIGGER_PLACEHOLDER, trigger_word)
-    if trigger_word in caption:
+    if re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption):  # as a word: "asks" is not "sks"
         return caption
     return f"{trigger_word}, {caption}" if caption else trigger_word
 
@@ -93,7 +101,14 @@ def _finish(items: list[DatasetItem], problems: list[str], where: str, trigger_w
         raise DatasetError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 5–20 photos of your subject.")
     if repeats < 1:
         raise DatasetError(f"repeats is {repeats}; it must be at least 1.")
-    return Dataset(tuple(items), trigger_word.strip(), repeats, where)
+    return Dataset(tuple(DatasetItem(i.image, i.caption, repeats) for i in items), trigger_word.strip(), where)
+
+
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path.name} is not UTF-8 text; save the caption as UTF-8.") from None
 
 
 def from_folder(folder: str | Path, trigger_word: str = "", repeats: int = 1,
@@ -112,7 +127,10 @@ def from_folder(folder: str | Path, trigger_word: str = "", repeats: int = 1,
             problems.append(f"{image.name} has no caption file {caption_file.name}: write one "
                             f"(e.g. \"photo of {trigger_word or 'sks'} dog\").")
         else:
-            items.append(DatasetItem(image, with_trigger(caption_file.read_text(encoding="utf-8"), trigger_word)))
+            try:
+                items.append(DatasetItem(image, with_trigger(_read_caption(caption_file), trigger_word)))
+            except DatasetError as e:
+                problems.append(str(e))
     return _finish(items, problems, str(folder), trigger_word, repeats)
 
 
@@ -154,6 +172,17 @@ def _rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def fingerprint(path: str | Path) -> str:
+    """Changes when any file under `path` (a folder, or a config file's folder) is added,
+    removed, or modified: lets ComfyUI re-read a dataset whose files changed."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not folder.is_dir():
+        return f"missing:{path}"
+    stats = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha1(repr(stats).encode()).hexdigest()
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """RGB in [0, 1], shape (3, R, R): EXIF orientation applied, center-cropped to a square,
     resized down to the training resolution."""
@@ -179,10 +208,12 @@ def check_resolution(dataset: Dataset, resolution: int) -> None:
         with Image.open(item.image) as im:
             w, h = im.size
         if min(w, h) < resolution:
-            small.append(f"{item.image.name} ({w}×{h})")
+            small.append((item.image.name, w, h))
     if small:
+        fits = min(min(w, h) for _, w, h in small) // 16 * 16
         raise DatasetError(f"{len(small)} image(s) are smaller than the training resolution {resolution}: "
-                           f"{', '.join(small)}. Lower resolution or replace them.")
+                           f"{', '.join(f'{n} ({w}×{h})' for n, w, h in small)}. Lower resolution to {fits} or "
+                           "less, or replace them.")
 
 
 def encode_dataset(dataset: Dataset, encoders: Encoders, resolution: int, batch_size: int = 4,
@@ -200,7 +231,7 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, resolution: int, batch_
                 texts[item.caption] = encoders.encode_text(item.caption)
             context, pooled = texts[item.caption]
             examples.append(Example(lat.float().cpu(), context.float().cpu(), pooled.float().cpu(),
-                                    item.caption, item.image.name))
+                                    item.caption, item.image.name, item.repeats))
         if on_progress:
             on_progress(start + len(chunk), len(items))
     return examples

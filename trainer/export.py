@@ -108,18 +108,18 @@ class TrainedLora(dict):
         return state_dict(self.lora, fmt, dtype)
 
 
-def safe_path(root: str | Path, name: str, extension: str = ".safetensors") -> Path:
-    """`root/name+extension`, refusing names that are absolute or climb out of `root`."""
-    name = name.strip().replace("\\", "/")
-    if not name or name.endswith("/"):
-        raise ValueError(f"The file name {name!r} is empty; give a name like 'my_lora' or 'people/alice'.")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
+def safe_path(root: str | Path, name: str) -> Path:
+    """`root/name`, refusing names that are empty, absolute, or climb out of `root`."""
+    clean = name.strip().replace("\\", "/")
+    parts = clean.split("/")
+    if not clean or parts[-1] in ("", ".", ".."):
+        raise ValueError(f"The file name {name!r} has no name part; give one like 'my_lora' or 'people/alice'.")
+    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":") or ".." in parts:
         raise ValueError(f"The file name {name!r} leaves the {Path(root).name} folder; use a plain name or "
                          "a subfolder like 'people/alice' (no '..', no absolute paths).")
     root = Path(root).resolve()
-    path = (root / name).with_suffix(extension) if not name.endswith(extension) else root / name
-    resolved = path.resolve()
-    if root != resolved and root not in resolved.parents:
+    resolved = (root / clean).resolve()
+    if root not in resolved.parents:
         raise ValueError(f"The file name {name!r} resolves outside {root} (through a link); choose another.")
     return resolved
 
@@ -131,6 +131,9 @@ def save_atomic(path: Path, sd: dict[str, torch.Tensor], meta: dict[str, str]) -
     os.close(fd)
     try:
         save_file(sd, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private: other programs (Forge, a second ComfyUI) read it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -192,18 +192,24 @@ class LayerSpec:
         return cls(tuple(LayerGroup(**{**g, "layer_types": tuple(g["layer_types"])}) for g in json.loads(text)))
 
     @classmethod
-    def from_mflux(cls, lora_layers: dict) -> "LayerSpec":
-        """Read mflux's `lora_layers` block (seed 000's templates)."""
+    def from_mflux(cls, lora_layers: dict, source: str = "the config") -> "LayerSpec":
+        """Read mflux's `lora_layers` block (seed 000's templates); errors name `source`."""
         groups = []
         for blocks, cfg in lora_layers.items():
+            where = f"lora_layers.{blocks} in {source}"
             if blocks not in LAYER_TYPES:
-                raise ValueError(f"lora_layers has {blocks!r}; valid keys: {DOUBLE!r}, {SINGLE!r}.")
-            missing = [k for k in ("block_range", "layer_types") if k not in cfg]
-            if missing:
-                raise ValueError(f"lora_layers.{blocks} lacks {', '.join(missing)}.")
-            rng = cfg["block_range"]
-            groups.append(LayerGroup(blocks, int(rng["start"]), int(rng["end"]), tuple(cfg["layer_types"]),
-                                     int(cfg.get("lora_rank", 8)), cfg.get("lora_alpha")))
+                raise ValueError(f"lora_layers has {blocks!r} in {source}; valid keys: {DOUBLE!r}, {SINGLE!r}.")
+            rng = cfg.get("block_range") if isinstance(cfg, dict) else None
+            types = cfg.get("layer_types") if isinstance(cfg, dict) else None
+            if not isinstance(rng, dict) or not {"start", "end"} <= rng.keys():
+                raise ValueError(f"{where} needs \"block_range\": {{\"start\": …, \"end\": …}}.")
+            if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+                raise ValueError(f"{where} needs \"layer_types\" as a list of names, e.g. [\"proj_out\"].")
+            try:
+                groups.append(LayerGroup(blocks, int(rng["start"]), int(rng["end"]), tuple(types),
+                                         int(cfg.get("lora_rank", 8)), cfg.get("lora_alpha")))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}: {e}") from None
         return cls(tuple(groups))
 
     @classmethod

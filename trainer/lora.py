@@ -4,8 +4,8 @@ Each target gets a pair (down A: r×in, up B: rows×r) and adds s·B(A·x) to it
 computed on activations: the frozen weight W is never rebuilt as W + s·B·A, so autograd never
 forms a full-size weight gradient and no weight is copied per call.
 
-When several targets share one fused Linear (ComfyUI's q/k/v), their downs are stacked and their
-ups placed block-diagonally in that layer's output rows: one extra matmul pair per layer.
+When several targets share one fused Linear (ComfyUI's q/k/v), their downs are stacked into one
+matmul and each up adds into its own slice of that layer's output; rows nobody trains cost nothing.
 """
 
 from __future__ import annotations
@@ -69,13 +69,21 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def lora_delta(x: torch.Tensor, weights: list[LoraWeight]) -> torch.Tensor:
-    """Σ s·B(A·x) of the weights sharing one layer, each in its output rows."""
-    if len(weights) == 1 and weights[0].rows == (0, weights[0].target.out_features):
+def add_lora(x: torch.Tensor, output: torch.Tensor, weights: list[LoraWeight], whole: bool = False) -> torch.Tensor:
+    """output + Σ s·B(A·x) of the weights sharing one layer, each added into its own output rows
+    (one stacked down-projection; nothing is computed for rows no weight trains). `whole`: the
+    layer is exactly one weight's rows (diffusers' unfused layers)."""
+    if whole or (len(weights) == 1 and weights[0].rows == (0, weights[0].target.out_features)):
         w = weights[0]
-        return F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype))
-    down = torch.cat([w.down for w in weights]).to(x.dtype)
-    return F.linear(F.linear(x, down), fused_up(weights).to(x.dtype))
+        return output + F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype)).to(output.dtype)
+    down = F.linear(x, torch.cat([w.down for w in weights]).to(x.dtype))
+    col = 0
+    for w in weights:
+        r = w.target.rank
+        start, stop = w.rows
+        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(x.dtype)).to(output.dtype)
+        col += r
+    return output
 
 
 def fused_up(weights: list[LoraWeight], scale_by: list[float] | None = None) -> torch.Tensor:
@@ -98,33 +106,30 @@ def fused_up(weights: list[LoraWeight], scale_by: list[float] | None = None) -> 
 
 
 class _LoraHook:
-    def __init__(self, weights: list[LoraWeight], split: bool):
-        self.weights, self.split = weights, split
+    def __init__(self, weights: list[LoraWeight], whole: bool):
+        self.weights, self.whole = weights, whole
 
     def __call__(self, module, args, output):
-        x = args[0]
-        if self.split:  # a layer of its own (diffusers): its whole output belongs to the one weight
-            w = self.weights[0]
-            delta = F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype))
-        else:
-            delta = lora_delta(x, self.weights)
-        return output + delta.to(output.dtype)
+        return add_lora(args[0], output, self.weights, self.whole)
 
 
 def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bool) -> list:
     """Hook every weight into its layer and return the handles. With `split` (diffusers) each
     target is a layer of its own; otherwise (BFL) the targets of a fused layer share one hook."""
     handles = []
-    for weights in lora.by_module().values():
-        groups = [[w] for w in weights] if split else [weights]
-        for group in groups:
-            layer = layer_of(group[0])
-            expected = (group[0].target.in_features,
-                        group[0].rows[1] - group[0].rows[0] if split else group[0].target.out_features)
-            if (layer.in_features, layer.out_features) != expected:
-                raise ValueError(f"{group[0].target.name} expects a {expected[0]}→{expected[1]} layer but the model's "
-                                 f"is {layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
-            handles.append(layer.register_forward_hook(_LoraHook(group, split)))
+    try:
+        for weights in lora.by_module().values():
+            for group in ([[w] for w in weights] if split else [weights]):
+                layer = layer_of(group[0])
+                t = group[0].target
+                expected = (t.in_features, t.rows[1] - t.rows[0] if split else t.out_features)
+                if (layer.in_features, layer.out_features) != expected:
+                    raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
+                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
+                handles.append(layer.register_forward_hook(_LoraHook(group, whole=split)))
+    except BaseException:
+        detach_all(handles)
+        raise
     return handles
 
 

@@ -132,17 +132,16 @@ def make_optimizer(lora: LoraSet, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,
-          repeats: list[int] | None = None, on_step: Callable[[StepInfo], None] | None = None,
+          on_step: Callable[[StepInfo], None] | None = None,
           should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train `lora` on `examples` for `config.steps` optimizer steps.
-
-    `repeats[i]` is how often example i appears per epoch. `should_stop()` is checked before
-    every step; returning True ends the run cleanly with the steps done so far.
+    """Train `lora` on `examples` for `config.steps` optimizer steps, each example appearing
+    `example.repeats` times per epoch. `should_stop()` is checked before every step; returning
+    True ends the run cleanly with the steps done so far.
     """
     if not examples:
         raise ValueError("There are no training examples; the dataset is empty.")
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = EpochSampler(repeats or [1] * len(examples), config.batch_size, generator)
+    sampler = EpochSampler([e.repeats for e in examples], config.batch_size, generator)
     optimizer = make_optimizer(lora, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
@@ -159,7 +158,8 @@ def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: 
             loss = step_loss(backend, batch, config, generator, scaler.scale)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"The loss became {loss} at step {step + 1}; lower learning_rate "
-                                         f"(now {config.learning_rate:g}) or keep max_grad_norm at 1.0.")
+                                         f"(now {config.learning_rate:g}), or train on bf16 rather than fp16 "
+                                         "weights.")
             scaler.unscale_(optimizer)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

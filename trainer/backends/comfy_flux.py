@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import FluxDims
@@ -30,9 +32,9 @@ def _unsupported(params) -> str | None:
 class ComfyFlux(FluxBackend):
     split_layers = False
 
-    def __init__(self, base_model, training_flag: Callable[[bool], None] | None = None):
-        """`training_flag(on)` switches the host into its autograd-friendly kernels (ComfyUI's
-        `model_management.in_training`); the nodes pass it, tests may too."""
+    def __init__(self, base_model, device: torch.device, training_flag: Callable[[bool], None] | None = None):
+        """`device` is where the model computes (the patcher's load device). `training_flag(on)`
+        switches the host into its autograd-friendly kernels (ComfyUI's `in_training`)."""
         dit = base_model.diffusion_model
         params = dit.params
         problem = _unsupported(params)
@@ -48,7 +50,7 @@ class ComfyFlux(FluxBackend):
             self.compute_dtype = base_model.get_dtype_inference()
         else:
             self.compute_dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
-        self.device = dit.img_in.weight.device
+        self.device = torch.device(device)
 
     def layer(self, w: LoraWeight) -> nn.Module:
         return self.dit.get_submodule(w.target.bfl_module)
@@ -73,12 +75,17 @@ class ComfyFlux(FluxBackend):
 
     @contextmanager
     def training(self, lora, checkpointing):
+        """Also puts the model in train mode, which steers ComfyUI's fp8 layers off their
+        matmul-only fast path (it has no backward); FLUX has no dropout, so nothing else changes."""
+        was_training = self.dit.training
         if self.training_flag:
             self.training_flag(True)
+        self.dit.train()
         try:
             with super().training(lora, checkpointing):
                 yield
         finally:
+            self.dit.train(was_training)
             if self.training_flag:
                 self.training_flag(False)
 
@@ -87,5 +94,23 @@ class ComfyFlux(FluxBackend):
         timestep = self.model.model_sampling.timestep(sigmas.to(device)).float()
         out = self.dit(latents.to(device, dtype), timestep, context.to(device, dtype),
                        y=pooled.to(device, dtype), guidance=self.guidance_tensor(guidance, latents.shape[0]),
-                       transformer_options={})
+                       transformer_options={"optimized_attention_override": sdpa_attention})
         return out.float()
+
+
+def sdpa_attention(_default, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
+    """PyTorch's scaled-dot-product attention in the signature of ComfyUI's attention functions.
+    Used instead of whatever ComfyUI was started with (sage, flash, xformers, sub-quadratic): it
+    has a backward on every device and is the fast path on all of them."""
+    if not skip_reshape:
+        b, _, d = q.shape
+        q, k, v = (t.view(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.ndim == 2:
+        mask = mask[None]
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
