@@ -2,13 +2,18 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import routes
 from .dataset import DatasetFromFolder, DatasetFromMfluxConfig
 from .layers import LoraLayerGroup
 from .lora_io import ApplyFluxLora, SaveFluxLora, TinyFluxLoader
+from .runs import CheckpointSettings, LoadCheckpointLora
 from .train import TrainFluxLora
+from .validation import ValidationSamples
 
-NODES = [TinyFluxLoader, DatasetFromFolder, DatasetFromMfluxConfig, LoraLayerGroup, TrainFluxLora,
-         ApplyFluxLora, SaveFluxLora]
+NODES = [TinyFluxLoader, DatasetFromFolder, DatasetFromMfluxConfig, LoraLayerGroup, ValidationSamples,
+         CheckpointSettings, TrainFluxLora, LoadCheckpointLora, ApplyFluxLora, SaveFluxLora]
+
+routes.register()
 
 
 class FluxDreamBoothExtension(ComfyExtension):

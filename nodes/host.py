@@ -85,3 +85,33 @@ def resolve_input_path(text: str, what: str) -> Path:
         raise DatasetError(f"{what} is empty; give a path (absolute, or relative to ComfyUI's input folder).")
     path = Path(text).expanduser()
     return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+RUNS_SUBFOLDER = "flux_dreambooth"
+
+
+def runs_root() -> Path:
+    """Where run folders (checkpoints, samples, plots) go: ComfyUI's output folder."""
+    return Path(folder_paths.get_output_directory()) / RUNS_SUBFOLDER
+
+
+def output_reference(path: Path) -> dict:
+    """A file under the output folder as ComfyUI's UI and /view address it."""
+    rel = Path(path).resolve().relative_to(Path(folder_paths.get_output_directory()).resolve())
+    return {"filename": rel.name, "subfolder": rel.parent.as_posix() if rel.parent != Path(".") else "",
+            "type": "output"}
+
+
+def send_event(event: str, data: dict) -> None:
+    """A websocket message to every connected browser (safe from any thread)."""
+    server = getattr(prompt_server(), "instance", None)
+    if server is not None:
+        server.send_sync(event, data)
+
+
+def prompt_server():
+    try:
+        from server import PromptServer
+    except ImportError:  # no web server in this process (a script or a test harness)
+        return None
+    return PromptServer

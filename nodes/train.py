@@ -1,27 +1,28 @@
-"""The Train node: encode the dataset with the workflow's CLIP and VAE, train on a background
-thread on the workflow's own FLUX, hand back the model with the LoRA applied."""
+"""The Train node: encode the dataset with the workflow's CLIP and VAE, train on the workflow's
+own FLUX as a job (see session.py), hand back the model with the LoRA applied."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 
+import torch
 from comfy_api.latest import io
 
-from ..trainer import data, export
+from ..trainer import data, export, report
 from ..trainer.flow import TIMESTEP_SAMPLINGS, TimestepSampling
 from ..trainer.layers import LayerSpec
-from ..trainer.lora import LORA_DTYPES, LoraSet
-from ..trainer.train import LR_SCHEDULES, TrainConfig, fixed_noise_loss, train
+from ..trainer.lora import LORA_DTYPES
+from ..trainer.train import LR_SCHEDULES, TrainConfig
 from . import host
-from .runner import BackgroundJob
-from .types import CATEGORY, Dataset, LoraLayers
+from .runs import RunPlan
+from .session import Job, TrainingSession
+from .types import CATEGORY, Dataset, LoraLayers, RunSettings, Validation
+from .validation import Renderer
 
 log = logging.getLogger("flux_dreambooth")
 
 DEFAULT_LAYERS = "attention+mlp"
-EVAL_IMAGES = 4  # the fixed-noise loss (a steadier signal than the per-step loss) is measured on these
 
 
 class TrainFluxLora(io.ComfyNode):
@@ -77,58 +78,68 @@ class TrainFluxLora(io.ComfyNode):
                 io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="fp32",
                                tooltip="Precision of the trained LoRA weights. Keep fp32: in bf16 the small "
                                        "updates of low learning rates (5e-5) are often rounded away."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=False,
+                               tooltip="Keep an exponential moving average of the LoRA and save that: smoother "
+                                       "results (seed 002 uses 0.999). 0 turns it off."),
+                Validation.Input("validation", optional=True,
+                                 tooltip="From Validation Samples: render an evaluation set while training."),
+                RunSettings.Input("run", optional=True,
+                                  tooltip="From Checkpoints & Resume. Unconnected: run 'flux_lora', a checkpoint "
+                                          "every 250 steps, the last 4 kept."),
             ],
+            hidden=[io.Hidden.unique_id],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA, for Save FLUX LoRA or Apply FLUX LoRA."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (works with Plot Loss Graph)."),
+                io.Image.Output(display_name="samples",
+                                tooltip="Every validation render, in step order (the loss plot when there are none)."),
+                io.Image.Output(display_name="loss_plot", tooltip="Raw and smoothed loss against step."),
+                io.String.Output(display_name="run_folder", tooltip="The run's folder under output/flux_dreambooth: "
+                                                                    "checkpoints, samples, plots."),
             ],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, resolution, seed, guidance,
                 timestep_sampling, lr_schedule, warmup_steps, weight_decay, gradient_checkpointing, lora_dtype,
-                lora_layers=None) -> io.NodeOutput:
+                ema_decay, lora_layers=None, validation=None, run=None) -> io.NodeOutput:
         config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                              weight_decay=weight_decay, guidance=guidance,
                              timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
-                             warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing)
+                             warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing,
+                             ema_decay=ema_decay)
         backend, patcher = host.flux_backend(model)
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
         targets = spec.targets(backend.dims)
+        run_plan = run or RunPlan()
+        folder, resume = run_plan.folder_and_checkpoint()
         started = time.perf_counter()
         examples = data.encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), resolution)
+        renderer = validation and Renderer(validation, clip, vae, dataset.trigger_word, folder.path / "samples")
         host.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
-        log.info("Training %d LoRA layers on %d images at %d² for %d steps.", len(targets), len(examples),
-                 resolution, steps)
-        every = max(1, steps // 20)
-
-        def work(stop, report):
-            # tensors made under inference_mode can't join autograd: take copies
-            owned = [replace(e, latents=e.latents.clone(), context=e.context.clone(), pooled=e.pooled.clone())
-                     for e in examples]
-            lora = LoraSet(targets, LORA_DTYPES[lora_dtype], seed).to(backend.device)
-
-            def on_step(info):
-                report(info.step)
-                if info.step % every == 0 or info.step == info.total:
-                    log.info("step %d/%d  loss %.4f  lr %.2e", info.step, info.total, info.loss, info.lr)
-
-            probe = owned[:EVAL_IMAGES]
-            before = fixed_noise_loss(backend, lora, probe, guidance)
-            result = train(backend, lora, owned, config, on_step=on_step, should_stop=stop.is_set)
-            after = before if result.stopped else fixed_noise_loss(backend, lora, probe, guidance)
-            return lora, result, (before, after)
-
-        lora, result, (before, after) = BackgroundJob(work, steps).run()
         base = getattr(model.model, "flux_dreambooth_name",
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
-        meta = export.metadata(spec, result.steps_done, dataset.trigger_word, base,
-                               extra={"resolution": resolution, "learning_rate": learning_rate, "seed": seed})
-        trained = export.TrainedLora(lora.cpu(), meta)
+        meta = {"spec": spec, "trigger_word": dataset.trigger_word, "base_model": base,
+                "extra": {"resolution": resolution, "learning_rate": learning_rate, "seed": seed,
+                          "run": folder.path.name}}
+        log.info("Training %d LoRA layers on %d images at %d² for %d steps into %s%s.", len(targets), len(examples),
+                 resolution, steps, folder.path, f", resuming {resume.name}" if resume else "")
+        job = Job(str(cls.hidden.unique_id), backend, patcher, examples, config, targets, LORA_DTYPES[lora_dtype],
+                  folder, run_plan, resume, renderer, validation, meta)
+        outcome = TrainingSession(job).run()
+
+        trained = export.TrainedLora(outcome.lora, export.metadata(spec, outcome.steps_done, dataset.trigger_word,
+                                                                  base, extra=meta["extra"]))
         seconds = time.perf_counter() - started
-        summary = (f"{result.steps_done} steps in {seconds:.0f} s on {len(targets)} LoRA layers; fixed-noise loss "
-                   f"{before:.4f} → {after:.4f} ({100 * (after / before - 1):+.1f}%)")
+        before, after = outcome.loss_before, outcome.loss_after
+        summary = (f"{outcome.steps_done} steps{' (stopped)' if outcome.stopped else ''} in {seconds:.0f} s on "
+                   f"{len(targets)} LoRA layers; fixed-noise loss {before:.4f} → {after:.4f} "
+                   f"({100 * (after / before - 1):+.1f}%); run {folder.path.name}")
         log.info("Trained: %s", summary)
-        return io.NodeOutput(host.apply_lora(model, trained, 1.0), trained, {"loss": result.losses},
-                             ui={"text": [summary], "fixed_noise_loss": [before, after]})
+        plot = report.to_pixels(report.loss_plot(outcome.history))[None]
+        samples = torch.cat(outcome.images) if outcome.images else plot
+        ui = {"text": [summary], "fixed_noise_loss": [before, after]}  # samples show in the node's panel
+        return io.NodeOutput(host.apply_lora(model, trained, 1.0), trained, {"loss": outcome.losses}, samples,
+                             plot, str(folder.path.relative_to(host.runs_root())), ui=ui)
+

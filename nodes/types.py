@@ -4,4 +4,6 @@ from comfy_api.latest import io
 
 Dataset = io.Custom("FLUX_DREAMBOOTH_DATASET")
 LoraLayers = io.Custom("FLUX_LORA_LAYERS")
+Validation = io.Custom("FLUX_DREAMBOOTH_VALIDATION")
+RunSettings = io.Custom("FLUX_DREAMBOOTH_RUN")
 CATEGORY = "FLUX DreamBooth"

@@ -7,6 +7,7 @@ Prompts run through ComfyUI's own validator and PromptExecutor; files go to a te
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -34,6 +35,9 @@ class _Server:
     def queue_updated(self):
         pass
 
+    def __getattr__(self, name):  # anything else ComfyUI may call on its server: a no-op
+        return lambda *args, **kwargs: None
+
 
 class Host:
     def __init__(self, root: Path):
@@ -41,8 +45,12 @@ class Host:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = True
+        # in main.py's order: ComfyUI's `utils` package before `nodes`, which (in v0.3.x) puts
+        # comfy/ first on sys.path, where comfy/utils.py would shadow it
+        importlib.import_module("utils.extra_config")
         import execution
         import folder_paths
+        import server
 
         import nodes
 
@@ -64,6 +72,7 @@ class Host:
         self.nodes, self.execution, self.folder_paths = nodes, execution, folder_paths
         self.server = _Server()
         self._hook_progress_like_the_server()
+        server.PromptServer.instance = self.server  # the pack's websocket events: record them
         if "cache_args" in execution.PromptExecutor.__init__.__code__.co_varnames:  # v0.33+
             self.executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
         else:
@@ -135,4 +144,30 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def by_type(prompt: dict, class_type: str) -> list[str]:
+    return [k for k, v in prompt.items() if v["class_type"] == class_type]
+
+
+def train_prompt(**train_inputs) -> dict:
+    """Tiny FLUX, the quickstart photos at 64², one layer group, Train (with `train_inputs`), Save."""
+    prompt = {
+        "1": {"class_type": "FluxDreamBoothTinyFlux", "inputs": {"seed": 0, "weight_dtype": "default"}},
+        "2": {"class_type": "FluxDreamBoothDatasetFolder",
+              "inputs": {"folder": "builtin:quickstart", "trigger_word": "sks", "repeats": 1}},
+        "3": {"class_type": "FluxDreamBoothLayers",
+              "inputs": {"blocks": "single_transformer_blocks", "start": 0, "end": 4, "layer_types": "attention",
+                         "rank": 4, "alpha": 0.0}},
+        "4": {"class_type": "FluxDreamBoothTrain",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
+                         "lora_layers": ["3", 0], "steps": 4, "learning_rate": 2e-3, "batch_size": 1,
+                         "resolution": 64, "seed": 0, "guidance": 1.0, "timestep_sampling": "flux_shift",
+                         "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 1e-4,
+                         "gradient_checkpointing": True, "lora_dtype": "fp32", "ema_decay": 0.0}},
+        "5": {"class_type": "FluxDreamBoothSave",
+              "inputs": {"lora": ["4", 1], "filename_prefix": "checks/lora", "format": "kohya", "precision": "fp16"}},
+    }
+    prompt["4"]["inputs"].update(train_inputs)
     return prompt

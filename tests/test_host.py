@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfyui_host import PACK_DIR, requires_host, ui_to_api
+from comfyui_host import PACK_DIR, by_type, requires_host, train_prompt, ui_to_api
 from PIL import Image
 
 pytestmark = requires_host
 
 QUICKSTART = next((PACK_DIR / "example_workflows").glob("*quickstart*.json"))
 NODES = ["FluxDreamBoothApply", "FluxDreamBoothDatasetFolder", "FluxDreamBoothDatasetMflux", "FluxDreamBoothLayers",
-         "FluxDreamBoothSave", "FluxDreamBoothTinyFlux", "FluxDreamBoothTrain"]
-
-
-def by_type(prompt, class_type):
-    return [k for k, v in prompt.items() if v["class_type"] == class_type]
+         "FluxDreamBoothLoadCheckpoint", "FluxDreamBoothRun", "FluxDreamBoothSave", "FluxDreamBoothTinyFlux",
+         "FluxDreamBoothTrain", "FluxDreamBoothValidation"]
 
 
 def pixels(host, ui) -> np.ndarray:
@@ -182,30 +179,9 @@ def test_comfyui_and_diffusers_backends_agree(host):
             assert (g - r).abs().max() <= 1e-4 * r.abs().max()
 
 
-def _train_prompt(**train_inputs):
-    prompt = {
-        "1": {"class_type": "FluxDreamBoothTinyFlux", "inputs": {"seed": 0, "weight_dtype": "default"}},
-        "2": {"class_type": "FluxDreamBoothDatasetFolder",
-              "inputs": {"folder": "builtin:quickstart", "trigger_word": "sks", "repeats": 1}},
-        "3": {"class_type": "FluxDreamBoothLayers",
-              "inputs": {"blocks": "single_transformer_blocks", "start": 0, "end": 4, "layer_types": "attention",
-                         "rank": 4, "alpha": 0.0}},
-        "4": {"class_type": "FluxDreamBoothTrain",
-              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0],
-                         "lora_layers": ["3", 0], "steps": 4, "learning_rate": 2e-3, "batch_size": 1,
-                         "resolution": 64, "seed": 0, "guidance": 1.0, "timestep_sampling": "flux_shift",
-                         "lr_schedule": "constant", "warmup_steps": 0, "weight_decay": 1e-4,
-                         "gradient_checkpointing": True, "lora_dtype": "fp32"}},
-        "5": {"class_type": "FluxDreamBoothSave",
-              "inputs": {"lora": ["4", 1], "filename_prefix": "checks/lora", "format": "kohya", "precision": "fp16"}},
-    }
-    prompt["4"]["inputs"].update(train_inputs)
-    return prompt
-
-
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp16", "fp8_e4m3fn"])
 def test_trains_on_bf16_fp16_and_fp8_weights(host, weight_dtype):
-    prompt = _train_prompt(steps=6)
+    prompt = train_prompt(steps=6)
     prompt["1"]["inputs"]["weight_dtype"] = weight_dtype
     outputs = host.run(prompt)
     before, after = outputs["4"]["fixed_noise_loss"]
@@ -221,7 +197,7 @@ def test_trains_on_bf16_fp16_and_fp8_weights(host, weight_dtype):
     (lambda p: p["5"]["inputs"].update(filename_prefix="."), "has no name part"),
 ])
 def test_bad_input_is_named_and_writes_nothing(host, change, message):
-    prompt = _train_prompt()
+    prompt = train_prompt()
     change(prompt)
     existing = loras(host)
     with pytest.raises(RuntimeError) as e:
@@ -233,7 +209,7 @@ def test_bad_input_is_named_and_writes_nothing(host, change, message):
 def test_cancel_stops_training_within_a_step(host):
     import comfy.model_management
 
-    prompt = _train_prompt(steps=2000)
+    prompt = train_prompt(steps=2000)
     existing = loras(host)
     result = {}
     host.server.events.clear()  # no stale progress from earlier prompts

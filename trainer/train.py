@@ -6,6 +6,7 @@ draw σ and ε, noise the latents, predict the velocity, step AdamW on the LoRA.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     gradient_checkpointing: bool = True
+    ema_decay: float = 0.0  # 0 = off; 0.999 in seed 002's recipe: the saved LoRA is the average
 
     def __post_init__(self):
         checks = [
@@ -48,6 +50,7 @@ class TrainConfig:
              f"lr_schedule is {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}."),
             (self.warmup_steps == 0 or 0 < self.warmup_steps < self.steps,
              f"warmup_steps is {self.warmup_steps}; keep it between 0 and steps ({self.steps})."),
+            (0 <= self.ema_decay < 1, f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,11 +127,101 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
     return total
 
 
-def make_optimizer(lora: LoraSet, config: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in lora.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                             fused=fused or None)
+class Trainer:
+    """One training run, run in segments: between them the caller may render samples or save a
+    checkpoint, and `state()` / `load_state()` carry everything needed to continue bit for bit
+    (on CPU) in another process: step, RNG, batch order, optimizer, schedule, loss scale, EMA."""
+
+    def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig):
+        if not examples:
+            raise ValueError("There are no training examples; the dataset is empty.")
+        self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
+        self.step = 0
+        self.losses: list[float] = []
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator)
+        self.params = [p for p in lora.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           fused=all(p.is_cuda for p in self.params) or None)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
+        self.scaler = torch.amp.GradScaler(backend.device.type, enabled=backend.compute_dtype == torch.float16)
+        self.ema = [p.detach().clone() for p in self.params] if config.ema_decay else None
+
+    def run(self, until: int | None = None, on_step: Callable[[StepInfo], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> bool:
+        """Train up to step `until` (default: all of config.steps). `should_stop()` is checked
+        before every step; returns True when it ended the segment early."""
+        until = self.config.steps if until is None else min(until, self.config.steps)
+        with self.backend.training(self.lora, self.config.gradient_checkpointing):
+            while self.step < until:
+                if should_stop is not None and should_stop():
+                    log.info("Training stopped at step %d of %d.", self.step, self.config.steps)
+                    return True
+                self._step()
+                if on_step is not None:
+                    on_step(StepInfo(self.step, self.config.steps, self.losses[-1], self.schedule.get_last_lr()[0]))
+        return False
+
+    def _step(self) -> None:
+        rng, queue = self.generator.get_state(), list(self.sampler.queue)
+        try:
+            batch = [self.examples[i] for i in self.sampler.next_batch()]
+            loss = step_loss(self.backend, batch, self.config, self.generator, self.scaler.scale)
+        except BaseException:  # interrupted mid-step (the host may raise from inside the model):
+            self.generator.set_state(rng)  # leave the state as after the last whole step, so a
+            self.sampler.queue = queue  # checkpoint saved now resumes exactly
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"The loss became {loss} at step {self.step + 1}; lower learning_rate "
+                                     f"(now {self.config.learning_rate:g}), or train on bf16 rather than fp16 "
+                                     "weights. Checkpoints saved before this step are intact.")
+        self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.config.ema_decay)
+        self.step += 1
+        self.losses.append(loss)
+
+    def result_lora(self) -> LoraSet:
+        """The weights to save and sample: the EMA when it is on, else the trained ones."""
+        if self.ema is None:
+            return self.lora
+        out = copy.deepcopy(self.lora)
+        with torch.no_grad():
+            for p, e in zip([p for p in out.parameters() if p.requires_grad], self.ema):
+                p.copy_(e)
+        return out
+
+    def state(self) -> dict:
+        """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
+        return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
+                "queue": torch.tensor(self.sampler.queue, dtype=torch.long),
+                "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else []}
+
+    def load_state(self, state: dict) -> None:
+        if state["step"] > self.config.steps:
+            raise ValueError(f"The checkpoint is at step {state['step']}, past steps ({self.config.steps}); "
+                             "raise steps to continue training it.")
+        self.lora.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.sampler.queue = state["queue"].tolist()
+        self.step, self.losses = state["step"], list(state["losses"])
+        if self.ema is not None:
+            saved = state["ema"] or [p.detach() for p in self.params]
+            self.ema = [e.to(p.device, p.dtype).clone() for e, p in zip(saved, self.params)]
 
 
 def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,
@@ -138,39 +231,11 @@ def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: 
     `example.repeats` times per epoch. `should_stop()` is checked before every step; returning
     True ends the run cleanly with the steps done so far.
     """
-    if not examples:
-        raise ValueError("There are no training examples; the dataset is empty.")
-    generator = torch.Generator().manual_seed(config.seed)
-    sampler = EpochSampler([e.repeats for e in examples], config.batch_size, generator)
-    optimizer = make_optimizer(lora, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
-    # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
-    scaler = torch.amp.GradScaler(backend.device.type, enabled=backend.compute_dtype == torch.float16)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses: list[float] = []
-
-    with backend.training(lora, config.gradient_checkpointing):
-        for step in range(config.steps):
-            if should_stop is not None and should_stop():
-                log.info("Training stopped at step %d of %d.", step, config.steps)
-                return TrainResult(losses, step, stopped=True)
-            batch = [examples[i] for i in sampler.next_batch()]
-            loss = step_loss(backend, batch, config, generator, scaler.scale)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"The loss became {loss} at step {step + 1}; lower learning_rate "
-                                         f"(now {config.learning_rate:g}), or train on bf16 rather than fp16 "
-                                         "weights.")
-            scaler.unscale_(optimizer)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            if on_step is not None:
-                on_step(StepInfo(step + 1, config.steps, loss, schedule.get_last_lr()[0]))
-    return TrainResult(losses, config.steps, stopped=False)
+    trainer = Trainer(backend, lora, examples, config)
+    stopped = trainer.run(on_step=on_step, should_stop=should_stop)
+    if trainer.ema is not None:
+        lora.load_state_dict(trainer.result_lora().state_dict())
+    return TrainResult(trainer.losses, trainer.step, stopped)
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
-// Shows what a node reported after it ran (the Train node's summary, the Save node's file name)
-// at the bottom of the node. Drawn, not a widget, so saved workflows keep their widget values.
+// Shows the file name the Save node wrote, at the bottom of the node. Drawn, not a widget, so
+// saved workflows keep their widget values. (The Train node reports in its panel: training_panel.js.)
 import { app } from "../../scripts/app.js";
 
-const REPORTING = new Set(["FluxDreamBoothTrain", "FluxDreamBoothSave"]);
+const REPORTING = new Set(["FluxDreamBoothSave"]);
 const LINE = 15;
 
 function wrap(ctx, text, width) {

@@ -1,0 +1,168 @@
+"""Host tests for training as a job: samples, checkpoints, resume, cancel, events (in-process)."""
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from comfyui_host import requires_host, train_prompt
+from PIL import Image
+
+pytestmark = requires_host
+
+VALIDATION = {"prompts": "a photo of [trigger] toy on the beach\n[trigger] toy in the snow", "seeds": "7",
+              "guidance": "3.5", "sample_steps": "6", "width": 64, "height": 64, "every_n_steps": 3,
+              "sampler_name": "euler", "scheduler": "simple", "before_training": True}
+
+
+def job_prompt(run_name, steps=6, save_every=3, resume="", validation=True, **train_inputs):
+    prompt = train_prompt(steps=steps, run=["21", 0], **train_inputs)
+    prompt["21"] = {"class_type": "FluxDreamBoothRun", "inputs": {
+        "run_name": run_name, "save_every_n_steps": save_every, "keep_last": 0, "resume_from": resume,
+        "plot_every_n_steps": 2}}
+    if validation:
+        prompt["20"] = {"class_type": "FluxDreamBoothValidation", "inputs": dict(VALIDATION)}
+        prompt["4"]["inputs"]["validation"] = ["20", 0]
+    return prompt
+
+
+def run_dir(host, name):
+    return host.root / "output" / "flux_dreambooth" / name
+
+
+def checkpoint_lora(host, run, step):
+    import comfy.utils
+
+    path = run_dir(host, run) / "checkpoints" / f"step_{step:06d}" / "lora.safetensors"
+    return comfy.utils.load_torch_file(str(path))
+
+
+def same_lora(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def job(host):
+    """One run with samples every 3 steps and checkpoints every 3 steps."""
+    outputs = host.run(job_prompt("job"))
+    return outputs, list(host.server.events)
+
+
+def test_a_run_leaves_checkpoints_samples_grid_strip_plots_and_history(host, job):
+    folder = run_dir(host, "job_001")
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    names = sorted(p.name for p in (folder / "samples").iterdir())
+    assert names == [f"step_{s:06d}_{e:02d}.png" for s in (0, 3, 6) for e in (0, 1)]
+    for f in ("grid.png", "progress.gif", "loss.png", "loss_history.csv", "loss_history.json", "samples.json"):
+        assert (folder / f).is_file(), f
+    with Image.open(folder / "progress.gif") as gif:
+        assert gif.n_frames == 3
+    assert len((folder / "loss_history.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_progress_samples_and_checkpoints_reach_the_websocket(job):
+    outputs, events = job
+    progress = [d for e, d in events if e == "flux_dreambooth.progress"]
+    assert progress[-1]["step"] == 6 and progress[-1]["total"] == 6
+    for field in ("loss", "loss_smooth", "lr", "seconds_per_step", "eta_seconds", "peak_memory_gib"):
+        assert np.isfinite(progress[-1][field]), field
+    samples = [d for e, d in events if e == "flux_dreambooth.samples"]
+    assert [d["step"] for d in samples] == [0, 3, 6] and len(samples[0]["images"]) == 2
+    assert samples[0]["images"][0]["subfolder"] == "flux_dreambooth/job_001/samples"
+    assert [d["step"] for e, d in events if e == "flux_dreambooth.checkpoint"] == [3, 6]
+    states = [d["state"] for e, d in events if e == "flux_dreambooth.status"]
+    assert states == ["training", "done"]
+
+
+def test_samples_are_the_images_comfyui_renders_with_that_checkpoint(host, job):
+    """Copy checkpoint 3's LoRA into models/loras and render entry 1 with stock nodes: the same pixels."""
+    shutil.copy(run_dir(host, "job_001") / "checkpoints" / "step_000003" / "lora.safetensors",
+                host.root / "loras" / "job_step3.safetensors")
+    stock = {
+        "1": {"class_type": "FluxDreamBoothTinyFlux", "inputs": {"seed": 0, "weight_dtype": "default"}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "job_step3.safetensors",
+                                                              "strength_model": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "sks toy in the snow"}},
+        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
+        "5": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["4", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": 7, "steps": 6, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "stock"}},
+    }
+    rendered = np.asarray(Image.open(host.output_file(host.run(stock)["8"])))
+    ours = np.asarray(Image.open(run_dir(host, "job_001") / "samples" / "step_000003_01.png"))
+    before = np.asarray(Image.open(run_dir(host, "job_001") / "samples" / "step_000000_01.png"))
+    assert np.array_equal(rendered, ours)
+    assert not np.array_equal(ours, before)  # and the LoRA at step 3 does change the image
+
+
+def test_rendering_samples_does_not_disturb_training(host, job):
+    host.run(job_prompt("quiet", validation=False))
+    assert same_lora(checkpoint_lora(host, "quiet_001", 6), checkpoint_lora(host, "job_001", 6))
+
+
+def test_resume_latest_gives_the_uninterrupted_lora(host, job):
+    host.run(job_prompt("resumed", steps=3, validation=False))  # stops after step 3
+    outputs = host.run(job_prompt("resumed", steps=6, resume="latest", validation=False))
+    assert outputs["4"]["text"][0].startswith("6 steps")
+    assert sorted(p.name for p in (run_dir(host, "resumed_001") / "checkpoints").iterdir()) == \
+        ["step_000003", "step_000006"]
+    assert same_lora(checkpoint_lora(host, "resumed_001", 6), checkpoint_lora(host, "job_001", 6))
+
+
+def test_load_checkpoint_lora_picks_a_checkpoint(host, job):
+    prompt = {"1": {"class_type": "FluxDreamBoothLoadCheckpoint",
+                    "inputs": {"checkpoint": "job_001/checkpoints/step_000003"}},
+              "2": {"class_type": "FluxDreamBoothSave", "inputs": {"lora": ["1", 0], "filename_prefix": "picked",
+                                                                   "format": "kohya", "precision": "fp32"}}}
+    saved = host.run(prompt)["2"]["text"][0]
+    import comfy.utils
+
+    assert same_lora(comfy.utils.load_torch_file(str(host.root / "loras" / saved)), checkpoint_lora(host, "job_001", 3))
+
+
+def test_bad_resume_is_named(host):
+    with pytest.raises(RuntimeError, match="no run called 'never' has a checkpoint"):
+        host.run(job_prompt("never", resume="latest", validation=False))
+    with pytest.raises(RuntimeError, match="leaves the flux_dreambooth folder"):
+        host.run(job_prompt("x", resume="../../etc", validation=False))
+
+
+def test_cancel_saves_a_checkpoint_that_resumes_exactly(host, job):
+    import comfy.model_management
+
+    prompt = job_prompt("cancelled", steps=2000, save_every=1000, validation=False)
+    host.server.events.clear()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(ok=_run_quietly(host, prompt)))
+    runner.start()
+    deadline = time.time() + 120
+    while not _progress(host) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _progress(host) >= 1, "training never reported progress"
+    comfy.model_management.interrupt_current_processing(True)
+    runner.join(timeout=60)
+    assert result["ok"] is False
+    saved = [d["step"] for e, d in list(host.server.events) if e == "flux_dreambooth.checkpoint"]
+    assert len(saved) == 1 and 1 <= saved[0] <= _progress(host) + 1  # the step under way may finish
+    assert (run_dir(host, "cancelled_001") / "checkpoints" / f"step_{saved[0]:06d}" / "state.pt").is_file()
+    assert [d["state"] for e, d in host.server.events if e == "flux_dreambooth.status"][-1] == "cancelled"
+    # continuing it gives what the uninterrupted run gave (the lr schedule is constant, so steps=2000
+    # before and 6 now train the same)
+    host.run(job_prompt("cancelled", steps=6, save_every=1000, resume="latest", validation=False))
+    assert same_lora(checkpoint_lora(host, "cancelled_001", 6), checkpoint_lora(host, "job_001", 6))
+
+
+def _progress(host) -> int:
+    return max((d["step"] for e, d in list(host.server.events) if e == "flux_dreambooth.progress"), default=0)
+
+
+def _run_quietly(host, prompt) -> bool:
+    try:
+        host.run(prompt)
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,148 @@
+// The Train node's live panel: loss chart (raw and smoothed), step / speed / ETA / memory, the
+// latest validation samples, and Stop. Fed by the pack's websocket events; sends Stop to the
+// pack's route. Stop ends the run early with outputs and a checkpoint; ComfyUI's Cancel aborts.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const TRAIN = "FluxDreamBoothTrain";
+
+const clock = (s) => {
+  if (!isFinite(s)) return "–";
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = Math.floor(s % 60);
+  return (h ? `${h}:${String(m).padStart(2, "0")}` : `${m}`) + `:${String(sec).padStart(2, "0")}`;
+};
+
+function element(tag, style, parent) {
+  const el = document.createElement(tag);
+  Object.assign(el.style, style);
+  parent?.appendChild(el);
+  return el;
+}
+
+class Panel {
+  constructor(node) {
+    this.node = node;
+    this.points = [];
+    this.root = element("div", { display: "flex", flexDirection: "column", gap: "4px", font: "12px sans-serif",
+                                 color: "#ddd", width: "100%", boxSizing: "border-box", padding: "2px 4px" });
+    this.root.className = "flux-dreambooth-panel";
+    const top = element("div", { display: "flex", gap: "6px", alignItems: "center" }, this.root);
+    this.status = element("div", { flex: "1", whiteSpace: "pre-wrap", lineHeight: "1.3" }, top);
+    this.status.className = "flux-dreambooth-status";
+    this.status.textContent = "Queue the workflow to train.";
+    this.stopButton = element("button", { padding: "2px 10px", cursor: "pointer" }, top);
+    this.stopButton.textContent = "Stop";
+    this.stopButton.className = "flux-dreambooth-stop";
+    this.stopButton.title = "End training after the current step: keeps the LoRA so far, saves a checkpoint";
+    this.stopButton.disabled = true;
+    this.stopButton.onclick = () => this.stop();
+    this.canvas = element("canvas", { width: "100%", height: "110px", background: "#1b1b1b", borderRadius: "4px" },
+                          this.root);
+    this.canvas.className = "flux-dreambooth-chart";
+    this.gallery = element("div", { display: "flex", flexWrap: "wrap", gap: "3px" }, this.root);
+    this.gallery.className = "flux-dreambooth-samples";
+    this.widget = node.addDOMWidget("training_panel", "flux_dreambooth_panel", this.root, {
+      serialize: false,
+      getMinHeight: () => 220,
+    });
+    this.widget.serialize = false; // not a setting: keep it out of the saved workflow's values
+  }
+
+  async stop() {
+    this.stopButton.disabled = true;
+    this.status.textContent += "\nStopping after this step…";
+    await api.fetchApi("/flux_dreambooth/stop", { method: "POST", body: JSON.stringify({ node: this.node.id }) });
+  }
+
+  onStatus(d) {
+    if (d.state === "training") {
+      this.points = [];
+      this.gallery.replaceChildren();
+      this.stopButton.disabled = false;
+      this.status.textContent = `Training… (run ${d.run})`;
+    } else {
+      this.stopButton.disabled = true;
+      const words = { done: "Done", stopped: "Stopped", cancelled: "Cancelled", error: "Failed" };
+      this.status.textContent = `${words[d.state] ?? d.state}${this.step ? ` at step ${this.step}` : ""}` +
+        `${this.checkpoint ? ` · checkpoint ${this.checkpoint}` : ""}${d.message ? `\n${d.message}` : ""}`;
+    }
+    this.draw();
+  }
+
+  onProgress(d) {
+    this.step = d.step;
+    this.points.push([d.step, d.loss, d.loss_smooth]);
+    this.status.textContent =
+      `step ${d.step}/${d.total} · loss ${d.loss.toFixed(4)} (avg ${d.loss_smooth.toFixed(4)}) · ` +
+      `${d.seconds_per_step.toFixed(2)} s/step · ETA ${clock(d.eta_seconds)} · ` +
+      `peak ${d.peak_memory_gib.toFixed(1)} GiB ${d.memory_device}`;
+    this.draw();
+  }
+
+  onExecuted(output) {
+    const text = (output?.text ?? []).join("\n");
+    if (text) this.status.textContent = `${this.status.textContent.split("\n")[0]}\n${text}`;
+  }
+
+  onCheckpoint(d) {
+    this.checkpoint = d.path.split("/").pop();
+  }
+
+  onSamples(d) {
+    this.gallery.replaceChildren(...d.images.map((ref, i) => {
+      const img = element("img", { width: "31%", borderRadius: "3px" });
+      img.className = "flux-dreambooth-sample";
+      img.title = `step ${d.step}: ${d.labels[i]}`;
+      const q = new URLSearchParams({ ...ref, rand: String(Math.random()) });
+      img.src = api.apiURL(`/view?${q}`);
+      return img;
+    }));
+  }
+
+  draw() {
+    const c = this.canvas, ctx = c.getContext("2d");
+    c.width = c.clientWidth || 300;
+    c.height = c.clientHeight || 110;
+    ctx.clearRect(0, 0, c.width, c.height);
+    if (this.points.length < 2) return;
+    const values = this.points.flatMap((p) => [p[1], p[2]]);
+    const lo = Math.min(...values), hi = Math.max(...values) || lo + 1e-6;
+    const first = this.points[0][0], last = this.points.at(-1)[0];
+    const x = (s) => 6 + ((s - first) / Math.max(1, last - first)) * (c.width - 12);
+    const y = (v) => c.height - 14 - ((v - lo) / (hi - lo || 1)) * (c.height - 24);
+    for (const [col, color, width] of [[1, "#6b8fc7", 1], [2, "#f0c040", 2]]) {
+      ctx.beginPath();
+      ctx.strokeStyle = color;
+      ctx.lineWidth = width;
+      this.points.forEach((p, i) => (i ? ctx.lineTo(x(p[0]), y(p[col])) : ctx.moveTo(x(p[0]), y(p[col]))));
+      ctx.stroke();
+    }
+    ctx.fillStyle = "#aaa";
+    ctx.fillText(`${hi.toFixed(3)}`, 4, 10);
+    ctx.fillText(`${lo.toFixed(3)}  ·  step ${first}–${last}`, 4, c.height - 3);
+  }
+}
+
+// events name the node by its id in the running prompt: find it in the graph on screen
+const forward = (method) => (event) => app.graph?.getNodeById(Number(event.detail.node))?.fluxPanel?.[method](event.detail);
+
+app.registerExtension({
+  name: "flux_dreambooth.training_panel",
+  setup() {
+    api.addEventListener("flux_dreambooth.status", forward("onStatus"));
+    api.addEventListener("flux_dreambooth.progress", forward("onProgress"));
+    api.addEventListener("flux_dreambooth.checkpoint", forward("onCheckpoint"));
+    api.addEventListener("flux_dreambooth.samples", forward("onSamples"));
+  },
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== TRAIN) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      this.fluxPanel?.onExecuted(output);
+    };
+  },
+  nodeCreated(node) {
+    if (node.comfyClass === TRAIN) node.fluxPanel = new Panel(node);
+  },
+});
