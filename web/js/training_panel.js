@@ -43,7 +43,7 @@ class Panel {
     this.gallery.className = "flux-dreambooth-samples";
     this.widget = node.addDOMWidget("training_panel", "flux_dreambooth_panel", this.root, {
       serialize: false,
-      getMinHeight: () => 220,
+      getMinHeight: () => Math.max(220, this.root.scrollHeight + 8),
     });
     this.widget.serialize = false; // not a setting: keep it out of the saved workflow's values
   }
@@ -95,8 +95,16 @@ class Panel {
       img.title = `step ${d.step}: ${d.labels[i]}`;
       const q = new URLSearchParams({ ...ref, rand: String(Math.random()) });
       img.src = api.apiURL(`/view?${q}`);
+      img.onload = () => this.fit();
       return img;
     }));
+  }
+
+  fit() {
+    // grow the node to show the whole panel (samples arrive after the node was laid out)
+    const needed = this.node.computeSize()[1];
+    if (this.node.size[1] < needed) this.node.setSize([this.node.size[0], needed]);
+    this.node.setDirtyCanvas(true, true);
   }
 
   draw() {

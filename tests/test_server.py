@@ -1,0 +1,220 @@
+"""Host tests against a real ComfyUI server (subprocess on loopback) with the pack installed in its
+custom_nodes: responsiveness while training, queued trainings, and the web panel in a real
+browser (headless Chromium driving ComfyUI's own frontend). Needs COMFYUI_PATH; the browser test
+also needs the `playwright` package and Chromium (Debian's `chromium`, or CHROMIUM_PATH)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from comfyui_host import COMFYUI_PATH, PACK_DIR, requires_host, train_prompt
+
+pytestmark = requires_host
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = Path(__file__).parent / "screenshots"
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+class Server:
+    """`python main.py` from COMFYUI_PATH, its base directory a temporary folder whose custom_nodes
+    holds this checkout under an unusual name (the registry renames install folders)."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        (base / "custom_nodes").mkdir(parents=True)
+        (base / "custom_nodes" / "Flux-DreamBooth-Test-Install").symlink_to(PACK_DIR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(base / "server.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--disable-auto-launch", "--base-directory", str(base)],
+            cwd=COMFYUI_PATH, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                self.get("/object_info/FluxDreamBoothTrain")
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start: see {base / 'server.log'}")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        headers = {"Content-Type": "application/json"}
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return json.loads(r.read())
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": "tests"})["prompt_id"]
+
+    def wait_idle(self, timeout=300):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            q = self.get("/queue")
+            if not q["queue_running"] and not q["queue_pending"]:
+                return
+            time.sleep(0.3)
+        raise TimeoutError("the queue did not empty")
+
+    def close(self):
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+class Events:
+    """The websocket, listened to on a thread; keeps every message."""
+
+    def __init__(self, url: str):
+        import aiohttp
+
+        self.messages: list[tuple[str, dict]] = []
+        self.ready = threading.Event()
+
+        async def listen():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(url.replace("http", "ws") + "/ws?clientId=tests") as ws:
+                    self.ready.set()
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            data = json.loads(msg.data)
+                            self.messages.append((data["type"], data.get("data") or {}))
+
+        threading.Thread(target=lambda: asyncio.run(listen()), daemon=True).start()
+        self.ready.wait(30)
+
+    def of(self, kind: str) -> list[dict]:
+        return [d for t, d in list(self.messages) if t == kind]
+
+    def wait(self, predicate, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the expected websocket events did not arrive")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("comfyui-server"))
+    yield s
+    s.close()
+
+
+def long_training(run_name: str, steps: int = 400) -> dict:
+    prompt = train_prompt(steps=steps, run=["21", 0])
+    prompt["21"] = {"class_type": "FluxDreamBoothRun", "inputs": {"run_name": run_name, "save_every_n_steps": 1000,
+                                                                  "keep_last": 0, "resume_from": "",
+                                                                  "plot_every_n_steps": 50}}
+    return prompt
+
+
+def test_server_answers_while_the_loop_runs(server):
+    events = Events(server.url)
+    server.queue(long_training("responsive"))
+    events.wait(lambda: any(d["step"] >= 2 for d in events.of("flux_dreambooth.progress")))
+    answered = {}
+    for path in ("/queue", "/history", "/object_info", "/system_stats"):
+        started = time.perf_counter()
+        body = server.get(path)
+        answered[path] = time.perf_counter() - started
+        assert body is not None
+    step_then = max(d["step"] for d in events.of("flux_dreambooth.progress"))
+    events.wait(lambda: max(d["step"] for d in events.of("flux_dreambooth.progress")) >= step_then + 2)
+    print("answer times while training:", {k: f"{v * 1000:.0f} ms" for k, v in answered.items()})
+    assert server.post("/flux_dreambooth/stop", {})["stopping"] == 1
+    server.wait_idle()
+    assert events.of("flux_dreambooth.status")[-1]["state"] == "stopped"
+
+
+def test_a_second_training_waits_for_the_first(server):
+    events = Events(server.url)
+    first, second = server.queue(long_training("first", 30)), server.queue(long_training("second", 30))
+    events.wait(lambda: events.of("flux_dreambooth.progress"))
+    assert [p[1] for p in server.get("/queue")["queue_pending"]] == [second]
+    server.wait_idle()
+    states = [(d["run"], d["state"]) for d in events.of("flux_dreambooth.status")]
+    assert states == [("first_001", "training"), ("first_001", "done"), ("second_001", "training"),
+                      ("second_001", "done")]
+    assert first != second
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_panel_in_a_real_browser(server):
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    templates = server.get("/api/workflow_templates")
+    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
+    name = next(n for n in templates[module] if "quickstart" in n)
+    workflow = server.get(f"/api/workflow_templates/{module}/{name}.json")
+    for node in workflow["nodes"]:  # long enough to watch, samples every 10 steps
+        if node["type"] == "FluxDreamBoothTrain":
+            node["widgets_values"][0] = 400
+        if node["type"] == "FluxDreamBoothValidation":
+            node["widgets_values"][6] = 10
+    SCREENSHOTS.mkdir(exist_ok=True)
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 950})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
+        page.wait_for_timeout(2000)
+        page.keyboard.press("Escape")
+        page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+        page.wait_for_timeout(1000)
+        page.keyboard.press("Escape")
+        train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+        page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
+            app.canvas.ds.scale = 1; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""")
+        page.get_by_role("button", name="Run").first.click()
+        panel = f"app.graph.getNodeById({train_id}).fluxPanel"
+        page.wait_for_function(f"{panel}.points.length >= 3", timeout=180000)  # the chart is drawing
+        page.wait_for_function("[...document.querySelectorAll('.flux-dreambooth-sample')]"
+                               ".some(i => i.complete && i.naturalWidth > 0 && i.title.startsWith('step 10'))",
+                               timeout=180000)  # a sample rendered during training arrived
+        assert "s/step" in page.text_content(".flux-dreambooth-status")
+        page.click(".flux-dreambooth-stop")
+        page.wait_for_function("/Stopped at step \\d+ · checkpoint step_/.test("
+                               "document.querySelector('.flux-dreambooth-status').textContent)", timeout=120000)
+        page.wait_for_timeout(1000)
+        shot = SCREENSHOTS / f"panel_comfyui_{version}.png"
+        page.screenshot(path=str(shot))
+        status = page.text_content(".flux-dreambooth-status")
+        browser.close()
+    server.wait_idle()
+    runs = sorted((server.base / "output" / "flux_dreambooth").glob("quickstart_*"))
+    stopped_at = int(status.split("Stopped at step ")[1].split(" ")[0])
+    assert (runs[-1] / "checkpoints" / f"step_{stopped_at:06d}" / "lora.safetensors").is_file()
+    assert 10 <= stopped_at < 400 and shot.is_file()
+    assert not [e for e in errors if "flux" in e.lower()], errors
