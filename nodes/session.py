@@ -43,6 +43,10 @@ def request_stop(node_id: str | None = None) -> int:
     return len(sessions)
 
 
+def running_runs() -> list[str]:
+    return [s.job.run.path.name for s in list(_running.values())]
+
+
 @dataclass
 class Job:
     """Everything a session needs, prepared by the Train node."""

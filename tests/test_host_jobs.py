@@ -150,6 +150,10 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(host, job):
     assert len(saved) == 1 and 1 <= saved[0] <= _progress(host) + 1  # the step under way may finish
     assert (run_dir(host, "cancelled_001") / "checkpoints" / f"step_{saved[0]:06d}" / "state.pt").is_file()
     assert [d["state"] for e, d in host.server.events if e == "flux_dreambooth.status"][-1] == "cancelled"
+    import gc
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o).__name__ in ("Trainer", "TrainingSession")]  # memory freed
     # continuing it gives what the uninterrupted run gave (the lr schedule is constant, so steps=2000
     # before and 6 now train the same)
     host.run(job_prompt("cancelled", steps=6, save_every=1000, resume="latest", validation=False))

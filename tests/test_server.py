@@ -158,11 +158,14 @@ def test_a_second_training_waits_for_the_first(server):
     first, second = server.queue(long_training("first", 30)), server.queue(long_training("second", 30))
     events.wait(lambda: events.of("flux_dreambooth.progress"))
     assert [p[1] for p in server.get("/queue")["queue_pending"]] == [second]
+    third = server.queue(long_training("third", 30))  # queued while "first" runs: the browser is told
+    events.wait(lambda: events.of("flux_dreambooth.queued"))
+    assert "first_001 ends" in events.of("flux_dreambooth.queued")[0]["message"]
     server.wait_idle()
     states = [(d["run"], d["state"]) for d in events.of("flux_dreambooth.status")]
-    assert states == [("first_001", "training"), ("first_001", "done"), ("second_001", "training"),
-                      ("second_001", "done")]
-    assert first != second
+    runs = ("first_001", "second_001", "third_001")
+    assert states == [(run, state) for run in runs for state in ("training", "done")]
+    assert len({first, second, third}) == 3
 
 
 @pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")

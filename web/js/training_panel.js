@@ -141,6 +141,11 @@ app.registerExtension({
     api.addEventListener("flux_dreambooth.progress", forward("onProgress"));
     api.addEventListener("flux_dreambooth.checkpoint", forward("onCheckpoint"));
     api.addEventListener("flux_dreambooth.samples", forward("onSamples"));
+    api.addEventListener("flux_dreambooth.queued", (event) => {
+      const toast = app.extensionManager?.toast;
+      if (toast) toast.add({ severity: "info", summary: "FLUX DreamBooth", detail: event.detail.message, life: 8000 });
+      else console.info(event.detail.message);
+    });
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== TRAIN) return;
