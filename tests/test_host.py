@@ -2,7 +2,6 @@
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -204,49 +203,3 @@ def test_bad_input_is_named_and_writes_nothing(host, change, message):
         host.run(prompt)
     assert message in str(e.value)
     assert loras(host) == existing
-
-
-def test_cancel_stops_training_within_a_step(host):
-    import comfy.model_management
-
-    prompt = train_prompt(steps=2000)
-    existing = loras(host)
-    result = {}
-    host.server.events.clear()  # no stale progress from earlier prompts
-    runner = threading.Thread(target=lambda: result.update(ok=_run_quietly(host, prompt)))
-    runner.start()
-    deadline = time.time() + 120
-    while not _training_progress(host) and time.time() < deadline:
-        time.sleep(0.05)
-    step_at_cancel = _training_progress(host)
-    assert step_at_cancel >= 1, "training never reported progress"
-    cancelled = time.perf_counter()
-    comfy.model_management.interrupt_current_processing(True)
-    runner.join(timeout=60)
-    assert not runner.is_alive() and result["ok"] is False
-    assert time.perf_counter() - cancelled < 10
-    assert any(e == "execution_interrupted" for e, _ in host.server.events)
-    assert _training_progress(host) <= step_at_cancel + 2
-    assert loras(host) == existing
-    # ComfyUI is left as it was: kernels flag off, no LoRA hooks or wrapped blocks on any FLUX
-    import gc
-
-    import comfy.ldm.flux.model
-
-    assert not comfy.model_management.in_training
-    fluxes = [o for o in gc.get_objects() if type(o) is comfy.ldm.flux.model.Flux]
-    assert fluxes and not any(m._forward_hooks for f in fluxes for m in f.modules())
-    assert not any("forward" in b.__dict__ for f in fluxes for b in [*f.double_blocks, *f.single_blocks])
-
-
-def _training_progress(host) -> int:
-    values = [d["value"] for e, d in list(host.server.events) if e == "progress" and str(d.get("node")) == "4"]
-    return max(values, default=0)
-
-
-def _run_quietly(host, prompt) -> bool:
-    try:
-        host.run(prompt)
-        return True
-    except RuntimeError:
-        return False

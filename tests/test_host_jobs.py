@@ -135,6 +135,7 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(host, job):
     import comfy.model_management
 
     prompt = job_prompt("cancelled", steps=2000, save_every=1000, validation=False)
+    loras_before = sorted((host.root / "loras").rglob("*"))
     host.server.events.clear()
     result = {}
     runner = threading.Thread(target=lambda: result.update(ok=_run_quietly(host, prompt)))
@@ -145,7 +146,8 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(host, job):
     assert _progress(host) >= 1, "training never reported progress"
     comfy.model_management.interrupt_current_processing(True)
     runner.join(timeout=60)
-    assert result["ok"] is False
+    assert not runner.is_alive() and result["ok"] is False
+    assert sorted((host.root / "loras").rglob("*")) == loras_before  # nothing half-saved into models/loras
     saved = [d["step"] for e, d in list(host.server.events) if e == "flux_dreambooth.checkpoint"]
     assert len(saved) == 1 and 1 <= saved[0] <= _progress(host) + 1  # the step under way may finish
     assert (run_dir(host, "cancelled_001") / "checkpoints" / f"step_{saved[0]:06d}" / "state.pt").is_file()
@@ -154,6 +156,13 @@ def test_cancel_saves_a_checkpoint_that_resumes_exactly(host, job):
 
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o).__name__ in ("Trainer", "TrainingSession")]  # memory freed
+    # ComfyUI is left as it was: kernels flag off, no LoRA hooks or wrapped blocks on any FLUX
+    import comfy.ldm.flux.model
+
+    assert not comfy.model_management.in_training
+    fluxes = [o for o in gc.get_objects() if type(o) is comfy.ldm.flux.model.Flux]
+    assert fluxes and not any(m._forward_hooks for f in fluxes for m in f.modules())
+    assert not any("forward" in b.__dict__ for f in fluxes for b in [*f.double_blocks, *f.single_blocks])
     # continuing it gives what the uninterrupted run gave (the lr schedule is constant, so steps=2000
     # before and 6 now train the same)
     host.run(job_prompt("cancelled", steps=6, save_every=1000, resume="latest", validation=False))
