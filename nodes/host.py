@@ -92,7 +92,7 @@ RUNS_SUBFOLDER = "flux_dreambooth"
 
 def runs_root() -> Path:
     """Where run folders (checkpoints, samples, plots) go: ComfyUI's output folder."""
-    return Path(folder_paths.get_output_directory()) / RUNS_SUBFOLDER
+    return (Path(folder_paths.get_output_directory()) / RUNS_SUBFOLDER).resolve()
 
 
 def output_reference(path: Path) -> dict:

@@ -73,6 +73,17 @@ class CheckpointSettings(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, run_name, resume_from, **_):
+        """Resuming 'latest' again after a run has moved on must run again, not reuse the cache."""
+        if not resume_from.strip():
+            return ""
+        try:
+            _, found = RunPlan(run_name.strip(), resume_from=resume_from).folder_and_checkpoint()
+        except ValueError as e:
+            return str(e)
+        return f"{found}:{(found / checkpoints.STATE_FILE).stat().st_mtime_ns}"
+
+    @classmethod
     def execute(cls, run_name, save_every_n_steps, keep_last, resume_from, plot_every_n_steps) -> io.NodeOutput:
         name = run_name.strip()
         export.safe_path(host.runs_root(), name)  # a plain folder name inside output/flux_dreambooth

@@ -26,6 +26,7 @@ from ..trainer import checkpoints, export, report
 from ..trainer.lora import LoraSet
 from ..trainer.train import Trainer, fixed_noise_loss
 from . import host
+from .validation import RenderStopped
 
 log = logging.getLogger("flux_dreambooth")
 EVAL_IMAGES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on these
@@ -90,8 +91,8 @@ class TrainingSession:
         self.error: BaseException | None = None
         self.loss_before = self.loss_after = float("nan")
         self.samples: list[report.Sample] = []
-        self.images: list[torch.Tensor] = []
-        self.saved_step = self.rendered_step = -1
+        self.latest_images: list[torch.Tensor] = []  # the newest render only: earlier ones are on disk
+        self.saved_step = checkpoints.step_of(job.resume) if job.resume else -1
         self.tracker = report.ProgressTracker(job.config.steps, job.backend.device)
         self.samples += report.load_samples(job.run.path)  # a resumed run's earlier samples
 
@@ -108,8 +109,9 @@ class TrainingSession:
                 if job.resume is not None:
                     trainer.load_state(checkpoints.load_state(job.resume))
                 self.trainer = trainer
-                self.loss_before = fixed_noise_loss(job.backend, trainer.result_lora(), owned[:EVAL_IMAGES],
-                                                    job.config.guidance)
+                probe = owned[:EVAL_IMAGES]
+                self.loss_before = fixed_noise_loss(job.backend, trainer.result_lora(), probe, job.config.guidance,
+                                                    should_stop=self.stop.is_set)
                 self._pause()  # samples before training
                 while trainer.step < job.config.steps and not self.stop.is_set():
                     if trainer.run(self._next_pause(trainer.step), self._report, self.stop.is_set):
@@ -117,8 +119,7 @@ class TrainingSession:
                     if trainer.step < job.config.steps:
                         self._pause()
                 if not self.stop.is_set() or self.graceful_stop:
-                    self.loss_after = fixed_noise_loss(job.backend, trainer.result_lora(), owned[:EVAL_IMAGES],
-                                                       job.config.guidance)
+                    self.loss_after = fixed_noise_loss(job.backend, trainer.result_lora(), probe, job.config.guidance)
         except BaseException as e:  # raised again in the node's thread
             self.error = e
 
@@ -128,6 +129,8 @@ class TrainingSession:
     def _pause(self) -> None:
         """Hand the node thread a quiet moment (samples, checkpoint) and wait for it to finish."""
         self.resume_loop.clear()
+        if self.stop.is_set():  # stopping: the node thread will not serve a pause any more
+            return
         self.messages.put(("pause", None))
         self.resume_loop.wait()
 
@@ -155,51 +158,61 @@ class TrainingSession:
         thread = threading.Thread(target=self._work, name="flux-dreambooth-train", daemon=True)
         bar = comfy.utils.ProgressBar(job.config.steps)
         console = tqdm(total=job.config.steps, desc="FLUX LoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+        if job.backend.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(job.backend.device)
         self._status("training")
         thread.start()
         try:
-            while thread.is_alive() or not self.messages.empty():
-                try:
-                    kind, info = self.messages.get(timeout=0.1)
-                except queue.Empty:
-                    kind = None
-                if kind == "step":
-                    self._show_step(info, bar, console)
-                elif kind == "pause":
-                    self._at_pause()
-                    self.resume_loop.set()
-                comfy.model_management.throw_exception_if_processing_interrupted()
-        except BaseException:
-            self._cancel(thread)
+            self._serve(thread, bar, console)
+            if self.error is not None:
+                raise self.error
+            self._finish_files(render=True)
+        except BaseException as e:
+            self._abort(thread, e)
             raise
         finally:
             console.close()
-        if isinstance(self.error, comfy.model_management.InterruptProcessingException):
-            self._cancel(thread)  # Cancel reached the loop first (ComfyUI checks it inside its layers)
-            raise self.error
-        if self.error is not None:
-            self._finish_files(render=False, checkpoint=False)
-            self._status("error", str(self.error))
-            raise self.error
-        self._finish_files(render=True)
         self._status("stopped" if self.stop.is_set() else "done")
         trainer = self.trainer
         return Outcome(trainer.result_lora().cpu(), trainer.losses, trainer.step, self.stop.is_set(),
-                       self.loss_before, self.loss_after, self.samples, self.images, self.tracker.history)
+                       self.loss_before, self.loss_after, self.samples, self.latest_images, self.tracker.history)
 
-    def _cancel(self, thread: threading.Thread) -> None:
-        self._status("cancelled", "Cancelled: saving a checkpoint.")
+    def _serve(self, thread: threading.Thread, bar, console) -> None:
+        """Until the loop ends: show its steps, serve its pauses, watch for Cancel."""
+        while thread.is_alive() or not self.messages.empty():
+            try:
+                kind, info = self.messages.get(timeout=0.1)
+            except queue.Empty:
+                kind = None
+            if kind == "step":
+                self._show_step(info, bar, console)
+            elif kind == "pause":
+                try:
+                    self._at_pause()
+                finally:
+                    self.resume_loop.set()
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def _abort(self, thread: threading.Thread, error: BaseException) -> None:
+        """Cancel or a failure: stop the loop, keep what can be kept, say what happened."""
         self.stop.set()
         self.resume_loop.set()
         thread.join()
-        self._finish_files(render=False)
+        cancelled = isinstance(error, comfy.model_management.InterruptProcessingException)
+        try:  # never hide the error that got us here
+            self._finish_files(render=False, checkpoint=not isinstance(error, FloatingPointError))
+        except Exception:
+            log.exception("Could not write the run's files after %s", type(error).__name__)
+        step = self.trainer.step if self.trainer else 0
+        self._status("cancelled" if cancelled else "error",
+                     f"Cancelled at step {step}." if cancelled else f"{type(error).__name__}: {error}")
 
     def _show_step(self, info, bar, console) -> None:
         progress = self.tracker.update(info.step, info.loss, info.lr)
         bar.update_absolute(info.step, info.total)  # also raises if Cancel was pressed
         console.n = info.step
-        console.set_postfix_str(f"loss {progress.loss:.4f} ({progress.loss_smooth:.4f}) lr {progress.lr:.1e}",
-                                refresh=False)
+        console.set_postfix_str(f"loss {progress.loss:.4f} (avg {progress.loss_smooth:.4f}) lr {progress.lr:.1e} "
+                                f"peak {progress.peak_memory_gib:.1f} GiB {progress.memory_device}", refresh=False)
         console.refresh()
         if self.messages.empty() or info.step == info.total:  # behind? skip to the newest
             host.send_event("flux_dreambooth.progress", {"node": self.job.node_id, **vars(progress)})
@@ -207,10 +220,11 @@ class TrainingSession:
             self._write_plots()
 
     def _at_pause(self) -> None:
-        step, plan = self.trainer.step, self.job.run_plan
+        step, config = self.trainer.step, self.job.config
         if not self.tracker.history and self.trainer.losses:  # a resumed run: plot from its first step
-            self.tracker.replay(self.trainer.losses)
-        if step > 0 and step % plan.save_every == 0:
+            self.tracker.replay(self.trainer.losses, [config.learning_rate * config.lr_factor(i)
+                                                      for i in range(len(self.trainer.losses))])
+        if step > 0 and step % self.job.run_plan.save_every == 0:
             self._save_checkpoint()
         validation = self.job.validation
         if validation and ((step == 0 and validation.before_training) or (step > 0 and step % validation.every == 0)):
@@ -219,7 +233,7 @@ class TrainingSession:
 
     def _save_checkpoint(self) -> None:
         trainer, job = self.trainer, self.job
-        if trainer is None or trainer.step == 0 or trainer.step == self.saved_step:
+        if trainer is None or trainer.step in (0, self.saved_step):
             return
         meta = export.metadata(job.meta["spec"], trainer.step, job.meta["trigger_word"], job.meta["base_model"],
                                extra=job.meta["extra"])
@@ -233,14 +247,19 @@ class TrainingSession:
 
     def _render(self) -> None:
         trainer, job = self.trainer, self.job
-        if trainer is None or trainer.step == self.rendered_step:
+        if trainer is None or any(s.step == trainer.step for s in self.samples):  # done (before a resume)
             return
+        host.send_event("flux_dreambooth.rendering", {"node": job.node_id, "step": trainer.step,
+                                                      "count": len(job.validation.entries)})
         with_lora = host.apply_lora(job.patcher, export.kohya_state_dict(trainer.result_lora()), 1.0)
-        samples, images = job.renderer.render(with_lora, trainer.step)
-        host.load_for_training(job.patcher)  # the LoRA's patches come off before training goes on
-        self.rendered_step = trainer.step
+        try:
+            samples, images = job.renderer.render(with_lora, trainer.step, should_stop=self.stop.is_set)
+        except RenderStopped:  # Stop pressed mid-render: the final render at the stop step follows
+            return
+        finally:
+            host.load_for_training(job.patcher)  # the LoRA's patches come off before training goes on
         self.samples += samples
-        self.images.append(images)
+        self.latest_images = [images]
         report.save_samples(job.run.path, self.samples)
         host.send_event("flux_dreambooth.samples", {
             "node": job.node_id, "step": trainer.step, "labels": [s.label for s in samples],

@@ -93,7 +93,8 @@ class TrainFluxLora(io.ComfyNode):
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA, for Save FLUX LoRA or Apply FLUX LoRA."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (works with Plot Loss Graph)."),
                 io.Image.Output(display_name="samples",
-                                tooltip="Every validation render, in step order (the loss plot when there are none)."),
+                                tooltip="The last validation render (the loss plot when there is none); every "
+                                        "render is in the run folder's samples/."),
                 io.Image.Output(display_name="loss_plot", tooltip="Raw and smoothed loss against step."),
                 io.String.Output(display_name="run_folder", tooltip="The run's folder under output/flux_dreambooth: "
                                                                     "checkpoints, samples, plots."),

@@ -9,6 +9,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import node_helpers
@@ -101,6 +102,10 @@ class ValidationSamples(io.ComfyNode):
                                             before_training))
 
 
+class RenderStopped(Exception):
+    """Stop was pressed during a render; the final render, at the step it stopped, follows."""
+
+
 class Renderer:
     """Encodes the evaluation prompts once; renders them for a MODEL with the LoRA applied."""
 
@@ -111,15 +116,23 @@ class Renderer:
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(with_trigger(prompt, trigger_word)))
             self.conditioning[prompt] = cond
 
-    def render(self, model, step: int) -> tuple[list[Sample], torch.Tensor]:
-        """Every entry at `step`: saved as PNGs (named by step) and returned as an IMAGE batch."""
+    def render(self, model, step: int, should_stop=lambda: False) -> tuple[list[Sample], torch.Tensor]:
+        """Every entry at `step`: saved as PNGs (named by step) and returned as an IMAGE batch.
+        Cancel is checked every sampling step, `should_stop()` between images (RenderStopped)."""
         samples, images = [], []
         latent = torch.zeros(1, 16, self.plan.height // 8, self.plan.width // 8)
+
+        def check_cancel(*_):  # older ComfyUI checks Cancel nowhere inside sampling
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
         for i, e in enumerate(self.plan.entries):
+            if should_stop():
+                raise RenderStopped
             positive = node_helpers.conditioning_set_values(self.conditioning[e.prompt], {"guidance": e.guidance})
             noise = comfy.sample.prepare_noise(latent, e.seed)
             out = comfy.sample.sample(model, noise, e.steps, 1.0, self.plan.sampler, self.plan.scheduler,
-                                      positive, positive, latent, denoise=1.0, seed=e.seed, disable_pbar=True)
+                                      positive, positive, latent, denoise=1.0, seed=e.seed, disable_pbar=True,
+                                      callback=check_cancel)
             image = self.vae.decode(out)[:1]
             path = self.folder / f"step_{step:06d}_{i:02d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,16 @@ def test_only_the_newest_are_kept_and_latest_follows_writes(tmp_path):
     assert checkpoints.latest_checkpoint(tmp_path, "b") is None
 
 
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    """A run resumed from step 10 reaches step 20 again: the new step 20 replaces the old one."""
+    run = checkpoints.RunFolder(tmp_path)
+    run.save(20, {"w": torch.ones(2)}, {}, {"step": 20, "tag": "old"})
+    run.save(20, {"w": torch.zeros(2)}, {}, {"step": 20, "tag": "new"})
+    assert checkpoints.load_state(run.latest())["tag"] == "new"
+    assert torch.equal(checkpoints.load_lora(run.latest())[0]["w"], torch.zeros(2))
+    assert [p.name for p in run.checkpoint_dir.iterdir()] == ["step_000020"]
+
+
 def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     """A real process dies halfway through writing step 20 (after the LoRA, inside the state)."""
     script = textwrap.dedent(f"""

@@ -179,3 +179,86 @@ def _run_quietly(host, prompt) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def _start(host, prompt):
+    host.server.events.clear()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(ok=_run_quietly(host, prompt)))
+    runner.start()
+    return runner, result
+
+
+def _wait_for(host, kind, timeout=120):
+    deadline = time.time() + timeout
+    while not [d for e, d in list(host.server.events) if e == kind] and time.time() < deadline:
+        time.sleep(0.02)
+    assert [d for e, d in list(host.server.events) if e == kind], f"no {kind} event"
+
+
+def _statuses(host):
+    return [d["state"] for e, d in list(host.server.events) if e == "flux_dreambooth.status"]
+
+
+def test_cancel_before_the_first_step_does_not_hang(host, monkeypatch):
+    """Cancel while the loop is still measuring its starting loss (slowed down here)."""
+    import comfy.model_management
+
+    session = host.pack.nodes.session
+    measure = session.fixed_noise_loss
+
+    def slow(*args, **kwargs):
+        time.sleep(2)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(session, "fixed_noise_loss", slow)
+    runner, result = _start(host, job_prompt("early", validation=False))
+    _wait_for(host, "flux_dreambooth.status")
+    comfy.model_management.interrupt_current_processing(True)
+    runner.join(timeout=60)
+    assert not runner.is_alive() and result["ok"] is False
+    assert _statuses(host) == ["training", "cancelled"]
+
+
+def test_cancel_during_a_render_stops_it(host):
+    import comfy.model_management
+
+    prompt = job_prompt("render_cancel", steps=60)
+    prompt["20"]["inputs"].update(seeds=" ".join(str(s) for s in range(40)))  # 80 images before step 1
+    runner, result = _start(host, prompt)
+    _wait_for(host, "flux_dreambooth.rendering")
+    time.sleep(0.5)
+    comfy.model_management.interrupt_current_processing(True)
+    runner.join(timeout=120)
+    assert not runner.is_alive() and result["ok"] is False
+    assert _statuses(host)[-1] == "cancelled"
+    rendered = list((run_dir(host, "render_cancel_001") / "samples").glob("*.png"))
+    assert len(rendered) < 80
+
+
+def test_nan_stops_the_run_keeps_earlier_checkpoints_and_says_why(host, monkeypatch):
+    train_module = host.pack.trainer.train
+    real, calls = train_module.step_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "step_loss", poisoned)
+    with pytest.raises(RuntimeError, match="The loss became nan at step 3"):
+        host.run(job_prompt("nan", save_every=1, validation=False))
+    folder = run_dir(host, "nan_001")
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert (folder / "loss_history.csv").is_file()
+    assert _statuses(host)[-1] == "error"
+
+
+def test_resuming_an_earlier_checkpoint_with_samples_on(host, job):
+    """A branch from step 3 of a finished run: same step-6 LoRA, samples listed once each."""
+    import json
+
+    first = checkpoint_lora(host, "job_001", 6)
+    host.run(job_prompt("job", resume="job_001/checkpoints/step_000003"))
+    assert same_lora(checkpoint_lora(host, "job_001", 6), first)
+    listed = [(s["step"], s["entry"]) for s in json.loads((run_dir(host, "job_001") / "samples.json").read_text())]
+    assert sorted(listed) == sorted(set(listed)) == [(s, e) for s in (0, 3, 6) for e in (0, 1)]

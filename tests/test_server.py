@@ -148,6 +148,7 @@ def test_server_answers_while_the_loop_runs(server):
     step_then = max(d["step"] for d in events.of("flux_dreambooth.progress"))
     events.wait(lambda: max(d["step"] for d in events.of("flux_dreambooth.progress")) >= step_then + 2)
     print("answer times while training:", {k: f"{v * 1000:.0f} ms" for k, v in answered.items()})
+    assert max(answered.values()) < 5.0  # answered, not stuck behind the training loop
     assert server.post("/flux_dreambooth/stop", {})["stopping"] == 1
     server.wait_idle()
     assert events.of("flux_dreambooth.status")[-1]["state"] == "stopped"
@@ -187,8 +188,9 @@ def test_the_panel_in_a_real_browser(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
         page = browser.new_page(viewport={"width": 1500, "height": 950})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        errors = []  # uncaught errors thrown from this pack's scripts (ComfyUI's own are not ours to fix)
+        page.on("pageerror", lambda e: errors.append(e.stack or str(e)) if "flux_dreambooth" in (e.stack or "")
+                or "training_panel" in (e.stack or "") else None)
         page.goto(server.url)
         page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
         page.wait_for_timeout(2000)
@@ -206,7 +208,8 @@ def test_the_panel_in_a_real_browser(server):
         page.wait_for_function("[...document.querySelectorAll('.flux-dreambooth-sample')]"
                                ".some(i => i.complete && i.naturalWidth > 0 && i.title.startsWith('step 10'))",
                                timeout=180000)  # a sample rendered during training arrived
-        assert "s/step" in page.text_content(".flux-dreambooth-status")
+        page.wait_for_function("/step \\d+\\/400 .* s\\/step · ETA/.test("
+                               "document.querySelector('.flux-dreambooth-status').textContent)", timeout=60000)
         page.click(".flux-dreambooth-stop")
         page.wait_for_function("/Stopped at step \\d+ · checkpoint step_/.test("
                                "document.querySelector('.flux-dreambooth-status').textContent)", timeout=120000)
@@ -220,4 +223,4 @@ def test_the_panel_in_a_real_browser(server):
     stopped_at = int(status.split("Stopped at step ")[1].split(" ")[0])
     assert (runs[-1] / "checkpoints" / f"step_{stopped_at:06d}" / "lora.safetensors").is_file()
     assert 10 <= stopped_at < 400 and shot.is_file()
-    assert not [e for e in errors if "flux" in e.lower()], errors
+    assert not errors, errors

@@ -49,10 +49,8 @@ class RunFolder:
     def save(self, step: int, lora_sd: dict[str, torch.Tensor], meta: dict[str, str], state: dict,
              keep: int = 0) -> Path:
         """Write checkpoint `step` atomically; then keep only the newest `keep` (0: keep all).
-        A step that is already saved (a run resumed from it) is left as it is."""
+        An existing checkpoint of the same step (a run resumed from an earlier one) is replaced."""
         final = self.checkpoint_dir / f"step_{step:06d}"
-        if final in self.checkpoints():
-            return final
         tmp = self.checkpoint_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -62,8 +60,13 @@ class RunFolder:
             for f in (LORA_FILE, STATE_FILE):
                 with open(tmp / f, "rb") as fh:
                     os.fsync(fh.fileno())
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete one, left by a crash
-            tmp.rename(final)
+            if final.exists():  # swap: the old one stays whole until the new one is in place
+                old = self.checkpoint_dir / f".old-{final.name}-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -72,7 +75,7 @@ class RunFolder:
 
     def _sweep(self, keep: int) -> None:
         """Drop checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
-        for leftover in self.checkpoint_dir.glob(".tmp-*"):
+        for leftover in [*self.checkpoint_dir.glob(".tmp-*"), *self.checkpoint_dir.glob(".old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
         if keep > 0:
             for old in self.checkpoints()[:-keep]:

@@ -58,10 +58,10 @@ class ProgressTracker:
         self.last = time.perf_counter()
         self.history: list[tuple[int, float, float, float]] = []  # step, loss, smoothed, lr
 
-    def replay(self, losses: list[float]) -> None:
+    def replay(self, losses: list[float], lrs: list[float]) -> None:
         """Fill the history with the steps of a run this one resumes."""
-        for step, loss in enumerate(losses, 1):
-            self.history.append((step, loss, self.loss_average.add(loss), float("nan")))
+        for step, (loss, lr) in enumerate(zip(losses, lrs), 1):
+            self.history.append((step, loss, self.loss_average.add(loss), lr))
 
     def restart_clock(self) -> None:
         """Call after a pause (samples, checkpoints) so it does not count as training time."""

@@ -240,15 +240,18 @@ def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: 
 
 @torch.no_grad()
 def fixed_noise_loss(backend: FluxBackend, lora: LoraSet, examples: list[Example], guidance: float = 1.0,
-                     sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0) -> float:
+                     sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
+                     should_stop: Callable[[], bool] = lambda: False) -> float:
     """The loss on a fixed set of (σ, ε) pairs per example: comparable before and after training,
-    unlike the noisy per-step loss."""
+    unlike the noisy per-step loss. NaN when `should_stop()` cut it short."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with backend.lora_applied(lora):
         for e in examples:
             latents = e.latents[None].to(backend.device)
             for s in sigmas:
+                if should_stop():
+                    return float("nan")
                 noise = torch.randn(latents.shape, generator=generator).to(backend.device)
                 sigma = torch.tensor([s])
                 v = backend.velocity(flow.noisy_latents(latents, noise, sigma.to(backend.device)), sigma,

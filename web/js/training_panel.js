@@ -5,6 +5,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN = "FluxDreamBoothTrain";
+const MAX_POINTS = 2000; // the chart keeps every other point once it has this many
 
 const clock = (s) => {
   if (!isFinite(s)) return "–";
@@ -50,13 +51,17 @@ class Panel {
 
   async stop() {
     this.stopButton.disabled = true;
-    this.status.textContent += "\nStopping after this step…";
-    await api.fetchApi("/flux_dreambooth/stop", { method: "POST", body: JSON.stringify({ node: this.node.id }) });
+    const node = this.executionId ?? String(this.node.id);
+    const response = await api.fetchApi("/flux_dreambooth/stop", { method: "POST", body: JSON.stringify({ node }) });
+    const { stopping } = await response.json();
+    this.status.textContent += stopping ? "\nStopping after this step…" : "\nThis node is not training.";
   }
 
   onStatus(d) {
+    this.executionId = d.node;
     if (d.state === "training") {
       this.points = [];
+      this.step = this.checkpoint = null;
       this.gallery.replaceChildren();
       this.stopButton.disabled = false;
       this.status.textContent = `Training… (run ${d.run})`;
@@ -70,8 +75,11 @@ class Panel {
   }
 
   onProgress(d) {
+    this.executionId = d.node;
     this.step = d.step;
+    this.stopButton.disabled = false; // also after a reload or a tab switch rebuilt the panel
     this.points.push([d.step, d.loss, d.loss_smooth]);
+    if (this.points.length > MAX_POINTS) this.points = this.points.filter((_, i) => i % 2 === 0);
     this.status.textContent =
       `step ${d.step}/${d.total} · loss ${d.loss.toFixed(4)} (avg ${d.loss_smooth.toFixed(4)}) · ` +
       `${d.seconds_per_step.toFixed(2)} s/step · ETA ${clock(d.eta_seconds)} · ` +
@@ -82,6 +90,10 @@ class Panel {
   onExecuted(output) {
     const text = (output?.text ?? []).join("\n");
     if (text) this.status.textContent = `${this.status.textContent.split("\n")[0]}\n${text}`;
+  }
+
+  onRendering(d) {
+    this.status.textContent = `Rendering ${d.count} sample${d.count === 1 ? "" : "s"} at step ${d.step}…`;
   }
 
   onCheckpoint(d) {
@@ -113,8 +125,11 @@ class Panel {
     c.height = c.clientHeight || 110;
     ctx.clearRect(0, 0, c.width, c.height);
     if (this.points.length < 2) return;
-    const values = this.points.flatMap((p) => [p[1], p[2]]);
-    const lo = Math.min(...values), hi = Math.max(...values) || lo + 1e-6;
+    let lo = Infinity, hi = -Infinity;
+    for (const p of this.points) {
+      lo = Math.min(lo, p[1], p[2]);
+      hi = Math.max(hi, p[1], p[2]);
+    }
     const first = this.points[0][0], last = this.points.at(-1)[0];
     const x = (s) => 6 + ((s - first) / Math.max(1, last - first)) * (c.width - 12);
     const y = (v) => c.height - 14 - ((v - lo) / (hi - lo || 1)) * (c.height - 24);
@@ -131,8 +146,18 @@ class Panel {
   }
 }
 
-// events name the node by its id in the running prompt: find it in the graph on screen
-const forward = (method) => (event) => app.graph?.getNodeById(Number(event.detail.node))?.fluxPanel?.[method](event.detail);
+// Events name the node by its id in the running prompt ("12:5" inside subgraph 12): find it in the
+// workflow on screen. A workflow in another tab gets them again when it is shown (Stop re-enables).
+function nodeOf(executionId) {
+  let graph = app.graph, node = null;
+  for (const id of String(executionId).split(":")) {
+    node = graph?.getNodeById(Number(id));
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+const forward = (method) => (event) => nodeOf(event.detail.node)?.fluxPanel?.[method](event.detail);
 
 app.registerExtension({
   name: "flux_dreambooth.training_panel",
@@ -141,6 +166,7 @@ app.registerExtension({
     api.addEventListener("flux_dreambooth.progress", forward("onProgress"));
     api.addEventListener("flux_dreambooth.checkpoint", forward("onCheckpoint"));
     api.addEventListener("flux_dreambooth.samples", forward("onSamples"));
+    api.addEventListener("flux_dreambooth.rendering", forward("onRendering"));
     api.addEventListener("flux_dreambooth.queued", (event) => {
       const toast = app.extensionManager?.toast;
       if (toast) toast.add({ severity: "info", summary: "FLUX DreamBooth", detail: event.detail.message, life: 8000 });
