@@ -3,15 +3,32 @@
 from comfy_api.latest import ComfyExtension, io
 
 from . import routes
-from .dataset import DatasetFromFolder, DatasetFromMfluxConfig
+from .captions import CaptionImages
+from .class_images import ClassImages
+from .dataset import (
+    DatasetAugmentation,
+    DatasetFromFolder,
+    DatasetFromImages,
+    DatasetFromMfluxConfig,
+    DatasetReport,
+    RegularisationSet,
+)
 from .layers import LoraLayerGroup
 from .lora_io import ApplyFluxLora, SaveFluxLora, TinyFluxLoader
 from .runs import CheckpointSettings, LoadCheckpointLora
 from .train import TrainFluxLora
 from .validation import ValidationSamples
 
-NODES = [TinyFluxLoader, DatasetFromFolder, DatasetFromMfluxConfig, LoraLayerGroup, ValidationSamples,
-         CheckpointSettings, TrainFluxLora, LoadCheckpointLora, ApplyFluxLora, SaveFluxLora]
+NODES = [
+    TinyFluxLoader,
+    # datasets
+    DatasetFromFolder, DatasetFromMfluxConfig, DatasetFromImages, DatasetAugmentation, RegularisationSet,
+    ClassImages, CaptionImages, DatasetReport,
+    # training
+    LoraLayerGroup, ValidationSamples, CheckpointSettings, TrainFluxLora,
+    # using the LoRA
+    LoadCheckpointLora, ApplyFluxLora, SaveFluxLora,
+]
 
 routes.register()
 

@@ -1,31 +1,84 @@
-"""Dataset nodes: a folder of photos with captions, or an mflux train config."""
+"""Dataset nodes: a folder of photos (with captions, subfolder concepts), an mflux train config,
+or images from other nodes; augmentation; regularisation sets."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer import data
+from ..trainer import data, dataset_report
+from ..trainer.augment import Augmentation
+from ..trainer.images import Shaping
 from ..trainer.layers import LayerSpec
 from . import host
-from .types import CATEGORY, Dataset, LoraLayers
+from .types import CATEGORY, Augment, Dataset, LoraLayers
 
-TRIGGER_TIP = ("A rare word that will mean your subject, e.g. 'sks' or 'ohwx'. Put into every caption: "
-               "it replaces '[trigger]', or is prepended when the caption lacks it. Leave empty for styles "
-               "whose captions already say everything.")
-REPEATS_TIP = ("How often each image appears per epoch, relative to the datasets chained to this one: raise it "
-               "for a set with fewer photos. 1 is fine for a dataset on its own.")
-PREVIOUS_TIP = ("Another dataset to train on together with this one: a second subject with its own trigger word, "
-                "or more photos of the same one.")
-
-
-def _chain(previous: data.Dataset | None, dataset: data.Dataset) -> data.Dataset:
-    return dataset if previous is None else previous + dataset
+TRIGGER_TIP = ("A rare word that will mean your subject, e.g. 'sks' or 'ohwx'. Put into every caption: it replaces "
+               "'[trigger]', or is prepended (with the class) when the caption lacks it. Empty for styles whose "
+               "captions already say everything.")
+CLASS_TIP = ("What the subject is: 'person', 'dog', 'toy' (seed 002 writes 'kvthvmi_ person, …'). Prepended with "
+             "the trigger word, and kept when captions drop out.")
+REPEATS_TIP = ("How often each image appears per epoch, relative to the datasets chained to this one: raise it for "
+               "a set with fewer photos. 1 is fine for a dataset on its own.")
+PREVIOUS_TIP = ("Another dataset to train on together with this one: a second subject with its own trigger word, a "
+                "regularisation set, or more photos of the same one.")
 
 
-def _summary(dataset: data.Dataset) -> str:
-    captions = "\n".join(f"{i.image.name}: {i.caption}" for i in dataset.items[:8])
+def shaping_inputs() -> list:
+    return [
+        io.String.Input("resolution", default="512",
+                        tooltip="Training size: the pixel area of the buckets (512 → about 512×512). 512 learns "
+                                "likeness fast, 1024 fine detail. Several, e.g. '512, 1024', train each photo at "
+                                "each (seed 001)."),
+        io.Boolean.Input("bucketing", default=True,
+                         tooltip="Keep each photo's aspect ratio (buckets from 1:4 to 4:1, sides multiples of 16) "
+                                 "instead of cropping everything square."),
+        io.Combo.Input("crop", options=["center", "random"], default="center",
+                       tooltip="Where to crop what doesn't fit the bucket. random makes a few crops per photo "
+                               "(see Dataset Augmentation's views)."),
+        io.Boolean.Input("upscale_small", default=False,
+                         tooltip="Enlarge photos smaller than their bucket instead of reporting them. Blurry "
+                                 "photos teach blur: better lower the resolution."),
+        io.Combo.Input("problems", options=list(data.PROBLEMS), default="stop",
+                       tooltip="stop: any unreadable photo, missing caption or too-small photo is an error naming "
+                               "them all. skip: train on the rest and list them in the summary."),
+    ]
+
+
+def subject_inputs(trigger_default: str = "sks") -> list:
+    return [
+        Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
+        Augment.Input("augment", optional=True, tooltip="From Dataset Augmentation (all off when unconnected)."),
+        io.String.Input("trigger_word", default=trigger_default, tooltip=TRIGGER_TIP),
+        io.String.Input("class_word", default="", tooltip=CLASS_TIP),
+        io.Int.Input("repeats", default=1, min=1, max=1000, tooltip=REPEATS_TIP),
+    ]
+
+
+def resolutions(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"resolution is {text!r}; give one or more sizes like '512' or '512, 1024'.") from None
+    if not values:
+        raise ValueError("resolution is empty; give a size like 512.")
+    return values
+
+
+def build(make, previous, augment, trigger_word, class_word, repeats, resolution, bucketing, crop, upscale_small,
+          problems, **options) -> data.Dataset:
+    """`make(options)` once per resolution, chained after `previous`."""
+    datasets = [make(data.Options(trigger_word.strip(), class_word.strip(), repeats, augment=augment or Augmentation(),
+                                  shaping=Shaping(r, bucketing, crop, upscale_small), problems=problems, **options))
+                for r in resolutions(resolution)]
+    out = sum(datasets[1:], datasets[0])
+    return out if previous is None else previous + out
+
+
+def summary(dataset: data.Dataset) -> str:
+    captions = "\n".join(f"{i.name}: {i.caption}" for i in dataset.items[:8])
     more = f"\n… and {len(dataset) - 8} more" if len(dataset) > 8 else ""
-    return f"{len(dataset)} images from {dataset.source}\n{captions}{more}"
+    skipped = f"\nLeft out ({len(dataset.skipped)}):\n  " + "\n  ".join(dataset.skipped) if dataset.skipped else ""
+    return f"{len(dataset)} images from {dataset.source}\n{captions}{more}{skipped}"
 
 
 class DatasetFromFolder(io.ComfyNode):
@@ -35,20 +88,27 @@ class DatasetFromFolder(io.ComfyNode):
             node_id="FluxDreamBoothDatasetFolder",
             display_name="DreamBooth Dataset (folder)",
             category=CATEGORY,
-            description="Photos with same-name .txt captions (photo.jpg + photo.txt), as kohya and "
-                        "SimpleTuner's 'textfile' captions. Every unreadable image or missing caption is "
-                        "reported by name before training starts.",
+            description="Photos with captions: same-name .txt files (photo.jpg + photo.txt), a metadata file "
+                        "(metadata.jsonl/.json/.csv), or file names. JPEG, PNG, WebP; rotated, transparent, CMYK "
+                        "and 16-bit photos are handled. Problems are reported by file name.",
             inputs=[
-                Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
+                *subject_inputs(),
                 io.String.Input("folder", default="builtin:quickstart",
-                                tooltip="Folder of images (.png .jpg .webp) and captions (.txt). Absolute, or "
-                                        "relative to ComfyUI's input folder. 'builtin:quickstart' is the small "
-                                        "example set that ships with this pack."),
-                io.String.Input("trigger_word", default="sks", tooltip=TRIGGER_TIP),
-                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip=REPEATS_TIP),
+                                tooltip="Folder of images and captions. Absolute, or relative to ComfyUI's input "
+                                        "folder. 'builtin:quickstart' is the small example set of this pack."),
+                io.Combo.Input("captions", options=list(data.CAPTION_SOURCES), default="auto",
+                               tooltip="auto: the .txt file, else the folder's metadata file. txt, metadata: only "
+                                       "that. filename: 'sks_dog_on_grass.jpg' → 'sks dog on grass'."),
+                io.String.Input("default_caption", default="",
+                                tooltip="Caption for photos that have none (ai-toolkit's default_caption), e.g. "
+                                        "'person' for a regularisation set. Empty: a missing caption is a problem."),
+                io.Boolean.Input("subfolders_as_concepts", default=False,
+                                 tooltip="Each subfolder is a subject: kohya's '10_sks dog' = 10 repeats, trigger "
+                                         "'sks', class 'dog'. Train several subjects at once."),
+                *shaping_inputs(),
             ],
             outputs=[Dataset.Output(display_name="dataset"),
-                     io.String.Output(display_name="summary", tooltip="Image count and captions, to check.")],
+                     io.String.Output(display_name="summary", tooltip="Image count, captions, what was left out.")],
         )
 
     @classmethod
@@ -56,9 +116,12 @@ class DatasetFromFolder(io.ComfyNode):
         return data.fingerprint(host.resolve_input_path(folder, "folder"))
 
     @classmethod
-    def execute(cls, folder, trigger_word, repeats, previous=None) -> io.NodeOutput:
-        dataset = _chain(previous, data.from_folder(host.resolve_input_path(folder, "folder"), trigger_word, repeats))
-        return io.NodeOutput(dataset, _summary(dataset))
+    def execute(cls, folder, captions, default_caption, subfolders_as_concepts, previous=None, augment=None,
+                **common) -> io.NodeOutput:
+        path = host.resolve_input_path(folder, "folder")
+        dataset = build(lambda o: data.from_folder(path, o, subfolders_as_concepts), previous, augment,
+                        captions=captions, default_caption=default_caption, **common)
+        return io.NodeOutput(dataset, summary(dataset))
 
 
 class DatasetFromMfluxConfig(io.ComfyNode):
@@ -68,15 +131,14 @@ class DatasetFromMfluxConfig(io.ComfyNode):
             node_id="FluxDreamBoothDatasetMflux",
             display_name="DreamBooth Dataset (mflux config)",
             category=CATEGORY,
-            description="Reads an mflux train config: its `examples` block (a path and {image, prompt} "
-                        "pairs) becomes the dataset, its `lora_layers` the layer selection.",
+            description="Reads an mflux train config: its `examples` block (a path and {image, prompt} pairs) "
+                        "becomes the dataset, its `lora_layers` the layer selection.",
             inputs=[
-                Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
+                *subject_inputs(trigger_default=""),
                 io.String.Input("config_path", default="",
                                 tooltip="Path to the mflux JSON config (absolute, or relative to ComfyUI's input "
                                         "folder). Image paths are read relative to the config, as mflux does."),
-                io.String.Input("trigger_word", default="", tooltip=TRIGGER_TIP),
-                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip=REPEATS_TIP),
+                *shaping_inputs(),
             ],
             outputs=[Dataset.Output(display_name="dataset"),
                      LoraLayers.Output(display_name="lora_layers",
@@ -89,9 +151,121 @@ class DatasetFromMfluxConfig(io.ComfyNode):
         return data.fingerprint(host.resolve_input_path(config_path, "config_path"))
 
     @classmethod
-    def execute(cls, config_path, trigger_word, repeats, previous=None) -> io.NodeOutput:
+    def execute(cls, config_path, previous=None, augment=None, **common) -> io.NodeOutput:
         path = host.resolve_input_path(config_path, "config_path")
-        dataset, config = data.from_mflux_config(path, trigger_word, repeats)
+        config = {}
+
+        def make(options):
+            dataset, read = data.from_mflux_config(path, options)
+            config.update(read)
+            return dataset
+
+        dataset = build(make, previous, augment, **common)
         layers = LayerSpec.from_mflux(config["lora_layers"], source=str(path)) if config.get("lora_layers") else None
-        dataset = _chain(previous, dataset)
-        return io.NodeOutput(dataset, layers, _summary(dataset))
+        return io.NodeOutput(dataset, layers, summary(dataset))
+
+
+class DatasetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothDatasetImages",
+            display_name="DreamBooth Dataset (images)",
+            category=CATEGORY,
+            description="Train on images that come from other nodes (Load Image, a batch, generated images), with "
+                        "one caption per line.",
+            inputs=[
+                *subject_inputs(),
+                io.Image.Input("images", tooltip="An IMAGE batch."),
+                io.String.Input("captions", multiline=True, default="a photo of [trigger]",
+                                tooltip="One caption per image, one per line; or a single line for all of them."),
+                *shaping_inputs(),
+            ],
+            outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, images, captions, previous=None, augment=None, **common) -> io.NodeOutput:
+        lines = [c.strip() for c in captions.splitlines() if c.strip()] or [""]
+        dataset = build(lambda o: data.from_images(images, lines, o), previous, augment, **common)
+        return io.NodeOutput(dataset, summary(dataset))
+
+
+class DatasetAugmentation(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothAugment",
+            display_name="Dataset Augmentation",
+            category=CATEGORY,
+            description="Variations for small datasets, all off by default: flipping a face or shifting skin "
+                        "colour changes likeness. Each photo gets a few views, encoded once; a step uses one.",
+            inputs=[
+                io.Boolean.Input("flip", default=False,
+                                 tooltip="Mirror half the views. Good for objects and styles; off for faces and "
+                                         "anything with text or asymmetric marks."),
+                io.Float.Input("color_jitter", default=0.0, min=0.0, max=0.5, step=0.01,
+                               tooltip="Random brightness, contrast and saturation ±this. 0.05 is gentle; off for "
+                                       "skin tones and brand colours."),
+                io.Int.Input("views", default=4, min=1, max=32,
+                             tooltip="Augmented versions per photo (and per random crop). More variety, longer "
+                                     "encoding and a bigger cache."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.9, step=0.01,
+                               tooltip="How often a step sees only the trigger word and class instead of the "
+                                       "caption, so the trigger carries the subject (seed 002: 0.18–0.25)."),
+                io.Boolean.Input("shuffle_tags", default=False,
+                                 tooltip="For tag-style captions ('sks, smiling, outdoors'): shuffle the tags after "
+                                         "the first, so order doesn't matter."),
+            ],
+            outputs=[Augment.Output(display_name="augment")],
+        )
+
+    @classmethod
+    def execute(cls, flip, color_jitter, views, caption_dropout, shuffle_tags) -> io.NodeOutput:
+        return io.NodeOutput(Augmentation(flip, color_jitter, views, caption_dropout, shuffle_tags))
+
+
+class RegularisationSet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothRegularisation",
+            display_name="Regularisation Set",
+            category=CATEGORY,
+            description="Marks a dataset as regularisation: generic photos of the class (seed 002's 'person' set) "
+                        "that keep the model from turning every person into your subject. Chain it into the "
+                        "subject's dataset through `previous`.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="Generic class photos: a folder with default_caption 'person', or "
+                                                 "Class Images."),
+                io.Float.Input("loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="How much these images count in the loss compared with the subject's "
+                                       "(DreamBooth's prior-preservation weight; 1.0 is usual, 0.5 gentler)."),
+            ],
+            outputs=[Dataset.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, loss_weight) -> io.NodeOutput:
+        return io.NodeOutput(dataset.with_items(regularisation=True, loss_weight=loss_weight))
+
+
+class DatasetReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FluxDreamBoothDatasetReport",
+            display_name="Dataset Report",
+            category=CATEGORY,
+            description="Looks at a dataset before training: counts, the bucket histogram, every caption, and "
+                        "warnings (duplicates, photos too small for their bucket, captions without the trigger "
+                        "word, captions longer than CLIP reads).",
+            is_output_node=True,
+            inputs=[Dataset.Input("dataset")],
+            outputs=[io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, dataset) -> io.NodeOutput:
+        text, _ = dataset_report.report(dataset)
+        return io.NodeOutput(text, ui={"text": [text]})

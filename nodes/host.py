@@ -14,6 +14,7 @@ import folder_paths
 import torch
 
 from ..trainer.backends.comfy_flux import ComfyFlux
+from ..trainer.cache import weights_fingerprint
 from ..trainer.data import DatasetError
 
 log = logging.getLogger("flux_dreambooth")
@@ -57,6 +58,30 @@ class ComfyEncoders:
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
         return cond[0], pooled[0]
+
+    def identity(self) -> dict[str, str]:
+        """The encoders' weights (and any LoRA patched onto them), and the latent normalisation."""
+        def patches(patcher):
+            return patcher.patches_uuid if patcher.patches else "no patches"
+
+        latent_format = type(self.model.model.latent_format).__name__
+        vae = weights_fingerprint(self.vae.first_stage_model, f"{latent_format}{patches(self.vae.patcher)}")
+        return {"images": vae,
+                "text": weights_fingerprint(self.clip.cond_stage_model, patches(self.clip.patcher))}
+
+    def release(self) -> None:
+        unload(self.clip.patcher, self.vae.patcher)
+
+
+def unload(*patchers) -> None:
+    """Take these models off their device now; ComfyUI loads them again when next needed."""
+    mm = comfy.model_management
+    wanted = {id(p) for p in patchers}
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if id(loaded.model) in wanted and loaded.model_unload():
+            mm.current_loaded_models.pop(i)
+    mm.soft_empty_cache()
 
 
 def apply_lora(model, lora_sd: dict, strength: float):
@@ -115,3 +140,38 @@ def prompt_server():
     except ImportError:  # no web server in this process (a script or a test harness)
         return None
     return PromptServer
+
+
+VLM_FOLDERS = ("vlm", "LLM")  # models/vlm, and models/LLM where other caption packs keep them
+
+
+def vlm_models() -> list[str]:
+    """Transformers model folders (with a config.json) under models/vlm or models/LLM."""
+    root = Path(folder_paths.models_dir)
+    found = [p.parent.relative_to(root).as_posix() for name in VLM_FOLDERS if (root / name).is_dir()
+             for p in sorted((root / name).rglob("config.json"))]
+    return found
+
+
+def vlm_path(name: str) -> Path:
+    path = (Path(folder_paths.models_dir) / name).resolve()
+    if not any(path.is_relative_to((Path(folder_paths.models_dir) / f).resolve()) for f in VLM_FOLDERS):
+        raise ValueError(f"model {name!r} is not a folder under models/vlm or models/LLM.")
+    return path
+
+
+def torch_device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda":
+        return device, torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
+    return device, torch.float32
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+               torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
+
+
+def weight_dtype_name(model) -> str:
+    """How the model's weights are stored ('fp8_e4m3fn' from the UNET loader's fp8 setting)."""
+    dtype = model.model.get_dtype()
+    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))

@@ -15,7 +15,7 @@ import gc
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.utils
@@ -101,9 +101,7 @@ class TrainingSession:
         job = self.job
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                # tensors made under inference_mode can't join autograd: take copies
-                owned = [replace(e, latents=e.latents.clone(), context=e.context.clone(), pooled=e.pooled.clone())
-                         for e in job.examples]
+                owned = [e.copied() for e in job.examples]
                 lora = LoraSet(job.targets, job.lora_dtype, job.config.seed).to(job.backend.device)
                 trainer = Trainer(job.backend, lora, owned, job.config)
                 if job.resume is not None:

@@ -9,10 +9,12 @@ import time
 import torch
 from comfy_api.latest import io
 
-from ..trainer import data, export, report
+from ..trainer import export, report
+from ..trainer.cache import EncodeCache, encode_dataset
 from ..trainer.flow import TIMESTEP_SAMPLINGS, TimestepSampling
 from ..trainer.layers import LayerSpec
 from ..trainer.lora import LORA_DTYPES
+from ..trainer.memory import MemoryConfig
 from ..trainer.train import LR_SCHEDULES, TrainConfig
 from . import host
 from .runs import RunPlan
@@ -23,6 +25,8 @@ from .validation import Renderer
 log = logging.getLogger("flux_dreambooth")
 
 DEFAULT_LAYERS = "attention+mlp"
+CHECKPOINTING = {"every block": ("blocks", 1), "every 2nd block": ("blocks", 2), "every 4th block": ("blocks", 4),
+                 "every block, offload to CPU": ("offload", 1), "off": ("off", 1)}
 
 
 class TrainFluxLora(io.ComfyNode):
@@ -52,9 +56,6 @@ class TrainFluxLora(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64,
                              tooltip="Images per step. 1 is best for small datasets; raise it only with memory "
                                      "to spare and lower the step count to match."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Training size in pixels (square, center-cropped). 512 is fast and learns "
-                                     "likeness; 1024 for fine detail. Images smaller than this are refused."),
                 io.Int.Input("seed", default=42, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seeds LoRA init, image order, noise and σ: same seed, same LoRA (bit for "
                                      "bit on CPU; on a GPU up to its non-deterministic kernels)."),
@@ -71,10 +72,18 @@ class TrainFluxLora(io.ComfyNode):
                              tooltip="Steps to ramp the learning rate up from 0 (SimpleTuner uses 100)."),
                 io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-4, round=False,
                                tooltip="AdamW weight decay on the LoRA. 1e-4 (seed 003) to 0.01 (seed 002)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute each block in backward instead of storing its activations: "
-                                         "far less memory for about a third more time. Turn off only with "
-                                         "memory to spare."),
+                io.Combo.Input("checkpointing", options=list(CHECKPOINTING), default="every block",
+                               tooltip="Recompute blocks in backward instead of storing their activations: far "
+                                       "less memory for about a third more time. 'every 2nd/4th block' is faster "
+                                       "and needs more; 'offload to CPU' needs least; 'off' only with memory to "
+                                       "spare (48 GB+ at 1024²)."),
+                io.Int.Input("swap_blocks", default=0, min=0, max=57,
+                             tooltip="Keep this many blocks' weights in CPU memory and stream them in while the "
+                                     "others compute: 10–25 fits FLUX fp8 in 8–12 GB of VRAM, a little slower. "
+                                     "0 keeps the whole model on the GPU."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="torch.compile each block: faster steps on recent GPUs after a minute or "
+                                         "two of compiling. Needs a working Triton (Linux) and is off by default."),
                 io.Combo.Input("lora_dtype", options=list(LORA_DTYPES), default="fp32",
                                tooltip="Precision of the trained LoRA weights. Keep fp32: in bf16 the small "
                                        "updates of low learning rates (5e-5) are often rounded away."),
@@ -83,6 +92,10 @@ class TrainFluxLora(io.ComfyNode):
                                        "results (seed 002 uses 0.999). 0 turns it off."),
                 Validation.Input("validation", optional=True,
                                  tooltip="From Validation Samples: render an evaluation set while training."),
+                io.Combo.Input("cache", options=["memory", "disk"], default="memory",
+                               tooltip="Where encoded images and captions are kept for the next run with the same "
+                                       "photos, captions and encoders: memory (until ComfyUI restarts) or disk "
+                                       "(output/flux_dreambooth/cache, across restarts)."),
                 RunSettings.Input("run", optional=True,
                                   tooltip="From Checkpoints & Resume. Unconnected: run 'flux_lora', a checkpoint "
                                           "every 250 steps, the last 4 kept."),
@@ -102,30 +115,33 @@ class TrainFluxLora(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, resolution, seed, guidance,
-                timestep_sampling, lr_schedule, warmup_steps, weight_decay, gradient_checkpointing, lora_dtype,
-                ema_decay, lora_layers=None, validation=None, run=None) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, guidance,
+                timestep_sampling, lr_schedule, warmup_steps, weight_decay, checkpointing, swap_blocks, compile,
+                lora_dtype, ema_decay, cache, lora_layers=None, validation=None, run=None) -> io.NodeOutput:
         config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                              weight_decay=weight_decay, guidance=guidance,
                              timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
-                             warmup_steps=warmup_steps, gradient_checkpointing=gradient_checkpointing,
-                             ema_decay=ema_decay)
+                             warmup_steps=warmup_steps, ema_decay=ema_decay,
+                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile))
         backend, patcher = host.flux_backend(model)
+        memory = f"{host.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
         targets = spec.targets(backend.dims)
         run_plan = run or RunPlan()
         folder, resume = run_plan.folder_and_checkpoint()
         started = time.perf_counter()
-        examples = data.encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), resolution)
+        store = EncodeCache(host.runs_root() / "cache" if cache == "disk" else None)
+        examples, skipped = encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), store, seed)
         renderer = validation and Renderer(validation, clip, vae, dataset.trigger_word, folder.path / "samples")
         host.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
         base = getattr(model.model, "flux_dreambooth_name",
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
+        resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         meta = {"spec": spec, "trigger_word": dataset.trigger_word, "base_model": base,
                 "extra": {"resolution": resolution, "learning_rate": learning_rate, "seed": seed,
                           "run": folder.path.name}}
-        log.info("Training %d LoRA layers on %d images at %d² for %d steps into %s%s.", len(targets), len(examples),
-                 resolution, steps, folder.path, f", resuming {resume.name}" if resume else "")
+        log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
+                 len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
         job = Job(str(cls.hidden.unique_id), backend, patcher, examples, config, targets, LORA_DTYPES[lora_dtype],
                   folder, run_plan, resume, renderer, validation, meta)
         outcome = TrainingSession(job).run()
@@ -136,7 +152,9 @@ class TrainFluxLora(io.ComfyNode):
         before, after = outcome.loss_before, outcome.loss_after
         summary = (f"{outcome.steps_done} steps{' (stopped)' if outcome.stopped else ''} in {seconds:.0f} s on "
                    f"{len(targets)} LoRA layers; fixed-noise loss {before:.4f} → {after:.4f} "
-                   f"({100 * (after / before - 1):+.1f}%); run {folder.path.name}")
+                   f"({100 * (after / before - 1):+.1f}%); run {folder.path.name}; {len(examples)} images, "
+                   f"{store.hits} encodings from the cache, {store.misses} computed; {memory}"
+                   + (f"\nLeft out: {'; '.join(skipped)}" if skipped else ""))
         log.info("Trained: %s", summary)
         plot = report.to_pixels(report.loss_plot(outcome.history))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot

@@ -6,6 +6,7 @@ step counts)."""
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..trainer.data import with_trigger
+from ..trainer.data import TRIGGER_PLACEHOLDER
 from ..trainer.report import Sample
 from .types import CATEGORY, Validation
 
@@ -31,7 +32,7 @@ class EvalEntry:
     steps: int
 
     def label(self, trigger_word: str) -> str:
-        prompt = with_trigger(self.prompt, trigger_word)
+        prompt = self.prompt.replace(TRIGGER_PLACEHOLDER, trigger_word)
         return f"{prompt} · seed {self.seed} · g {self.guidance:g} · {self.steps} steps"
 
 
@@ -67,7 +68,8 @@ class ValidationSamples(io.ComfyNode):
                         "sampler, so you can judge likeness as it trains and pick the best checkpoint.",
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of [trigger]",
-                                tooltip="One prompt per line; [trigger] becomes the dataset's trigger word. Use "
+                                tooltip="One prompt per line; [trigger] becomes the dataset's trigger word (a "
+                                        "prompt without it shows what the base model still does). Use "
                                         "prompts unlike the training captions to see whether the subject "
                                         "generalises (seed 002 uses 8–12)."),
                 io.String.Input("seeds", default="42", tooltip="Comma-separated seeds; each prompt is rendered "
@@ -113,31 +115,41 @@ class Renderer:
         self.plan, self.vae, self.folder, self.trigger_word = plan, vae, folder, trigger_word
         self.conditioning = {}
         for prompt in {e.prompt for e in plan.entries}:
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(with_trigger(prompt, trigger_word)))
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt.replace(TRIGGER_PLACEHOLDER, trigger_word)))
             self.conditioning[prompt] = cond
 
     def render(self, model, step: int, should_stop=lambda: False) -> tuple[list[Sample], torch.Tensor]:
         """Every entry at `step`: saved as PNGs (named by step) and returned as an IMAGE batch.
         Cancel is checked every sampling step, `should_stop()` between images (RenderStopped)."""
         samples, images = [], []
-        latent = torch.zeros(1, 16, self.plan.height // 8, self.plan.width // 8)
-
-        def check_cancel(*_):  # older ComfyUI checks Cancel nowhere inside sampling
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
         for i, e in enumerate(self.plan.entries):
             if should_stop():
                 raise RenderStopped
-            positive = node_helpers.conditioning_set_values(self.conditioning[e.prompt], {"guidance": e.guidance})
-            noise = comfy.sample.prepare_noise(latent, e.seed)
-            out = comfy.sample.sample(model, noise, e.steps, 1.0, self.plan.sampler, self.plan.scheduler,
-                                      positive, positive, latent, denoise=1.0, seed=e.seed, disable_pbar=True,
-                                      callback=check_cancel)
-            image = self.vae.decode(out)[:1]
-            path = self.folder / f"step_{step:06d}_{i:02d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # the same 8-bit conversion as ComfyUI's Save Image, so the files match its output
-            Image.fromarray(np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)).save(path)
+            image = render(model, self.vae, self.conditioning[e.prompt], e.seed, e.steps, e.guidance,
+                           self.plan.sampler, self.plan.scheduler, self.plan.width, self.plan.height)
+            path = save_png(image, self.folder / f"step_{step:06d}_{i:02d}.png")
             samples.append(Sample(step, i, e.label(self.trigger_word), path))
             images.append(image.cpu())
         return samples, torch.cat(images)
+
+
+def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sampler: str, scheduler: str,
+           width: int, height: int) -> torch.Tensor:
+    """One image, as a KSampler (cfg 1) after FluxGuidance and a VAE Decode would make it: (1, H, W, 3).
+    Cancel is checked every sampling step (older ComfyUI checks it nowhere inside sampling)."""
+    latent = torch.zeros(1, 16, height // 8, width // 8)
+    positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+    out = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 1.0, sampler, scheduler,
+                              positive, positive, latent, denoise=1.0, seed=seed, disable_pbar=True,
+                              callback=lambda *_: comfy.model_management.throw_exception_if_processing_interrupted())
+    return vae.decode(out)[:1]
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """With ComfyUI's Save Image 8-bit conversion, so the file matches what it would write;
+    written beside and renamed, so a crash never leaves half a PNG under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    Image.fromarray(np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)).save(partial, format="PNG")
+    os.replace(partial, path)
+    return path

@@ -3,6 +3,9 @@ import torch
 from torch import nn
 
 from trainer.blocks import BlockRunner
+from trainer.memory import MemoryConfig
+
+CPU = torch.device("cpu")
 
 
 class InplaceBlock(nn.Module):
@@ -25,7 +28,7 @@ class InplaceBlock(nn.Module):
         return img, txt
 
 
-def _grads(outplace, runner_kwargs=None, lora_in=(True, True, False)):
+def _grads(outplace, memory=None, lora_in=(True, True, False), runners=None):
     torch.manual_seed(0)
     blocks = [InplaceBlock(8, outplace).requires_grad_(False) for _ in range(3)]
     loras = [torch.zeros(8, 8, requires_grad=True) for _ in blocks]
@@ -34,7 +37,9 @@ def _grads(outplace, runner_kwargs=None, lora_in=(True, True, False)):
             p.normal_()
     handles = [b.attn.register_forward_hook(lambda m, a, o, p=p: o + a[0] @ p)
                for b, p, on in zip(blocks, loras, lora_in) if on]
-    runner = BlockRunner(blocks, list(lora_in), [("img", "txt")] * 3, **runner_kwargs) if runner_kwargs else None
+    runner = BlockRunner(blocks, list(lora_in), [("img", "txt")] * 3, memory, CPU) if memory else None
+    if runners is not None:
+        runners.append(runner)
     try:
         img, txt, vec = torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.randn(2, 1, 8)
         for b in blocks:
@@ -53,18 +58,34 @@ def test_inplace_blocks_break_plain_autograd():
         _grads(outplace=False)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_runner_gives_the_gradients_of_the_out_of_place_maths(checkpointing):
+MODES = [MemoryConfig("off"), MemoryConfig("blocks"), MemoryConfig("blocks", checkpoint_every=2),
+         MemoryConfig("offload"), MemoryConfig("off", swap_blocks=2), MemoryConfig("offload", swap_blocks=3)]
+
+
+@pytest.mark.parametrize("memory", MODES, ids=MemoryConfig.describe)
+def test_runner_gives_the_gradients_of_the_out_of_place_maths(memory):
     reference = _grads(outplace=True)
-    got = _grads(outplace=False, runner_kwargs={"checkpointing": checkpointing})
+    got = _grads(outplace=False, memory=memory)
     for g, r in zip(got, reference):
         assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_swapped_blocks_load_for_forward_and_recompute_and_go_back():
+    """Each swapped block with a LoRA loads twice a step (forward, recompute), the ones after
+    the first from a prefetch; the block without a LoRA or grad input only once; afterwards the
+    weights are the module's own again."""
+    runners = []
+    _grads(outplace=False, memory=MemoryConfig("off", swap_blocks=3), lora_in=(False, True, True), runners=runners)
+    swap = runners[0].swap
+    assert swap.loads == 1 + 2 + 2 and swap.prefetched == 3
+    assert swap.copies == 5  # none for the first block in backward, which it skips
+    assert swap.host == {} and swap.ready == {}
 
 
 def test_blocks_without_lora_before_the_first_lora_build_no_graph():
     """Not even the checkpoint node that would make them recompute in backward for nothing."""
     block = InplaceBlock(8).requires_grad_(False)
-    runner = BlockRunner([block], [False], [("img", "txt")], checkpointing=True)
+    runner = BlockRunner([block], [False], [("img", "txt")], MemoryConfig(), CPU)
     img, txt = block(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.ones(1, 1, 8))
     runner.restore()
     assert not img.requires_grad and not txt.requires_grad

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from trainer import checkpoints, data, export
+from trainer.cache import encode_dataset
+from trainer.images import Shaping
 from trainer.layers import LayerSpec
 from trainer.lora import LoraSet
 from trainer.train import TrainConfig, Trainer
@@ -19,7 +21,8 @@ CONFIG = dict(steps=10, learning_rate=1e-3, batch_size=2, seed=3, lr_schedule="c
 
 @pytest.fixture(scope="module")
 def examples(tiny_flux):
-    return data.encode_dataset(data.from_folder(QUICKSTART, trigger_word="sks"), tiny_flux, resolution=64)
+    options = data.Options(trigger_word="sks", shaping=Shaping(64, bucketing=False))
+    return encode_dataset(data.from_folder(QUICKSTART, options), tiny_flux)[0]
 
 
 def new_trainer(tiny_flux, examples, **overrides):

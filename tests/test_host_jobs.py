@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from comfyui_host import requires_host, train_prompt
 from PIL import Image
 
@@ -242,7 +243,7 @@ def test_nan_stops_the_run_keeps_earlier_checkpoints_and_says_why(host, monkeypa
 
     def poisoned(*args, **kwargs):
         calls.append(1)
-        return float("nan") if len(calls) == 3 else real(*args, **kwargs)
+        return torch.tensor(float("nan")) if len(calls) == 3 else real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "step_loss", poisoned)
     with pytest.raises(RuntimeError, match="The loss became nan at step 3"):

@@ -9,6 +9,7 @@ Three things happen per block, whichever model the block comes from:
 * Gradient checkpointing: the block runs without a graph on the way forward and again, with
   one, during backward. The stream inputs are cloned first, so the saved inputs stay as they were
   (a checkpoint that re-reads an input the block changed in place computes wrong gradients).
+  Which blocks are checkpointed, offloaded, swapped in from the CPU or compiled: memory.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .memory import BlockSwap, CpuOffload, MemoryConfig, swapped_indices
 
 
 @contextmanager
@@ -70,42 +73,53 @@ def _outputs(out) -> tuple[list[torch.Tensor], callable]:
 
 
 class _Checkpoint(torch.autograd.Function):
-    """Forward without a graph; recompute with one during backward (reentrant style)."""
+    """Forward without a graph; recompute with one during backward (reentrant style).
+    `run(tensors, direction)` computes the block (+1 on the way forward, -1 in backward), `done()`
+    follows each of its calls, and `offload` (optional) keeps the saved inputs off the device."""
 
     @staticmethod
-    def forward(ctx, run, _dummy, *tensors):
-        ctx.run = run
-        ctx.save_for_backward(*tensors)
+    def forward(ctx, run, done, offload, _dummy, *tensors):
+        ctx.run, ctx.done, ctx.offload = run, done, offload
+        ctx.needs_grad = [t.requires_grad for t in tensors]
+        if offload is None:
+            ctx.save_for_backward(*tensors)
+        else:  # the stream's activations go to the CPU; what needs no gradient (pe, vec) is shared
+            ctx.packed = [offload.pack(t) if t.requires_grad else (t, None) for t in tensors]
         with torch.no_grad():
-            outs, _ = _outputs(run(list(tensors)))
+            outs, _ = _outputs(run(list(tensors), 1))
+        done()
         return tuple(o.clone() if any(o is t for t in tensors) else o for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        saved = ctx.saved_tensors if ctx.offload is None else [ctx.offload.unpack(p) for p in ctx.packed]
+        inputs = [t.detach().requires_grad_(g) for t, g in zip(saved, ctx.needs_grad)]
         with torch.enable_grad():
-            outs, _ = _outputs(ctx.run(inputs))
+            outs, _ = _outputs(ctx.run(inputs, -1))
         pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, *[t.grad if t.requires_grad else None for t in inputs])
+        ctx.done()
+        return (None, None, None, None, *[t.grad if t.requires_grad else None for t in inputs])
 
 
 class BlockRunner:
     """Wraps the forward of each block for training; `restore()` puts the originals back.
 
     `stream_args[i]` names the residual-stream arguments of block i that it changes in place
-    (empty for models that add out of place); `has_lora[i]` says whether block i holds a LoRA.
+    (empty for models that add out of place); `has_lora[i]` says whether block i holds a LoRA;
+    `memory` says which blocks are checkpointed, offloaded, swapped or compiled (memory.py).
     """
 
     def __init__(self, blocks: list[nn.Module], has_lora: list[bool], stream_args: list[tuple[str, ...]],
-                 checkpointing: bool):
-        self.blocks = []
-        self.checkpointing = checkpointing
-        self._saved = []
+                 memory: MemoryConfig, device: torch.device):
+        self.memory = memory
+        self.blocks, self._saved = [], []
+        self.swap = BlockSwap(blocks, swapped_indices(len(blocks), memory.swap_blocks), device)
+        self.offload = CpuOffload(device) if memory.checkpointing == "offload" else None
         try:
-            for block, lora, streams in zip(blocks, has_lora, stream_args):
-                wrapped = self._wrap(block.forward, lora, streams)
+            for i, (block, lora, streams) in enumerate(zip(blocks, has_lora, stream_args)):
+                wrapped = self._wrap(i, block.forward, lora, streams)
                 self.blocks.append(block)
                 self._saved.append(block.__dict__.get("forward"))
                 block.forward = wrapped
@@ -120,9 +134,13 @@ class BlockRunner:
             else:
                 block.forward = saved
         self.blocks, self._saved = [], []
+        self.swap.restore()
 
-    def _wrap(self, forward, has_lora: bool, stream_names: tuple[str, ...]):
+    def _wrap(self, index: int, forward, has_lora: bool, stream_names: tuple[str, ...]):
         signature = inspect.signature(forward)
+        compute = torch.compile(forward) if self.memory.compile else forward
+        checkpointed = self.memory.checkpointed(index) or self.swap.is_swapped(index)
+        swap = self.swap
 
         def streams_of(args, kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
@@ -137,32 +155,40 @@ class BlockRunner:
                             bound.arguments[n] = bound.arguments[n].clone()
                     args, kwargs = bound.args, bound.kwargs
                 with protect_stream(streams_of(args, kwargs)):
-                    return forward(*args, **kwargs)
-            return forward(*args, **kwargs)
+                    return compute(*args, **kwargs)
+            return compute(*args, **kwargs)
+
+        def without_graph(args, kwargs):
+            swap.load(index)
+            try:
+                with torch.no_grad():
+                    return compute(*args, **kwargs)
+            finally:
+                swap.release(index)
 
         def wrapped(*args, **kwargs):
             if not torch.is_grad_enabled():
-                return forward(*args, **kwargs)
+                return without_graph(args, kwargs)
             # the caller may change its option dicts after this call (ComfyUI's block_index): a
             # recompute must see them as they are now
             args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
             kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
             tensors, rebuild = _flatten(args, kwargs)
             if not has_lora and not any(t.requires_grad for t in tensors):
-                with torch.no_grad():
-                    return forward(*args, **kwargs)
-            if not self.checkpointing:
+                return without_graph(args, kwargs)
+            if not checkpointed:
                 return run(args, kwargs, clone_streams=False)
             out_structure = []
 
-            def recompute(new_tensors):
+            def recompute(new_tensors, direction):
+                swap.load(index, direction, recomputed=True)
                 out = run(*rebuild(new_tensors), clone_streams=True)
                 if not out_structure:
                     out_structure.append(_outputs(out)[1])
                 return out
 
             dummy = torch.empty(0, requires_grad=True)
-            outs = _Checkpoint.apply(recompute, dummy, *tensors)
+            outs = _Checkpoint.apply(recompute, lambda: swap.release(index), self.offload, dummy, *tensors)
             return out_structure[0](list(outs))
 
         return wrapped

@@ -1,24 +1,37 @@
-"""Training images and their captions: discovery, checks, loading.
+"""Datasets: where the images and their captions come from.
 
-Every problem is reported by file name, all at once, with what to do about it, before any
-training starts.
+Sources: a folder of images with same-name .txt captions (kohya, SimpleTuner's `textfile`), the
+file name as caption, a metadata file (JSON, JSONL or CSV), mflux's `examples` block, or images
+from other ComfyUI nodes. Subfolders can be concepts (kohya's `10_sks dog`: repeats, trigger,
+class), so several subjects train in one run, each with its own trigger word.
+
+Every problem is reported by file name, with what to do about it, before any training starts:
+all at once as an error, or, with problems='skip', listed and left out.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from . import images
+from .augment import Augmentation
+from .images import Shaping
+
 TRIGGER_PLACEHOLDER = "[trigger]"
+CAPTION_SOURCES = ("auto", "txt", "filename", "metadata")
+METADATA_FILES = ("metadata.jsonl", "metadata.json", "metadata.csv", "captions.jsonl", "captions.json",
+                  "captions.csv")
+PROBLEMS = ("stop", "skip")
+_CONCEPT = re.compile(r"^(\d+)_(.+)$")
 
 
 class DatasetError(ValueError):
@@ -27,7 +40,9 @@ class DatasetError(ValueError):
 
 @dataclass
 class Example:
-    """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,)."""
+    """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,).
+    `views` are extra latents of the same image (augmented), `texts` extra caption variants (tag
+    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -35,6 +50,18 @@ class Example:
     caption: str = ""
     source: str = ""
     repeats: int = 1
+    loss_weight: float = 1.0
+    views: list = field(default_factory=list)
+    texts: list = field(default_factory=list)
+    dropout_text: tuple | None = None
+    dropout_rate: float = 0.0
+
+    def copied(self) -> "Example":
+        """With copies of every tensor: tensors made under inference_mode can't join autograd."""
+        pair = lambda t: (t[0].clone(), t[1].clone())  # noqa: E731
+        return replace(self, latents=self.latents.clone(), context=self.context.clone(), pooled=self.pooled.clone(),
+                       views=[v.clone() for v in self.views], texts=[pair(t) for t in self.texts],
+                       dropout_text=pair(self.dropout_text) if self.dropout_text else None)
 
 
 class Encoders(Protocol):
@@ -46,12 +73,32 @@ class Encoders(Protocol):
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """caption -> (T5 tokens (L, D), CLIP pooled (D,))."""
 
+    def identity(self) -> dict[str, str]:
+        """Fingerprints of the image and text encoders ('images', 'text'), for cache keys."""
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class DatasetItem:
-    image: Path
+    image: Path | None  # a file, or None with `pixels` from another node
     caption: str
     repeats: int = 1  # how often the image appears per epoch, relative to the others
+    trigger: str = ""  # trigger word and class ("sks dog"): what caption dropout keeps
+    shaping: Shaping = Shaping()
+    augment: Augmentation = Augmentation()
+    loss_weight: float = 1.0
+    regularisation: bool = False
+    skip_problems: bool = False
+    pixels: torch.Tensor | None = None  # (H, W, 3) in [0, 1]
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or (self.image.name if self.image else "image")
+
+    def content_key(self) -> str:
+        """A hash of the image's content (not its name): the cache key's base, the duplicate check."""
+        data = self.image.read_bytes() if self.image else self.pixels.numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -59,19 +106,25 @@ class Dataset:
     items: tuple[DatasetItem, ...]
     trigger_word: str = ""
     source: str = ""
+    skipped: tuple[str, ...] = ()  # problems reported and left out (problems='skip')
 
     def __len__(self):
         return len(self.items)
 
     def __add__(self, other: "Dataset") -> "Dataset":
-        """Train on both: e.g. two subjects with their own trigger words."""
+        """Train on both: e.g. two subjects with their own trigger words, or a regularisation set."""
         triggers = [t for t in dict.fromkeys((self.trigger_word, other.trigger_word)) if t]
-        return Dataset(self.items + other.items, ", ".join(triggers), f"{self.source}; {other.source}")
+        return Dataset(self.items + other.items, ", ".join(triggers), f"{self.source}; {other.source}",
+                       self.skipped + other.skipped)
+
+    def with_items(self, **changes) -> "Dataset":
+        """Every item changed alike (e.g. marked as a regularisation set)."""
+        return replace(self, items=tuple(replace(i, **changes) for i in self.items))
 
 
-def with_trigger(caption: str, trigger_word: str) -> str:
-    """Put the trigger word in the caption: replace `[trigger]`, or prepend it when missing
-    (ai-toolkit's convention; seed 002 writes `kvthvmi_ person, …`)."""
+def with_trigger(caption: str, trigger_word: str, class_word: str = "") -> str:
+    """Put the trigger word in the caption: replace `[trigger]`, or prepend it with the class when
+    missing (ai-toolkit's convention; seed 002 writes `kvthvmi_ person, …`)."""
     caption = caption.strip()
     if not trigger_word:
         return caption.replace(TRIGGER_PLACEHOLDER, "").strip()
@@ -79,62 +132,152 @@ def with_trigger(caption: str, trigger_word: str) -> str:
         return caption.replace(TRIGGER_PLACEHOLDER, trigger_word)
     if re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption):  # as a word: "asks" is not "sks"
         return caption
-    return f"{trigger_word}, {caption}" if caption else trigger_word
+    prefix = f"{trigger_word} {class_word}".strip()
+    return f"{prefix}, {caption}" if caption else prefix
 
 
-def _check_image(path: Path) -> str | None:
-    """None if the file decodes completely, else what is wrong with it."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except UnidentifiedImageError:
-        return "is not an image PIL can read"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot be decoded ({e}); it may be truncated or corrupt"
-    return None
+def caption_from_filename(path: Path) -> str:
+    """'sks_dog_on_grass (2).jpg' -> 'sks dog on grass'."""
+    stem = re.sub(r"\s*\(\d+\)$|[_\-\s]+\d+$", "", path.stem)
+    return re.sub(r"[_\-]+", " ", stem).strip()
 
 
-def _finish(items: list[DatasetItem], problems: list[str], where: str, trigger_word: str, repeats: int) -> Dataset:
-    if problems:
-        raise DatasetError(f"{len(problems)} problem(s) in {where}:\n  " + "\n  ".join(problems))
-    if not items:
-        raise DatasetError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}); add 5–20 photos of your subject.")
-    if repeats < 1:
-        raise DatasetError(f"repeats is {repeats}; it must be at least 1.")
-    return Dataset(tuple(DatasetItem(i.image, i.caption, repeats) for i in items), trigger_word.strip(), where)
+def read_metadata(folder: Path) -> dict[str, str]:
+    """Captions by file name from the folder's metadata file, if it has one."""
+    for name in METADATA_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+            if path.suffix == ".csv":
+                rows = list(csv.DictReader(text.splitlines()))
+            elif path.suffix == ".jsonl":
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                data = json.loads(text)
+                rows = [{"file_name": k, "text": v} for k, v in data.items()] if isinstance(data, dict) else data
+            return {Path(_pick(r, ("file_name", "image", "file", "filename"), path)).name:
+                    _pick(r, ("text", "caption", "prompt"), path) for r in rows}
+        except (ValueError, TypeError, KeyError) as e:
+            raise DatasetError(f"{path} can't be read as captions: {e}. Use rows of "
+                               "{\"file_name\": …, \"text\": …}.") from None
+    return {}
 
 
-def _read_caption(path: Path) -> str:
+def _pick(row: dict, keys: tuple[str, ...], path: Path) -> str:
+    for k in keys:
+        if k in row:
+            return str(row[k])
+    raise KeyError(f"a row has none of {', '.join(keys)}")
+
+
+def _read_txt(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"{path.name} is not UTF-8 text; save the caption as UTF-8.") from None
 
 
-def from_folder(folder: str | Path, trigger_word: str = "", repeats: int = 1,
-                caption_extension: str = ".txt") -> Dataset:
-    """Images in `folder` with same-name caption files (photo.jpg + photo.txt)."""
+@dataclass(frozen=True)
+class Options:
+    """What a dataset node sets for all its images."""
+
+    trigger_word: str = ""
+    class_word: str = ""
+    repeats: int = 1
+    captions: str = "auto"
+    default_caption: str = ""
+    shaping: Shaping = Shaping()
+    augment: Augmentation = Augmentation()
+    problems: str = "stop"
+
+    def __post_init__(self):
+        if self.repeats < 1:
+            raise DatasetError(f"repeats is {self.repeats}; it must be at least 1.")
+        if self.captions not in CAPTION_SOURCES:
+            raise DatasetError(f"captions is {self.captions!r}; choose one of {', '.join(CAPTION_SOURCES)}.")
+        if self.problems not in PROBLEMS:
+            raise DatasetError(f"problems is {self.problems!r}; choose 'stop' or 'skip'.")
+
+    @property
+    def trigger(self) -> str:
+        return f"{self.trigger_word} {self.class_word}".strip()
+
+    def item(self, image: Path | None, caption: str, **extra) -> DatasetItem:
+        return DatasetItem(image, with_trigger(caption, self.trigger_word, self.class_word), self.repeats,
+                           self.trigger, self.shaping,
+                           self.augment, skip_problems=self.problems == "skip", **extra)
+
+
+def _caption(image: Path, options: Options, metadata: dict[str, str]) -> str | None:
+    txt = image.with_suffix(".txt")
+    if options.captions in ("auto", "txt") and txt.is_file():
+        return _read_txt(txt)
+    if options.captions in ("auto", "metadata") and image.name in metadata:
+        return metadata[image.name]
+    if options.captions == "filename":
+        return caption_from_filename(image)
+    return options.default_caption or None
+
+
+def _scan(folder: Path, options: Options) -> tuple[list[DatasetItem], list[str]]:
+    metadata = read_metadata(folder) if options.captions in ("auto", "metadata") else {}
+    items, problems = [], []
+    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in images.EXTENSIONS):
+        problem = images.check(image)
+        try:
+            caption = None if problem else _caption(image, options, metadata)
+        except DatasetError as e:
+            problem = str(e)
+            caption = None
+        if problem:
+            problems.append(f"{image.name} {problem}: replace or remove it." if not problem.startswith(image.name)
+                            else problem)
+        elif caption is None:
+            where = {"txt": image.with_suffix(".txt").name, "metadata": "the metadata file"}.get(
+                options.captions, f"{image.with_suffix('.txt').name} or a metadata file")
+            problems.append(f"{image.name} has no caption in {where}: write one (e.g. \"photo of "
+                            f"{options.trigger or 'sks dog'}\"), set default_caption, or use captions='filename'.")
+        else:
+            items.append(options.item(image, caption))
+    return items, problems
+
+
+def _finish(items: list[DatasetItem], problems: list[str], where: str, options: Options) -> Dataset:
+    if problems and options.problems == "stop":
+        raise DatasetError(f"{len(problems)} problem(s) in {where}:\n  " + "\n  ".join(problems)
+                           + "\n(problems='skip' trains on the rest and lists these.)")
+    if not items:
+        raise DatasetError(f"{where} holds no usable images ({', '.join(images.EXTENSIONS)}); add 5–20 photos "
+                           "of your subject." + (f" Left out: {'; '.join(problems)}" if problems else ""))
+    return Dataset(tuple(items), options.trigger_word.strip(), where, tuple(problems))
+
+
+def from_folder(folder: str | Path, options: Options = Options(), concepts: bool = False) -> Dataset:
+    """Images in `folder` with their captions. With `concepts`, each subfolder is a concept named
+    like kohya's `10_sks dog` (10 repeats, trigger 'sks', class 'dog'); others use its name."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"Dataset folder {folder} does not exist or is not a folder.")
-    items, problems = [], []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        caption_file = image.with_suffix(caption_extension)
-        problem = _check_image(image)
-        if problem:
-            problems.append(f"{image.name} {problem}: replace or remove it.")
-        elif not caption_file.is_file():
-            problems.append(f"{image.name} has no caption file {caption_file.name}: write one "
-                            f"(e.g. \"photo of {trigger_word or 'sks'} dog\").")
-        else:
-            try:
-                items.append(DatasetItem(image, with_trigger(_read_caption(caption_file), trigger_word)))
-            except DatasetError as e:
-                problems.append(str(e))
-    return _finish(items, problems, str(folder), trigger_word, repeats)
+    if not concepts:
+        items, problems = _scan(folder, options)
+        return _finish(items, problems, str(folder), options)
+    datasets = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        match = _CONCEPT.match(sub.name)
+        repeats, name = (int(match.group(1)), match.group(2)) if match else (options.repeats, sub.name)
+        trigger, _, class_word = name.partition(" ")
+        concept = replace(options, trigger_word=trigger, class_word=class_word or options.class_word, repeats=repeats)
+        items, problems = _scan(sub, concept)
+        datasets.append(_finish(items, problems, str(sub), concept))
+    if not datasets:
+        raise DatasetError(f"{folder} has no subfolders to use as concepts (e.g. '10_sks dog'); turn off "
+                           "subfolders_as_concepts to use the images in it directly.")
+    return sum(datasets[1:], datasets[0])
 
 
-def from_mflux_config(config_path: str | Path, trigger_word: str = "", repeats: int = 1) -> tuple[Dataset, dict]:
+def from_mflux_config(config_path: str | Path, options: Options = Options()) -> tuple[Dataset, dict]:
     """The `examples` block of an mflux train config (seed 000). Returns the dataset and the
     whole config, whose `lora_layers` and settings callers may use too."""
     config_path = Path(config_path).expanduser()
@@ -154,22 +297,37 @@ def from_mflux_config(config_path: str | Path, trigger_word: str = "", repeats: 
             problems.append(f"examples.images[{i}] needs both `image` and `prompt`.")
             continue
         image = root / entry["image"]
-        problem = "does not exist" if not image.is_file() else _check_image(image)
+        problem = "does not exist" if not image.is_file() else images.check(image)
         if problem:
             problems.append(f"{entry['image']} {problem} (looked in {root}).")
         else:
-            items.append(DatasetItem(image, with_trigger(str(entry["prompt"]), trigger_word)))
-    return _finish(items, problems, str(config_path), trigger_word, repeats), config
+            items.append(options.item(image, str(entry["prompt"])))
+    return _finish(items, problems, str(config_path), options), config
 
 
-def _rgb(im: Image.Image) -> Image.Image:
-    """RGB, with transparent areas on white rather than on whatever colour they hide."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im, mask=im.getchannel("A"))
-        return background
-    return im.convert("RGB")
+def from_images(pixels: torch.Tensor, captions: list[str], options: Options = Options(),
+                source: str = "images") -> Dataset:
+    """An IMAGE batch from other nodes (B, H, W, 3) and one caption per image, or one for all."""
+    if len(captions) not in (1, len(pixels)):
+        raise DatasetError(f"There are {len(pixels)} images but {len(captions)} captions; give one caption per "
+                           "line for each image, or a single one for all.")
+    captions = captions * len(pixels) if len(captions) == 1 else captions
+    items = [options.item(None, c, pixels=p.detach().cpu().float().clone(), label=f"{source} #{i + 1}")
+             for i, (p, c) in enumerate(zip(pixels, captions))]
+    return _finish(items, [], source, options)
+
+
+def shuffled_tags(caption: str, keep: int, count: int, seed: int) -> list[str]:
+    """`count` versions of a tag-style caption with its tags shuffled, the first `keep` in place."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if len(tags) <= keep + 1:
+        return []
+    rng, out = random.Random(seed), []
+    for _ in range(count):
+        rest = tags[keep:]
+        rng.shuffle(rest)
+        out.append(", ".join(tags[:keep] + rest))
+    return [c for c in dict.fromkeys(out) if c != caption]
 
 
 def fingerprint(path: str | Path) -> str:
@@ -181,57 +339,3 @@ def fingerprint(path: str | Path) -> str:
         return f"missing:{path}"
     stats = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
     return hashlib.sha1(repr(stats).encode()).hexdigest()
-
-
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """RGB in [0, 1], shape (3, R, R): EXIF orientation applied, center-cropped to a square,
-    resized down to the training resolution."""
-    with Image.open(path) as im:
-        im = _rgb(ImageOps.exif_transpose(im))
-        w, h = im.size
-        if min(w, h) < resolution:
-            raise DatasetError(f"{path.name} is {w}×{h}, smaller than the training resolution {resolution}: "
-                               f"lower resolution to {min(w, h) // 16 * 16} or less, or replace the image.")
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.LANCZOS)
-        pixels = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-
-
-def check_resolution(dataset: Dataset, resolution: int) -> None:
-    """Every image must be at least `resolution` on its short side; all offenders are named."""
-    if resolution % 16:
-        raise DatasetError(f"resolution is {resolution}; use a multiple of 16 (512 or 1024 for FLUX).")
-    small = []
-    for item in dataset.items:
-        with Image.open(item.image) as im:
-            w, h = im.size
-        if min(w, h) < resolution:
-            small.append((item.image.name, w, h))
-    if small:
-        fits = min(min(w, h) for _, w, h in small) // 16 * 16
-        raise DatasetError(f"{len(small)} image(s) are smaller than the training resolution {resolution}: "
-                           f"{', '.join(f'{n} ({w}×{h})' for n, w, h in small)}. Lower resolution to {fits} or "
-                           "less, or replace them.")
-
-
-def encode_dataset(dataset: Dataset, encoders: Encoders, resolution: int, batch_size: int = 4,
-                   on_progress: Callable[[int, int], None] | None = None) -> list[Example]:
-    """Encode every image once and every distinct caption once."""
-    check_resolution(dataset, resolution)
-    texts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    examples = []
-    items = list(dataset.items)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        latents = encoders.encode_images(torch.stack([load_image(i.image, resolution) for i in chunk]))
-        for item, lat in zip(chunk, latents):
-            if item.caption not in texts:
-                texts[item.caption] = encoders.encode_text(item.caption)
-            context, pooled = texts[item.caption]
-            examples.append(Example(lat.float().cpu(), context.float().cpu(), pooled.float().cpu(),
-                                    item.caption, item.image.name, item.repeats))
-        if on_progress:
-            on_progress(start + len(chunk), len(items))
-    return examples

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from . import data, export, tiny
+from .cache import encode_dataset
+from .images import Shaping
 from .layers import LayerSpec
 from .lora import LoraSet
 from .sample import sample
@@ -40,8 +42,8 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
 def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int, seed: int) -> dict:
     started = time.perf_counter()
     model = tiny.build(seed)
-    dataset = data.from_folder(QUICKSTART_IMAGES, trigger_word=TRIGGER)
-    examples = data.encode_dataset(dataset, model, resolution)
+    dataset = data.from_folder(QUICKSTART_IMAGES, data.Options(trigger_word=TRIGGER, shaping=Shaping(resolution)))
+    examples, _ = encode_dataset(dataset, model)
     backend = model.backend()
     spec = LayerSpec.preset("attention+mlp", backend.dims, rank=rank)
     lora = LoraSet(spec.targets(backend.dims), seed=seed)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.diffusers_flux import DiffusersFlux
+from .cache import weights_fingerprint
 
 # FLUX's VAE latent normalisation, kept so the tiny set uses the same formulas.
 VAE_SCALE, VAE_SHIFT = 0.3611, 0.1159
@@ -53,6 +54,10 @@ class TinyFlux:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model latents -> RGB in [0, 1], (B, 3, H, W)."""
         return ((self.vae.decode(latents / VAE_SCALE + VAE_SHIFT).sample + 1) / 2).clamp(0, 1)
+
+    def identity(self) -> dict[str, str]:
+        return {"images": weights_fingerprint(self.vae),
+                "text": weights_fingerprint(self.t5, weights_fingerprint(self.clip))}
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:

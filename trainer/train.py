@@ -18,6 +18,7 @@ from . import flow
 from .backends import FluxBackend
 from .data import Example
 from .lora import LoraSet
+from .memory import MemoryConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class TrainConfig:
     timesteps: flow.TimestepSampling = field(default_factory=flow.TimestepSampling)
     lr_schedule: str = "constant"
     warmup_steps: int = 0
-    gradient_checkpointing: bool = True
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # checkpointing, block swap, compile
     ema_decay: float = 0.0  # 0 = off; 0.999 in seed 002's recipe: the saved LoRA is the average
 
     def __post_init__(self):
@@ -72,8 +73,14 @@ class TrainConfig:
 class StepInfo:
     step: int
     total: int
-    loss: float
     lr: float
+    loss_tensor: torch.Tensor = field(repr=False)
+
+    @property
+    def loss(self) -> float:
+        """This step's loss. Reading it waits for the device (do it on another thread, as the
+        node does, or not every step); unread, steps queue up on the device without a sync."""
+        return self.loss_tensor.item()
 
 
 @dataclass
@@ -84,46 +91,73 @@ class TrainResult:
 
 
 class EpochSampler:
-    """Batches of example indices: each epoch a fresh seeded shuffle, every example once."""
+    """Batches of example indices: each epoch a fresh seeded shuffle, every example `weights[i]`
+    times. A batch holds examples of one bucket (shape) only, so it stacks into one forward."""
 
-    def __init__(self, weights: list[int], batch_size: int, generator: torch.Generator):
+    def __init__(self, weights: list[int], batch_size: int, generator: torch.Generator,
+                 buckets: list[tuple] | None = None):
         self.pool = [i for i, n in enumerate(weights) for _ in range(n)]
+        self.buckets = buckets or [()] * len(weights)
         self.batch_size, self.generator, self.queue = batch_size, generator, []
 
     def next_batch(self) -> list[int]:
-        while len(self.queue) < self.batch_size:
-            self.queue += [self.pool[i] for i in torch.randperm(len(self.pool), generator=self.generator).tolist()]
-        batch, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
-        return batch
+        if not self.queue:
+            order = [self.pool[i] for i in torch.randperm(len(self.pool), generator=self.generator).tolist()]
+            by_bucket: dict[tuple, list[int]] = {}
+            for i in order:
+                by_bucket.setdefault(self.buckets[i], []).append(i)
+            batches = [ids[k:k + self.batch_size] for ids in by_bucket.values()
+                       for k in range(0, len(ids), self.batch_size)]
+            if len(by_bucket) > 1:  # interleave the buckets
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+            self.queue = batches
+        return self.queue.pop(0)
 
 
-def _groups(examples: list[Example]) -> list[list[Example]]:
-    """Split a batch into stackable groups: same latent shape and text length."""
-    groups: dict[tuple, list[Example]] = {}
-    for e in examples:
-        groups.setdefault((tuple(e.latents.shape), e.context.shape[0]), []).append(e)
-    return list(groups.values())
+def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This step's view of the image and version of its caption (dropped to the trigger word with
+    probability dropout_rate). Draws from the generator only when there is a choice."""
+    latents = e.latents
+    if e.views:
+        latents = ([e.latents] + e.views)[int(torch.randint(len(e.views) + 1, (1,), generator=generator))]
+    text = (e.context, e.pooled)
+    if e.dropout_text is not None and float(torch.rand(1, generator=generator)) < e.dropout_rate:
+        text = e.dropout_text
+    elif e.texts:
+        text = ([text] + e.texts)[int(torch.randint(len(e.texts) + 1, (1,), generator=generator))]
+    return latents, *text
 
 
-def _stack(examples: list[Example]):
-    return (torch.stack([e.latents for e in examples]), torch.stack([e.context for e in examples]),
-            torch.stack([e.pooled for e in examples]))
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that doesn't make the host wait for the device: from pinned memory, asynchronously."""
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
-              scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> float:
-    """Forward and backward one batch; returns its mean loss. Gradients accumulate in the LoRA."""
-    total = 0.0
-    for group in _groups(batch):
-        latents, context, pooled = _stack(group)
-        noise = torch.randn(latents.shape, generator=generator)
+              scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
+    """Forward and backward one batch; returns its mean loss, on the device (reading it is a
+    sync). Gradients accumulate in the LoRA.
+    Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
+    chosen = [(_choose(e, generator), e.loss_weight) for e in batch]
+    groups: dict[tuple, list] = {}
+    for (latents, context, pooled), weight in chosen:
+        groups.setdefault((tuple(latents.shape), context.shape[0]), []).append((latents, context, pooled, weight))
+    total = torch.zeros((), device=backend.device)
+    for group in groups.values():
+        latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
+        weights = torch.tensor([g[3] for g in group])
+        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: same on every device
         sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*latents.shape[-2:]), generator)
-        latents, noise = latents.to(backend.device), noise.to(backend.device)
-        v_pred = backend.velocity(flow.noisy_latents(latents, noise, sigmas.to(backend.device)), sigmas,
-                                  context, pooled, config.guidance)
-        loss = flow.flow_matching_loss(v_pred, flow.velocity_target(latents, noise)).sum() / len(batch)
+        latents, noise, sigmas, context, pooled, weights = (
+            _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
+        v_pred = backend.velocity(flow.noisy_latents(latents, noise, sigmas), sigmas, context, pooled,
+                                  config.guidance)
+        per_sample = flow.flow_matching_loss(v_pred, flow.velocity_target(latents, noise))
+        loss = (per_sample * weights).sum() / len(batch)
         scale(loss).backward()
-        total += loss.item()
+        total += loss.detach()
     return total
 
 
@@ -137,9 +171,11 @@ class Trainer:
             raise ValueError("There are no training examples; the dataset is empty.")
         self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
         self.step = 0
-        self.losses: list[float] = []
+        self._losses: list[float] = []
+        self._pending: list[torch.Tensor] = []  # losses still on the device
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator)
+        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
+                                    [tuple(e.latents.shape) for e in examples])
         self.params = [p for p in lora.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                            fused=all(p.is_cuda for p in self.params) or None)
@@ -153,18 +189,38 @@ class Trainer:
         """Train up to step `until` (default: all of config.steps). `should_stop()` is checked
         before every step; returns True when it ended the segment early."""
         until = self.config.steps if until is None else min(until, self.config.steps)
-        with self.backend.training(self.lora, self.config.gradient_checkpointing):
+        with self.backend.training(self.lora, self.config.memory):
             while self.step < until:
                 if should_stop is not None and should_stop():
                     log.info("Training stopped at step %d of %d.", self.step, self.config.steps)
                     return True
                 self._step()
                 if on_step is not None:
-                    on_step(StepInfo(self.step, self.config.steps, self.losses[-1], self.schedule.get_last_lr()[0]))
+                    on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1]))
+        self._read_losses()  # a NaN is reported before anyone saves this segment's LoRA
         return False
 
+    @property
+    def losses(self) -> list[float]:
+        self._read_losses()
+        return self._losses
+
+    def _read_losses(self) -> None:
+        """Bring the pending losses over from the device in one sync; a NaN or inf stops the run."""
+        if not self._pending:
+            return
+        values, first = torch.stack(self._pending).tolist(), self.step - len(self._pending) + 1
+        self._pending = []
+        for k, loss in enumerate(values):
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"The loss became {loss} at step {first + k}; lower learning_rate (now "
+                    f"{self.config.learning_rate:g}), or train on bf16 rather than fp16 weights. Checkpoints "
+                    "saved before this step are intact.")
+            self._losses.append(loss)
+
     def _step(self) -> None:
-        rng, queue = self.generator.get_state(), list(self.sampler.queue)
+        rng, queue = self.generator.get_state(), [list(b) for b in self.sampler.queue]
         try:
             batch = [self.examples[i] for i in self.sampler.next_batch()]
             loss = step_loss(self.backend, batch, self.config, self.generator, self.scaler.scale)
@@ -173,10 +229,6 @@ class Trainer:
             self.sampler.queue = queue  # checkpoint saved now resumes exactly
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"The loss became {loss} at step {self.step + 1}; lower learning_rate "
-                                     f"(now {self.config.learning_rate:g}), or train on bf16 rather than fp16 "
-                                     "weights. Checkpoints saved before this step are intact.")
         self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -188,7 +240,7 @@ class Trainer:
             with torch.no_grad():
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.config.ema_decay)
         self.step += 1
-        self.losses.append(loss)
+        self._pending.append(loss)
 
     def result_lora(self) -> LoraSet:
         """The weights to save and sample: the EMA when it is on, else the trained ones."""
@@ -203,7 +255,7 @@ class Trainer:
     def state(self) -> dict:
         """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
         return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
-                "queue": torch.tensor(self.sampler.queue, dtype=torch.long),
+                "queue": [list(b) for b in self.sampler.queue],
                 "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else []}
@@ -217,8 +269,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
-        self.sampler.queue = state["queue"].tolist()
-        self.step, self.losses = state["step"], list(state["losses"])
+        self.sampler.queue = [list(b) for b in state["queue"]]
+        self.step, self._losses, self._pending = state["step"], list(state["losses"]), []
         if self.ema is not None:
             saved = state["ema"] or [p.detach() for p in self.params]
             self.ema = [e.to(p.device, p.dtype).clone() for e, p in zip(saved, self.params)]

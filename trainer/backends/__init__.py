@@ -15,6 +15,7 @@ from torch import nn
 from ..blocks import BlockRunner
 from ..layers import FluxDims
 from ..lora import LoraSet, LoraWeight, attach, detach_all
+from ..memory import MemoryConfig
 
 
 class FluxBackend:
@@ -49,13 +50,13 @@ class FluxBackend:
             detach_all(handles)
 
     @contextmanager
-    def training(self, lora: LoraSet, checkpointing: bool):
-        """LoRA attached and blocks wrapped for backward (see blocks.py) while inside."""
+    def training(self, lora: LoraSet, memory: MemoryConfig):
+        """LoRA attached and blocks wrapped for backward (see blocks.py, memory.py) while inside."""
         self.prepare()
         with_lora = {w.target.block for w in lora}
         names, modules, streams = zip(*self.blocks())
         with self.lora_applied(lora):
-            runner = BlockRunner(list(modules), [n in with_lora for n in names], list(streams), checkpointing)
+            runner = BlockRunner(list(modules), [n in with_lora for n in names], list(streams), memory, self.device)
             try:
                 yield
             finally:

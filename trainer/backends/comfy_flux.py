@@ -74,7 +74,7 @@ class ComfyFlux(FluxBackend):
                         store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
 
     @contextmanager
-    def training(self, lora, checkpointing):
+    def training(self, lora, memory):
         """Also puts the model in train mode, which steers ComfyUI's fp8 layers off their
         matmul-only fast path (it has no backward); FLUX has no dropout, so nothing else changes."""
         was_training = self.dit.training
@@ -82,7 +82,7 @@ class ComfyFlux(FluxBackend):
             self.training_flag(True)
         self.dit.train()
         try:
-            with super().training(lora, checkpointing):
+            with super().training(lora, memory):
                 yield
         finally:
             self.dit.train(was_training)

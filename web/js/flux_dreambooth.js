@@ -23,6 +23,24 @@ function wrap(ctx, text, width) {
   return lines;
 }
 
+// The caption node hands its captions back; put them in its edited_captions box to be edited.
+app.registerExtension({
+  name: "flux_dreambooth.captions",
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "FluxDreamBoothCaption") return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      const text = output?.captions?.[0];
+      const box = this.widgets?.find((w) => w.name === "edited_captions");
+      if (box && typeof text === "string") {
+        box.value = text;
+        this.setDirtyCanvas(true, true);
+      }
+    };
+  },
+});
+
 app.registerExtension({
   name: "flux_dreambooth.report",
   beforeRegisterNodeDef(nodeType, nodeData) {

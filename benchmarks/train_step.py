@@ -1,0 +1,311 @@
+"""Seconds per LoRA training step, peak memory and achieved FLOP/s, against ComfyUI's own trainer.
+
+    python benchmarks/train_step.py --device cuda --resolution 512 1024 --mode bf16 fp8 fp8+swap30
+    COMFYUI_PATH=~/ComfyUI python benchmarks/train_step.py --device cpu      # tiny FLUX, vs TrainLoraNode
+
+On cuda the model is a full-size FLUX.1-dev transformer (19 double and 38 single blocks, hidden
+3072, 24 heads) with random weights; on cpu the pack's tiny FLUX shape. The data are cached
+latents and T5/CLIP embeddings (batch 1, 512 text tokens on cuda), the LoRA rank 16 on the
+attention and MLP layers of every block. With COMFYUI_PATH set the model is ComfyUI's own FLUX
+behind a ModelPatcher, and ComfyUI's TrainLoraNode trains the same model on the same data in the
+same run (its best settings on that host; its per-step time is the difference of a long and a
+short run). Without it the model is diffusers' FluxTransformer2DModel.
+
+A mode is weights[+option…]: weights bf16, fp8 (fp8_e4m3fn storage, bf16 compute) or fp32;
+options nockpt, every2, every4, offload (checkpoint inputs kept on the CPU), swapN (N blocks
+streamed from pinned CPU memory), compile. The last line is machine-readable (RESULT …).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if os.environ.get("COMFYUI_PATH"):
+    sys.path.insert(1, os.environ["COMFYUI_PATH"])
+
+from trainer.data import Example  # noqa: E402
+from trainer.layers import FluxDims, LayerSpec  # noqa: E402
+from trainer.lora import LoraSet  # noqa: E402
+from trainer.memory import MemoryConfig  # noqa: E402
+from trainer.train import TrainConfig, Trainer  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+FULL = dict(hidden=3072, heads=24, double=19, single=38, context=4096, pooled=768, txt_tokens=512)
+TINY = dict(hidden=256, heads=2, double=2, single=4, context=64, pooled=64, txt_tokens=64)
+# dense bf16 tensor-core peaks (no sparsity), for the MFU column
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "4090": 165, "A6000": 155, "3090": 71}
+WEIGHTS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
+
+
+@dataclass
+class Mode:
+    name: str
+    weights: torch.dtype
+    memory: MemoryConfig
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        weights, *options = text.split("+")
+        if weights not in WEIGHTS:
+            raise SystemExit(f"--mode {text}: weights must be one of {', '.join(WEIGHTS)}")
+        memory = MemoryConfig()
+        for o in options:
+            if o == "nockpt":
+                memory.checkpointing = "off"
+            elif o == "offload":
+                memory.checkpointing = "offload"
+            elif o.startswith("every"):
+                memory.checkpoint_every = int(o[5:])
+            elif o.startswith("swap"):
+                memory.swap_blocks = int(o[4:])
+            elif o == "compile":
+                memory.compile = True
+            else:
+                raise SystemExit(f"--mode {text}: unknown option {o!r} (nockpt, every2, offload, swapN, compile)")
+        return cls(text, WEIGHTS[weights], memory)
+
+
+def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, checkpointed: bool) -> float:
+    """FLOPs of one training step, batch 1. Linear layers: 2·in·out per token through the stream
+    the token passes (a double block has an image and a text set of weights of the same shapes; a
+    single block one fused set). Attention: 4·L²·d per block (QKᵀ and PV). Backward forms
+    gradients for activations only (the base is frozen): once the linear work and twice the
+    attention work; the LoRA also forms its weight gradients. Checkpointing adds one forward.
+    Modulation, embedders and the final layer act per sample or are tiny and are left out."""
+    d, mlp, tokens = dims.hidden_size, dims.mlp_hidden, img_tokens + txt_tokens
+    double_linear = 2 * (3 * d * d + d * d + 2 * d * mlp)      # qkv, proj, mlp in and out
+    single_linear = 2 * (d * (3 * d + mlp) + (d + mlp) * d)    # linear1 (qkv+mlp in), linear2
+    attention = 4 * tokens * tokens * d
+    linear = tokens * (dims.double_blocks * double_linear + dims.single_blocks * single_linear)
+    blocks = dims.double_blocks + dims.single_blocks
+    lora_forward = 0
+    for w in lora:
+        t = w.target
+        stream = txt_tokens if any(k in t.name for k in ("add_", "context", "to_add_out")) else \
+            img_tokens if t.name.startswith("transformer_blocks") else tokens
+        lora_forward += stream * 2 * t.rank * (t.in_features + t.rows[1] - t.rows[0])
+    forward = linear + blocks * attention + lora_forward
+    backward = linear + 2 * blocks * attention + 2 * lora_forward
+    return forward + backward + (forward if checkpointed else 0)
+
+
+def random_data(shape: dict, resolution: int):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(16, resolution // 8, resolution // 8, generator=g)
+    context = torch.randn(shape["txt_tokens"], shape["context"], generator=g)
+    pooled = torch.randn(shape["pooled"], generator=g)
+    return latents, context, pooled
+
+
+def comfy_model(shape: dict, weights: torch.dtype, device: torch.device, disable_dynamic: bool = True):
+    """ComfyUI's FLUX behind a ModelPatcher, random weights (std 0.02, seeded), stored as
+    `weights`. The patcher can rebuild itself, as ComfyUI's loaders' patchers can (v0.33's
+    TrainLoraNode trains on such a fresh copy)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    unet = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16,
+            "vec_in_dim": shape["pooled"], "context_in_dim": shape["context"], "hidden_size": shape["hidden"],
+            "mlp_ratio": 4.0, "num_heads": shape["heads"], "depth": shape["double"],
+            "depth_single_blocks": shape["single"], "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+            "guidance_embed": True}
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        unet["txt_ids_dims"] = []  # FLUX.1's text ids (v0.33 also knows FLUX.2's)
+    config = comfy.model_detection.model_config_from_unet_config(unet)
+    compute = torch.float32 if weights == torch.float32 else torch.bfloat16
+    config.set_inference_dtype(weights, compute if weights != compute else None)
+    model = config.get_model({}, device=device)
+    g = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.data = (torch.randn(p.shape, generator=g, device=device, dtype=compute) * 0.02).to(weights)
+    model.eval().requires_grad_(False)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    patcher.cached_patcher_init = (comfy_model, (shape, weights, device))
+    return patcher
+
+
+def diffusers_model(shape: dict, weights: torch.dtype, device: torch.device):
+    from diffusers import FluxTransformer2DModel
+
+    if weights == torch.float8_e4m3fn:
+        raise SystemExit("fp8 modes need ComfyUI's fp8 layers: set COMFYUI_PATH.")
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=shape["double"], num_single_layers=shape["single"],
+        attention_head_dim=128, num_attention_heads=shape["heads"], joint_attention_dim=shape["context"],
+        pooled_projection_dim=shape["pooled"], guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    return model.to(device=device, dtype=None if weights == torch.float32 else weights).eval().requires_grad_(False)
+
+
+def backend_for(model, device):
+    if hasattr(model, "model_patches_to"):  # a ModelPatcher
+        import comfy.model_management
+
+        from trainer.backends.comfy_flux import ComfyFlux
+
+        return ComfyFlux(model.model, device, lambda on: setattr(comfy.model_management, "in_training", on))
+    from trainer.backends.diffusers_flux import DiffusersFlux
+
+    return DiffusersFlux(model)
+
+
+class Clock:
+    """Per-step wall times; on cuda from events, so timing adds no sync to the steps."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = device.type == "cuda", []
+
+    def mark(self, *_):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) -> tuple[float, LoraSet]:
+    backend = backend_for(model, device)
+    backend.prepare()
+    lora = LoraSet(LayerSpec.preset("attention+mlp", backend.dims, rank=rank).targets(backend.dims), seed=0).to(device)
+    example = Example(*data)
+    trainer = Trainer(backend, lora, [example], TrainConfig(steps=warmup + steps, memory=mode.memory))
+    trainer.run(until=warmup)
+    clock = Clock(device)
+    clock.mark()
+    trainer.run(on_step=clock.mark)
+    return statistics.median(clock.seconds()), lora
+
+
+def native(model, data, device, warmup: int, steps: int, rank: int) -> tuple[float, str]:
+    """ComfyUI's TrainLoraNode on the same model and data: (seconds per step, settings)."""
+    from comfy_extras import nodes_train
+
+    latents, context, pooled = data
+    cpu = device.type == "cpu"
+    inputs = dict(model=model, latents={"samples": latents[None].to(device)},
+                  positive=[[context[None].to(device), {"pooled_output": pooled[None].to(device), "guidance": 1.0}]],
+                  batch_size=1, grad_accumulation_steps=1, learning_rate=1e-4, rank=rank, optimizer="AdamW",
+                  loss_function="MSE", seed=0, training_dtype="none" if cpu else "bf16",
+                  lora_dtype="fp32" if cpu else "bf16", algorithm="LoRA", gradient_checkpointing=True,
+                  existing_lora="[None]")
+    node = nodes_train.TrainLoraNode
+    v3 = hasattr(node, "define_schema")
+    candidates = [{"bypass_mode": False}, {"bypass_mode": True}] if v3 else [{}]
+    best = None
+    for extra in candidates:
+        settings = dict(inputs, **extra)
+        if v3:
+            settings.update(quantized_backward=False, checkpoint_depth=1, offloading=False, bucket_mode=False)
+
+        def run(n):
+            started = time.perf_counter()
+            with torch.inference_mode(False):
+                if v3:
+                    node.execute(**{k: [v] for k, v in dict(settings, steps=n).items()})
+                else:
+                    node().train(**dict(settings, steps=n))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+        run(warmup)
+        seconds = (run(warmup + steps) - run(warmup)) / steps
+        label = "bypass_mode" if extra.get("bypass_mode") else "weight patching"
+        if best is None or seconds < best[0]:
+            best = (seconds, f"{label}, gradient_checkpointing, {'native dtype' if cpu else 'bf16'}")
+    return best
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, nargs="+", help="default: 512 1024 on cuda, 256 on cpu")
+    parser.add_argument("--mode", nargs="+", help="default: bf16 fp8 fp8+swap30 on cuda, fp32 on cpu")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--no-native", action="store_true", help="skip ComfyUI's TrainLoraNode")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = FULL if cuda else TINY
+    resolutions = args.resolution or ([512, 1024] if cuda else [256])
+    modes = [Mode.parse(m) for m in (args.mode or (["bf16", "fp8", "fp8+swap30"] if cuda else ["fp32"]))]
+    host = bool(os.environ.get("COMFYUI_PATH"))
+    if host and not cuda:
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # before ComfyUI's model_management looks for a GPU
+    peak = peak_tflops(device, args.peak_tflops)
+    machine = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    log.info("%s FLUX (%d double + %d single blocks, hidden %d) on %s, %s model, torch %s",
+             "Full-size" if cuda else "Tiny", shape["double"], shape["single"], shape["hidden"], machine,
+             "ComfyUI's" if host else "diffusers'", torch.__version__)
+    result = ""
+    for mode in modes:
+        model = (comfy_model if host else diffusers_model)(shape, mode.weights, device)
+        for resolution in resolutions:
+            data = random_data(shape, resolution)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds, lora = ours(model, device, data, mode, args.rank, args.warmup, args.steps)
+            # cuda: the peak of tensors allocated during the run; cpu: the process's peak RSS
+            peak_gib = (torch.cuda.max_memory_allocated(device) if cuda else
+                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+            img_tokens = (resolution // 16) ** 2
+            flops = step_flops(backend_for(model, device).dims, img_tokens, shape["txt_tokens"], lora,
+                               mode.memory.checkpointing != "off")
+            tflops = flops / seconds / 1e12
+            mfu = tflops / peak if peak else float("nan")
+            native_s, settings = float("nan"), "not run"
+            if host and not args.no_native and mode.memory.swap_blocks == 0:
+                native_s, settings = native(model, data, device, args.warmup, args.steps, args.rank)
+            log.info("%s %d²: %.3f s/step, peak %.2f GiB, %.3g TFLOP/s (%.3g TFLOP per step), MFU %.1f%%; "
+                     "ComfyUI TrainLoraNode (%s): %.3f s/step, ours %.2f× faster",
+                     mode.name, resolution, seconds, peak_gib, tflops, flops / 1e12, 100 * mfu, settings,
+                     native_s, native_s / seconds)
+            result = (f"RESULT device={args.device} resolution={resolution} mode={mode.name} s_per_step={seconds:.4f} "
+                      f"peak_mem_gib={peak_gib:.2f} tflops={tflops:.4g} mfu={mfu:.3f} native_s_per_step={native_s:.4f} "
+                      f"speedup_vs_native={native_s / seconds:.2f}")
+            print(result, flush=True)
+        del model
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The benchmark's FLOP count and its machine-readable line (figures themselves are not tested)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.layers import FluxDims, LayerSpec
+from trainer.lora import LoraSet
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_step"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["train_step"]
+
+
+def test_flop_count_puts_the_1024_step_at_the_known_compute_floor(bench):
+    """FLUX.1-dev at 1024² (4096 image + 512 text tokens), rank 16 on attention and MLP, with
+    checkpointing: ≈ 0.25 s at an H100's 989 dense bf16 TFLOP/s (the issue's compute floor)."""
+    dims = FluxDims()
+    with_lora = LoraSet(LayerSpec.preset("attention+mlp", dims, rank=16).targets(dims))
+    flops = bench.step_flops(dims, 4096, 512, with_lora, checkpointed=True)
+    assert 0.22 < flops / 989e12 < 0.27
+    without_recompute = bench.step_flops(dims, 4096, 512, with_lora, checkpointed=False)
+    assert 1.3 < flops / without_recompute < 1.5  # one more forward of about a third of the step
+    assert bench.step_flops(dims, 1024, 512, with_lora, True) < flops / 3  # 512²: fewer tokens
+
+
+def test_cpu_run_ends_with_a_result_line(bench, capsys, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)  # diffusers' model, whatever the session has
+    bench.main(["--device", "cpu", "--resolution", "64", "--steps", "2", "--warmup", "1", "--no-native"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert last.startswith("RESULT ") and fields["device"] == "cpu" and fields["mode"] == "fp32"
+    assert float(fields["s_per_step"]) > 0 and float(fields["tflops"]) > 0
+    assert set(fields) >= {"resolution", "peak_mem_gib", "mfu", "native_s_per_step", "speedup_vs_native"}

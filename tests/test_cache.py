@@ -1,0 +1,116 @@
+import pytest
+import torch
+from PIL import Image
+
+from trainer import cache, data
+from trainer.augment import Augmentation
+from trainer.images import Shaping
+from trainer.train import EpochSampler, _choose
+
+
+class CountingEncoders:
+    """Encoders that make latents from the pixels (so content matters) and count their work."""
+
+    def __init__(self, version="v1"):
+        self.version, self.images, self.texts, self.released = version, 0, [], False
+
+    def encode_images(self, pixels):
+        self.images += len(pixels)
+        return torch.nn.functional.avg_pool2d(pixels, 8).repeat(1, 6, 1, 1)[:, :16]
+
+    def encode_text(self, caption):
+        self.texts.append(caption)
+        return torch.full((4, 8), float(len(caption))), torch.full((8,), float(len(caption)))
+
+    def identity(self):
+        return {"images": f"vae-{self.version}", "text": f"te-{self.version}"}
+
+    def release(self):
+        self.released = True
+
+
+def folder(path, n=3, size=(96, 64)):
+    path.mkdir()
+    for i in range(n):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(path / f"{i}.png")
+        (path / f"{i}.txt").write_text(f"photo {i}")
+    return path
+
+
+def encode(path, encoders, store, **options):
+    dataset = data.from_folder(path, data.Options(trigger_word="sks", **{"shaping": Shaping(64), **options}))
+    return cache.encode_dataset(dataset, encoders, store)
+
+
+def test_hits_misses_and_what_invalidates(tmp_path):
+    cache.clear_memory()
+    path = folder(tmp_path / "photos")
+    enc = CountingEncoders()
+    store = cache.EncodeCache(memory=True)
+    examples, skipped = encode(path, enc, store)
+    assert (enc.images, len(enc.texts), store.misses, store.hits) == (3, 3, 6, 0) and enc.released
+    assert examples[0].latents.shape == (16, 6, 10) and not skipped  # 96×64 → the 80×48 bucket at 64²
+    again = cache.EncodeCache(memory=True)
+    encode(path, enc, again)
+    assert (enc.images, again.hits, again.misses) == (3, 6, 0)  # nothing recomputed
+
+    (path / "1.txt").write_text("photo one, edited")  # a caption changes: only its text
+    Image.new("RGB", (96, 64), (0, 0, 0)).save(path / "2.png")  # an image changes (same name): only its latents
+    third = cache.EncodeCache(memory=True)
+    encode(path, enc, third)
+    assert enc.images == 4 and enc.texts[-1] == "sks, photo one, edited" and third.misses == 2
+
+    encode(path, CountingEncoders("v2"), fourth := cache.EncodeCache(memory=True))  # another encoder
+    assert fourth.misses == 6
+    encode(path, enc, fifth := cache.EncodeCache(memory=True), shaping=Shaping(128, upscale_small=True))
+    assert fifth.misses == 3  # another bucket: latents again, captions reused
+
+
+def test_disk_cache_survives_a_restart(tmp_path):
+    cache.clear_memory()
+    path = folder(tmp_path / "photos")
+    enc = CountingEncoders()
+    first = cache.EncodeCache(tmp_path / "cache", memory=False)
+    a, _ = encode(path, enc, first)
+    restarted = cache.EncodeCache(tmp_path / "cache", memory=False)
+    b, _ = encode(path, CountingEncoders(), restarted)
+    assert restarted.hits == 6 and restarted.misses == 0
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(a, b))
+    assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_views_caption_variants_and_dropout(tmp_path):
+    (tmp_path / "p").mkdir()
+    Image.fromarray((torch.linspace(0, 255, 96).repeat(96, 1)[..., None].repeat(1, 1, 3)).byte().numpy()).save(
+        tmp_path / "p" / "a.png")  # a left-to-right gradient: a flip shows
+    (tmp_path / "p" / "a.txt").write_text("sks, smiling, outdoors, red scarf")
+    aug = Augmentation(flip=True, views=3, caption_dropout=0.25, shuffle_tags=True)
+    (e,), _ = encode(tmp_path / "p", CountingEncoders(), cache.EncodeCache(memory=False), augment=aug)
+    assert len(e.views) == 1 and e.texts and e.dropout_rate == 0.25  # a flip alone: one other view
+    assert e.dropout_text[0][0, 0] == len("sks")  # the trigger word is what dropout keeps
+    generator = torch.Generator().manual_seed(0)
+    picks = [_choose(e, generator) for _ in range(400)]
+    dropped = sum(p[1][0, 0] == len("sks") for p in picks)
+    assert 60 < dropped < 140  # about a quarter
+    assert len({p[0][..., 0].sum().item() for p in picks}) == 2  # both views are used
+
+
+def test_small_photos_stop_or_are_left_out(tmp_path):
+    path = folder(tmp_path / "photos")
+    Image.new("RGB", (40, 40)).save(path / "tiny.png")
+    (path / "tiny.txt").write_text("x")
+    with pytest.raises(data.DatasetError, match="tiny.png is 40×40, smaller than its 64×64 bucket"):
+        encode(path, CountingEncoders(), None)
+    examples, skipped = encode(path, CountingEncoders(), None, problems="skip")
+    assert len(examples) == 3 and len(skipped) == 1 and "tiny.png" in skipped[0]
+
+
+def test_batches_never_mix_buckets():
+    sampler = EpochSampler([1, 2, 1, 1], 2, torch.Generator().manual_seed(0),
+                           [(16, 8, 8), (16, 8, 12), (16, 8, 8), (16, 8, 12)])
+    seen = []
+    for _ in range(6):
+        batch = sampler.next_batch()
+        assert len({(16, 8, 8) if i in (0, 2) else (16, 8, 12) for i in batch}) == 1
+        seen += batch
+    assert sorted(seen[:5]) == [0, 1, 1, 2, 3]  # the first epoch has every image, with its repeats

@@ -1,0 +1,100 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer import images
+from trainer.augment import Augmentation
+from trainer.images import Shaping
+
+
+@pytest.mark.parametrize("resolution", [128, 512, 768, 1024])
+def test_buckets_keep_the_area_and_sides_multiple_of_16(resolution):
+    buckets = images.buckets(resolution)
+    assert (resolution, resolution) in buckets
+    for w, h in buckets:
+        assert w % 16 == 0 and h % 16 == 0
+        assert 0.8 * resolution ** 2 <= w * h <= resolution ** 2
+        assert 1 / 4 <= w / h <= 4
+
+
+def test_photos_go_to_the_bucket_of_their_shape():
+    assert images.pick_bucket(3024, 4032, 1024) == (896, 1152)  # a phone portrait, 3:4
+    assert images.pick_bucket(4032, 3024, 1024) == (1152, 896)
+    assert images.pick_bucket(1920, 1080, 512) == (672, 384)  # 16:9 → 1.75
+    assert images.pick_bucket(1000, 1000, 512) == (512, 512)
+    assert images.pick_bucket(3024, 4032, 1024, bucketing=False) == (1024, 1024)
+    w, h = images.pick_bucket(3000, 1000, 512)
+    assert abs(math.log(w / h) - math.log(3)) < 0.1
+
+
+def test_a_photo_smaller_than_its_bucket_is_named_with_what_fits():
+    shaping = Shaping(1024)
+    with pytest.raises(images.ImageProblem) as e:
+        shaping.bucket(800, 600, "small.jpg")
+    assert "small.jpg is 800×600, smaller than its 1152×896 bucket at resolution 1024" in str(e.value)
+    assert "lower resolution to 688" in str(e.value) and "upscale_small" in str(e.value)
+    assert Shaping(688).bucket(800, 600, "small.jpg")  # the advice holds
+    assert Shaping(1024, upscale_small=True).bucket(800, 600, "small.jpg") == (1152, 896)
+
+
+def test_shaping_covers_then_crops(tmp_path):
+    img = Image.new("RGB", (300, 100), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 150, 100))  # left half red
+    center = Shaping(128, bucketing=False).apply(img, (128, 128))
+    assert center.shape == (3, 128, 128)
+    assert center[0, :, :40].mean() > 0.9 and center[2, :, -40:].mean() > 0.9  # both halves, cropped evenly
+    crops = {tuple(Shaping(128, bucketing=False, crop="random").apply(img, (128, 128), torch.Generator()
+                                                                       .manual_seed(s))[0, 0, ::16].tolist())
+             for s in range(6)}
+    assert len(crops) > 1  # random crops differ
+
+
+@pytest.mark.parametrize("mode, make, expected", [
+    ("CMYK", lambda: Image.new("CMYK", (8, 8), (0, 255, 255, 0)), (255, 0, 0)),  # pure red ink
+    ("I;16", lambda: Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)), (128, 128, 128)),
+    ("RGBA", lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 0)), (255, 255, 255)),  # transparent: white
+    ("P", lambda: _palette(), (0, 255, 0)),
+    ("LA", lambda: Image.new("LA", (8, 8), (10, 255)), (10, 10, 10)),
+])
+def test_modes_become_correct_rgb(mode, make, expected, tmp_path):
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    make().save(path)
+    rgb = images.open_rgb(path)
+    assert rgb.mode == "RGB"
+    assert np.abs(np.asarray(rgb)[4, 4].astype(int) - expected).max() <= 1
+
+
+def _palette():
+    p = Image.new("P", (8, 8))
+    p.putpalette([0, 255, 0] * 256)
+    return p
+
+
+def test_exif_rotation_is_honoured(tmp_path):
+    img = Image.new("RGB", (160, 96), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 80, 96))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # camera held sideways: display rotated 90° clockwise
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    assert images.size(tmp_path / "rot.jpg") == (96, 160)
+    pixels = np.asarray(images.open_rgb(tmp_path / "rot.jpg"))
+    assert pixels.shape == (160, 96, 3)
+    assert pixels[:40, :, 0].mean() > 200 and pixels[-40:, :, 2].mean() > 200  # red on top now
+
+
+def test_augmentation_is_seeded_and_view_zero_is_untouched():
+    x = torch.rand(3, 32, 48)
+    aug = Augmentation(flip=True, color_jitter=0.2, views=4)
+    assert torch.equal(aug.apply(x, 0, torch.Generator().manual_seed(0)), x)
+    a = aug.apply(x, 1, torch.Generator().manual_seed(3))
+    b = aug.apply(x, 1, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.allclose(a, x)
+    assert torch.allclose(Augmentation(flip=True).apply(x, 1, torch.Generator()), x.flip(-1))
+    assert Augmentation().view_count(random_crop=False) == 1
+    assert Augmentation(views=3).view_count(random_crop=True) == 3
+    assert Augmentation(flip=True, views=4).view_count(random_crop=False) == 2
+    with pytest.raises(ValueError, match="caption_dropout is 1.5"):
+        Augmentation(caption_dropout=1.5)
