@@ -1,6 +1,6 @@
 """Seconds per LoRA training step, peak memory and achieved FLOP/s, against ComfyUI's own trainer.
 
-    python benchmarks/train_step.py --device cuda --resolution 512 1024 --mode bf16 fp8 fp8+swap30
+    COMFYUI_PATH=~/ComfyUI python benchmarks/train_step.py --device cuda --mode bf16 fp8 fp8+swap30
     COMFYUI_PATH=~/ComfyUI python benchmarks/train_step.py --device cpu      # tiny FLUX, vs TrainLoraNode
 
 On cuda the model is a full-size FLUX.1-dev transformer (19 double and 38 single blocks, hidden
@@ -38,7 +38,7 @@ if os.environ.get("COMFYUI_PATH"):
 from trainer.data import Example  # noqa: E402
 from trainer.layers import FluxDims, LayerSpec  # noqa: E402
 from trainer.lora import LoraSet  # noqa: E402
-from trainer.memory import MemoryConfig  # noqa: E402
+from trainer.memory import MemoryConfig, swapped_indices  # noqa: E402
 from trainer.train import TrainConfig, Trainer  # noqa: E402
 
 log = logging.getLogger("benchmark")
@@ -78,12 +78,13 @@ class Mode:
         return cls(text, WEIGHTS[weights], memory)
 
 
-def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, checkpointed: bool) -> float:
+def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, recomputed: float) -> float:
     """FLOPs of one training step, batch 1. Linear layers: 2·in·out per token through the stream
     the token passes (a double block has an image and a text set of weights of the same shapes; a
     single block one fused set). Attention: 4·L²·d per block (QKᵀ and PV). Backward forms
     gradients for activations only (the base is frozen): once the linear work and twice the
-    attention work; the LoRA also forms its weight gradients. Checkpointing adds one forward.
+    attention work; the LoRA also forms its weight gradients. Checkpointing adds the forward of
+    the `recomputed` fraction of the blocks.
     Modulation, embedders and the final layer act per sample or are tiny and are left out."""
     d, mlp, tokens = dims.hidden_size, dims.mlp_hidden, img_tokens + txt_tokens
     double_linear = 2 * (3 * d * d + d * d + 2 * d * mlp)      # qkv, proj, mlp in and out
@@ -99,7 +100,7 @@ def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, 
         lora_forward += stream * 2 * t.rank * (t.in_features + t.rows[1] - t.rows[0])
     forward = linear + blocks * attention + lora_forward
     backward = linear + 2 * blocks * attention + 2 * lora_forward
-    return forward + backward + (forward if checkpointed else 0)
+    return forward + backward + recomputed * forward
 
 
 def random_data(shape: dict, resolution: int):
@@ -144,8 +145,6 @@ def comfy_model(shape: dict, weights: torch.dtype, device: torch.device, disable
 def diffusers_model(shape: dict, weights: torch.dtype, device: torch.device):
     from diffusers import FluxTransformer2DModel
 
-    if weights == torch.float8_e4m3fn:
-        raise SystemExit("fp8 modes need ComfyUI's fp8 layers: set COMFYUI_PATH.")
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=shape["double"], num_single_layers=shape["single"],
         attention_head_dim=128, num_attention_heads=shape["heads"], joint_attention_dim=shape["context"],
@@ -187,15 +186,22 @@ class Clock:
 
 
 def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) -> tuple[float, LoraSet]:
+    """Median seconds per step after `warmup` steps, in one run (so block swapping is set up
+    once, and the peak memory counted from the warm-up on is the training's)."""
     backend = backend_for(model, device)
     backend.prepare()
     lora = LoraSet(LayerSpec.preset("attention+mlp", backend.dims, rank=rank).targets(backend.dims), seed=0).to(device)
     example = Example(*data)
     trainer = Trainer(backend, lora, [example], TrainConfig(steps=warmup + steps, memory=mode.memory))
-    trainer.run(until=warmup)
     clock = Clock(device)
-    clock.mark()
-    trainer.run(on_step=clock.mark)
+
+    def on_step(info):
+        if info.step == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if info.step >= warmup:
+            clock.mark()
+
+    trainer.run(on_step=on_step)
     return statistics.median(clock.seconds()), lora
 
 
@@ -252,7 +258,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolution", type=int, nargs="+", help="default: 512 1024 on cuda, 256 on cpu")
-    parser.add_argument("--mode", nargs="+", help="default: bf16 fp8 fp8+swap30 on cuda, fp32 on cpu")
+    parser.add_argument("--mode", nargs="+",
+                        help="default: bf16 fp8 fp8+swap30 on cuda (bf16 bf16+swap30 without ComfyUI), fp32 on cpu")
     parser.add_argument("--steps", type=int, default=10, help="measured steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
@@ -264,8 +271,11 @@ def main(argv=None) -> None:
     cuda = device.type == "cuda"
     shape = FULL if cuda else TINY
     resolutions = args.resolution or ([512, 1024] if cuda else [256])
-    modes = [Mode.parse(m) for m in (args.mode or (["bf16", "fp8", "fp8+swap30"] if cuda else ["fp32"]))]
     host = bool(os.environ.get("COMFYUI_PATH"))
+    default = (["bf16", "fp8", "fp8+swap30"] if host else ["bf16", "bf16+swap30"]) if cuda else ["fp32"]
+    modes = [Mode.parse(m) for m in (args.mode or default)]
+    if not host and any(m.weights == torch.float8_e4m3fn for m in modes):
+        raise SystemExit("fp8 modes train on ComfyUI's fp8 layers: set COMFYUI_PATH to a ComfyUI checkout.")
     if host and not cuda:
         import comfy.cli_args
 
@@ -288,8 +298,11 @@ def main(argv=None) -> None:
             peak_gib = (torch.cuda.max_memory_allocated(device) if cuda else
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             img_tokens = (resolution // 16) ** 2
-            flops = step_flops(backend_for(model, device).dims, img_tokens, shape["txt_tokens"], lora,
-                               mode.memory.checkpointing != "off")
+            dims = backend_for(model, device).dims
+            count = dims.double_blocks + dims.single_blocks
+            swapped = set(swapped_indices(count, mode.memory.swap_blocks))
+            recomputed = sum(mode.memory.checkpointed(i) or i in swapped for i in range(count)) / count
+            flops = step_flops(dims, img_tokens, shape["txt_tokens"], lora, recomputed)
             tflops = flops / seconds / 1e12
             mfu = tflops / peak if peak else float("nan")
             native_s, settings = float("nan"), "not run"

@@ -27,11 +27,13 @@ def test_flop_count_puts_the_1024_step_at_the_known_compute_floor(bench):
     checkpointing: ≈ 0.25 s at an H100's 989 dense bf16 TFLOP/s (the issue's compute floor)."""
     dims = FluxDims()
     with_lora = LoraSet(LayerSpec.preset("attention+mlp", dims, rank=16).targets(dims))
-    flops = bench.step_flops(dims, 4096, 512, with_lora, checkpointed=True)
+    flops = bench.step_flops(dims, 4096, 512, with_lora, recomputed=1.0)
     assert 0.22 < flops / 989e12 < 0.27
-    without_recompute = bench.step_flops(dims, 4096, 512, with_lora, checkpointed=False)
+    without_recompute = bench.step_flops(dims, 4096, 512, with_lora, recomputed=0.0)
     assert 1.3 < flops / without_recompute < 1.5  # one more forward of about a third of the step
-    assert bench.step_flops(dims, 1024, 512, with_lora, True) < flops / 3  # 512²: fewer tokens
+    every_2nd = bench.step_flops(dims, 4096, 512, with_lora, recomputed=0.5)
+    assert every_2nd == pytest.approx((flops + without_recompute) / 2)
+    assert bench.step_flops(dims, 1024, 512, with_lora, 1.0) < flops / 3  # 512²: fewer tokens
 
 
 def test_cpu_run_ends_with_a_result_line(bench, capsys, monkeypatch):

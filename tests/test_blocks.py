@@ -71,14 +71,14 @@ def test_runner_gives_the_gradients_of_the_out_of_place_maths(memory):
 
 
 def test_swapped_blocks_load_for_forward_and_recompute_and_go_back():
-    """Each swapped block with a LoRA loads twice a step (forward, recompute), the ones after
-    the first from a prefetch; the block without a LoRA or grad input only once; afterwards the
-    weights are the module's own again."""
+    """Each swapped block with a LoRA loads twice a step (forward, recompute), each from a
+    prefetch but the first; the last stays loaded from its forward to its recompute; nothing is
+    copied for the block without a LoRA in backward; afterwards the weights are the module's own."""
     runners = []
     _grads(outplace=False, memory=MemoryConfig("off", swap_blocks=3), lora_in=(False, True, True), runners=runners)
     swap = runners[0].swap
-    assert swap.loads == 1 + 2 + 2 and swap.prefetched == 3
-    assert swap.copies == 5  # none for the first block in backward, which it skips
+    assert swap.loads == 1 + 2 + 2 and swap.prefetched == 4
+    assert swap.copies == 4  # block 0 once, block 1 twice, block 2 once (kept for backward)
     assert swap.host == {} and swap.ready == {}
 
 
@@ -90,3 +90,25 @@ def test_blocks_without_lora_before_the_first_lora_build_no_graph():
     runner.restore()
     assert not img.requires_grad and not txt.requires_grad
     assert "forward" not in block.__dict__
+
+
+def test_a_swap_that_fails_half_way_puts_every_weight_back(monkeypatch):
+    import trainer.memory as memory
+
+    blocks = [InplaceBlock(8).requires_grad_(False) for _ in range(3)]
+    before = [[p.clone() for p in b.parameters()] for b in blocks]
+    real_empty, calls = torch.empty, []
+
+    def failing_empty(*args, **kwargs):  # pinning fails at block 1's second tensor (4 per block)
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("out of pinned memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(memory.torch, "empty", failing_empty)
+    with pytest.raises(RuntimeError, match="pinned"):
+        BlockRunner(blocks, [True] * 3, [("img", "txt")] * 3, MemoryConfig(swap_blocks=3), CPU)
+    monkeypatch.undo()
+    for block, saved in zip(blocks, before):
+        assert "forward" not in block.__dict__
+        assert all(torch.equal(p, q) for p, q in zip(block.parameters(), saved))

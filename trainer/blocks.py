@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .memory import BlockSwap, CpuOffload, MemoryConfig, swapped_indices
+from .memory import BlockSwap, CpuOffload, MemoryConfig, release_pinned, swapped_indices
 
 
 @contextmanager
@@ -115,9 +115,11 @@ class BlockRunner:
                  memory: MemoryConfig, device: torch.device):
         self.memory = memory
         self.blocks, self._saved = [], []
-        self.swap = BlockSwap(blocks, swapped_indices(len(blocks), memory.swap_blocks), device)
-        self.offload = CpuOffload(device) if memory.checkpointing == "offload" else None
+        self.offload = None
+        self.swap = BlockSwap(blocks, swapped_indices(len(blocks), memory.swap_blocks), device)  # undoes itself
         try:
+            if memory.checkpointing == "offload":
+                self.offload = CpuOffload(device)
             for i, (block, lora, streams) in enumerate(zip(blocks, has_lora, stream_args)):
                 wrapped = self._wrap(i, block.forward, lora, streams)
                 self.blocks.append(block)
@@ -135,6 +137,8 @@ class BlockRunner:
                 block.forward = saved
         self.blocks, self._saved = [], []
         self.swap.restore()
+        if self.offload is not None and self.offload.cuda:
+            release_pinned(self.swap.device)
 
     def _wrap(self, index: int, forward, has_lora: bool, stream_names: tuple[str, ...]):
         signature = inspect.signature(forward)

@@ -101,14 +101,17 @@ class BlockSwap:
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.to_recompute: set[int] = set()  # swapped blocks whose backward is still to come
         self.loads = self.prefetched = self.copies = 0
-        for i in self.swapped:
-            pairs = []
-            for t in _tensors(blocks[i]):
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-                host.copy_(t.data)
-                t.data = host
-                pairs.append((t, host))
-            self.host[i] = pairs
+        try:
+            for i in self.swapped:
+                self.host[i] = pairs = []
+                for t in _tensors(blocks[i]):
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+                    host.copy_(t.data)
+                    pairs.append((t, host))
+                    t.data = host
+        except BaseException:  # e.g. not enough RAM to pin: put back what moved
+            self.restore()
+            raise
         if self.cuda:
             torch.cuda.empty_cache()
 
@@ -131,6 +134,8 @@ class BlockSwap:
     def load(self, i: int, direction: int = 1, recomputed: bool = False) -> None:
         """`recomputed`: the block will run again in backward (a checkpoint)."""
         if i not in self.host:
+            if direction > 0 and i + 1 in self.host:  # the first swapped block comes next
+                self._copy_in(i + 1)
             return
         self.loads += 1
         self.prefetched += i in self.ready
@@ -152,8 +157,9 @@ class BlockSwap:
             self._copy_in(min(following, key=lambda j: abs(j - i)))
 
     def release(self, i: int) -> None:
-        if self.ready.pop(i, False) is False:
-            return
+        if i not in self.ready or (i == self.swapped[-1] and i in self.to_recompute):
+            return  # not loaded; or the last block, the first one backward needs: it stays
+        self.ready.pop(i)
         for t, host in self.host[i]:
             t.data = host
 
@@ -163,6 +169,15 @@ class BlockSwap:
             for t, host in pairs:
                 t.data = host.to(self.device)
         self.host, self.ready, self.to_recompute = {}, {}, set()
+        if self.cuda:
+            release_pinned(self.device)
+
+
+def release_pinned(device: torch.device) -> None:
+    """Give the pinned pages PyTorch keeps cached back to the OS (ComfyUI lives on after a run)."""
+    if hasattr(torch._C, "_host_emptyCache"):
+        torch.cuda.synchronize(device)
+        torch._C._host_emptyCache()
 
 
 def _tensors(module: nn.Module):
@@ -175,8 +190,8 @@ def _tensors(module: nn.Module):
 
 
 def swapped_indices(count: int, swap: int) -> list[int]:
-    """Which blocks stream from the CPU: the last `swap` of `count` (backward meets them first,
-    so they are copied in while the loss is computed)."""
+    """Which blocks stream from the CPU: the last `swap` of `count` (the last stays loaded from
+    its forward to its recompute, the first backward needs)."""
     if swap > count:
         raise ValueError(f"swap_blocks is {swap} but the model has {count} blocks; use at most {count}.")
     return list(range(count - swap, count))
