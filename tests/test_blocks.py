@@ -112,3 +112,13 @@ def test_a_swap_that_fails_half_way_puts_every_weight_back(monkeypatch):
     for block, saved in zip(blocks, before):
         assert "forward" not in block.__dict__
         assert all(torch.equal(p, q) for p, q in zip(block.parameters(), saved))
+
+
+def test_compile_that_cannot_work_here_is_refused_by_name(monkeypatch):
+    import trainer.blocks
+
+    monkeypatch.setattr(trainer.blocks, "compile_problem", lambda: "InductorError: no C compiler")
+    block = InplaceBlock(8).requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"compile is on.*no C compiler.*turn compile off"):
+        BlockRunner([block], [True], [("img", "txt")], MemoryConfig(compile=True), CPU)
+    assert "forward" not in block.__dict__

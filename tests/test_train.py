@@ -1,5 +1,4 @@
 import copy
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from trainer.cache import encode_dataset
 from trainer.images import Shaping
 from trainer.layers import LayerSpec
 from trainer.lora import LoraSet
-from trainer.memory import MemoryConfig
+from trainer.memory import MemoryConfig, compile_problem
 from trainer.train import TrainConfig, fixed_noise_loss, train
 
 QUICKSTART = data.Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
@@ -145,8 +144,9 @@ def test_bad_settings_are_named(field, value, message):
         TrainConfig(**{"steps": 100, field: value})
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_blocks_train_the_same_lora():
+    if compile_problem():
+        pytest.skip(f"torch.compile does not work in this installation: {compile_problem()}")
     from trainer import tiny
     from trainer.backends.diffusers_flux import DiffusersFlux
 

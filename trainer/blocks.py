@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .memory import BlockSwap, CpuOffload, MemoryConfig, release_pinned, swapped_indices
+from .memory import BlockSwap, CpuOffload, MemoryConfig, compile_problem, release_pinned, swapped_indices
 
 
 @contextmanager
@@ -113,6 +113,9 @@ class BlockRunner:
 
     def __init__(self, blocks: list[nn.Module], has_lora: list[bool], stream_args: list[tuple[str, ...]],
                  memory: MemoryConfig, device: torch.device):
+        if memory.compile and compile_problem():
+            raise RuntimeError(f"compile is on, but torch.compile does not work in this installation "
+                               f"({compile_problem()}); turn compile off.")
         self.memory = memory
         self.blocks, self._saved = [], []
         self.offload = None

@@ -13,6 +13,7 @@ None of these changes the maths: a test holds every mode to the plain path's los
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -52,6 +53,17 @@ class MemoryConfig:
         if self.compile:
             parts.append("torch.compile")
         return ", ".join(parts)
+
+
+@functools.cache
+def compile_problem() -> str | None:
+    """Why torch.compile can't run in this installation (no compiler, a broken Triton or
+    inductor), or None. Tried once, on a toy function."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as e:  # noqa: BLE001 - any failure means: don't compile
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return None
 
 
 def _ordinal(k: int) -> str:
