@@ -75,12 +75,12 @@ class TrainFluxLora(io.ComfyNode):
                 io.Combo.Input("checkpointing", options=list(CHECKPOINTING), default="every block",
                                tooltip="Recompute blocks in backward instead of storing their activations: far "
                                        "less memory for about a third more time. 'every 2nd/4th block' is faster "
-                                       "and needs more; 'offload to CPU' needs least; 'off' only with memory to "
-                                       "spare (48 GB+ at 1024²)."),
+                                       "and needs more; 'offload to CPU' needs least; 'off' keeps every block's "
+                                       "activations: only with plenty of memory to spare."),
                 io.Int.Input("swap_blocks", default=0, min=0, max=57,
-                             tooltip="Keep this many blocks' weights in CPU memory and stream them in while the "
-                                     "others compute: 10–25 fits FLUX fp8 in 8–12 GB of VRAM, a little slower. "
-                                     "0 keeps the whole model on the GPU."),
+                             tooltip="Keep the last N blocks' weights in CPU memory and stream each in while the one "
+                                     "before it computes: each frees a single block's weights (FLUX.1: 141M "
+                                     "parameters, 141 MB in fp8), a little slower. 0 keeps the model on the GPU."),
                 io.Boolean.Input("compile", default=False,
                                  tooltip="torch.compile each block: faster steps on recent GPUs after a minute or "
                                          "two of compiling. Needs a working Triton (Linux) and is off by default."),
