@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT))
 if os.environ.get("COMFYUI_PATH"):
     sys.path.insert(1, os.environ["COMFYUI_PATH"])
 
-from trainer.data import Example  # noqa: E402
-from trainer.layers import FluxDims, LayerSpec  # noqa: E402
-from trainer.lora import LoraSet  # noqa: E402
-from trainer.memory import MemoryConfig, swapped_indices  # noqa: E402
-from trainer.train import TrainConfig, Trainer  # noqa: E402
+from trainer.data.encode import Example  # noqa: E402
+from trainer.families.flux1.layers import FluxDims  # noqa: E402
+from trainer.loop.memory import MemoryConfig, swapped_indices  # noqa: E402
+from trainer.loop.trainer import TrainConfig, Trainer  # noqa: E402
+from trainer.lora.targets import LayerSpec  # noqa: E402
+from trainer.lora.weights import LoraSet  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -156,10 +157,10 @@ def backend_for(model, device):
     if hasattr(model, "model_patches_to"):  # a ModelPatcher
         import comfy.model_management
 
-        from trainer.backends.comfy_flux import ComfyFlux
+        from trainer.families.flux1.comfy import ComfyFlux
 
         return ComfyFlux(model.model, device, lambda on: setattr(comfy.model_management, "in_training", on))
-    from trainer.backends.diffusers_flux import DiffusersFlux
+    from trainer.families.flux1.diffusers import DiffusersFlux
 
     return DiffusersFlux(model)
 
@@ -315,7 +316,7 @@ def main(argv=None) -> None:
             result = (f"RESULT device={args.device} resolution={resolution} mode={mode.name} s_per_step={seconds:.4f} "
                       f"peak_mem_gib={peak_gib:.2f} tflops={tflops:.4g} mfu={mfu:.3f} native_s_per_step={native_s:.4f} "
                       f"speedup_vs_native={native_s / seconds:.2f}")
-            print(result, flush=True)
+            print(result, flush=True)  # noqa: T201 - the machine-readable line belongs on stdout
         del model
     return result
 

@@ -15,7 +15,7 @@ from .dataset import (
 )
 from .layers import LoraLayerGroup
 from .lora_io import ApplyFluxLora, SaveFluxLora, TinyFluxLoader
-from .runs import CheckpointSettings, LoadCheckpointLora
+from .runs import LoadCheckpointLora, RunSettingsNode
 from .train import TrainFluxLora
 from .validation import ValidationSamples
 
@@ -25,7 +25,7 @@ NODES = [
     DatasetFromFolder, DatasetFromMfluxConfig, DatasetFromImages, DatasetAugmentation, RegularisationSet,
     ClassImages, CaptionImages, DatasetReport,
     # training
-    LoraLayerGroup, ValidationSamples, CheckpointSettings, TrainFluxLora,
+    LoraLayerGroup, ValidationSamples, RunSettingsNode, TrainFluxLora,
     # using the LoRA
     LoadCheckpointLora, ApplyFluxLora, SaveFluxLora,
 ]

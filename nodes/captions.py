@@ -3,15 +3,11 @@ training: the captions come back in `edited_captions`, and lines changed there a
 
 from __future__ import annotations
 
-import gc
-
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
-from ..trainer import captions, data, images
-from . import host
-from .types import CATEGORY
+from ..trainer.data import captioning, datasets, images
+from . import ids, sockets
+from .host import events, models, paths
 
 NO_MODEL = "(put a transformers model folder in models/vlm)"
 
@@ -20,9 +16,9 @@ class CaptionImages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothCaption",
+            node_id=ids.CAPTION,
             display_name="Caption Images (VLM)",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Writes a .txt caption next to every photo that has none, with a local vision-language "
                         "model (Florence-2, BLIP, Qwen2-VL / Qwen2.5-VL, JoyCaption…) from models/vlm or "
                         "models/LLM. The captions then show in edited_captions: change any and queue again.",
@@ -30,16 +26,16 @@ class CaptionImages(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="", tooltip="The photos' folder (absolute, or relative to "
                                                               "ComfyUI's input folder)."),
-                io.Combo.Input("model", options=host.vlm_models() or [NO_MODEL],
+                io.Combo.Input("model", options=paths.vlm_models() or [NO_MODEL],
                                tooltip="A transformers model folder: Florence-2 and BLIP write plain captions; "
                                        "chat models (Qwen2-VL, JoyCaption) also take a reference photo."),
-                io.Combo.Input("style", options=list(captions.STYLES), default="short",
-                               tooltip="short: one simple sentence (seed 000: keep training prompts simple). "
-                                       "detailed: a paragraph on pose, clothing, setting, light (seed 003)."),
+                io.Combo.Input("style", options=list(captioning.STYLES), default="short",
+                               tooltip="short: one simple sentence (mflux's advice: keep training prompts simple). "
+                                       "detailed: a paragraph on pose, clothing, setting, light."),
                 io.String.Input("trigger_word", default="sks", tooltip="Put first in every caption, with the class."),
                 io.String.Input("class_word", default="", tooltip="'person', 'dog'…: follows the trigger word."),
                 io.Image.Input("reference", optional=True,
-                               tooltip="A clear photo of the subject (seed 003's selfie): a chat model then says "
+                               tooltip="A clear photo of the subject (a selfie): a chat model then says "
                                        "where the subject is in each photo and what differs (glasses, beard)."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Caption photos that already have a .txt again. Off keeps your captions."),
@@ -55,14 +51,14 @@ class CaptionImages(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder, **_):
-        return data.fingerprint(host.resolve_input_path(folder, "folder"))
+        return datasets.fingerprint(paths.resolve_input_path(folder, "folder"))
 
     @classmethod
     def execute(cls, folder, model, style, trigger_word, class_word, overwrite, max_new_tokens, edited_captions,
                 reference=None) -> io.NodeOutput:
-        path = host.resolve_input_path(folder, "folder")
-        edits = captions.parse_edits(edited_captions)
-        captions.apply_edits(path, edits)
+        path = paths.resolve_input_path(folder, "folder")
+        edits = captioning.parse_edits(edited_captions)
+        captioning.apply_edits(path, edits)
         todo = [p for p in path.iterdir() if p.suffix.lower() in images.EXTENSIONS
                 and p.name not in edits and (overwrite or not p.with_suffix(".txt").is_file())]
         if todo and model == NO_MODEL:
@@ -70,14 +66,13 @@ class CaptionImages(io.ComfyNode):
                              "transformers model folder (e.g. Florence-2-base) in models/vlm.")
         captioner = None
         if todo:
-            device, dtype = host.torch_device_and_dtype()
-            captioner = captions.Captioner(host.vlm_path(model), device, dtype, max_new_tokens)
-        bar = comfy.utils.ProgressBar(1)
-        result = captions.caption_folder(path, captioner, style, trigger_word.strip(), class_word.strip(),
+            device, dtype = models.torch_device_and_dtype()
+            captioner = captioning.Captioner(paths.vlm_path(model), device, dtype, max_new_tokens)
+        bar = events.progress_bar(1)
+        result = captioning.caption_folder(path, captioner, style, trigger_word.strip(), class_word.strip(),
                                          images.from_tensor(reference[0]) if reference is not None else None,
                                          overwrite, skip=set(edits), on_progress=bar.update_absolute)
         del captioner
-        gc.collect()
-        comfy.model_management.soft_empty_cache()
+        models.release_memory()
         text = "\n".join(f"{name}: {caption}" for name, caption, _ in result)
         return io.NodeOutput(str(path), text, ui={"captions": [text]})

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer import data, dataset_report
-from ..trainer.augment import Augmentation
-from ..trainer.images import Shaping
-from ..trainer.layers import LayerSpec
-from . import host
-from .types import CATEGORY, Augment, Dataset, LoraLayers
+from ..trainer.data import datasets
+from ..trainer.data import report as dataset_report
+from ..trainer.data.augment import Augmentation
+from ..trainer.data.images import Shaping
+from ..trainer.lora.targets import LayerSpec
+from ..trainer.parsing import number_list
+from . import ids, sockets
+from .host import paths
 
 TRIGGER_TIP = ("A rare word that will mean your subject, e.g. 'sks' or 'ohwx'. Put into every caption: it replaces "
                "'[trigger]', or is prepended (with the class) when the caption lacks it. Empty for styles whose "
                "captions already say everything.")
-CLASS_TIP = ("What the subject is: 'person', 'dog', 'toy' (seed 002 writes 'kvthvmi_ person, …'). Prepended with "
-             "the trigger word, and kept when captions drop out.")
+CLASS_TIP = ("What the subject is: 'person', 'dog', 'toy' (ai-toolkit recipes write 'kvthvmi_ person, …'). "
+             "Prepended with the trigger word, and kept when captions drop out.")
 REPEATS_TIP = ("How often each image appears per epoch, relative to the datasets chained to this one: raise it for "
                "a set with fewer photos. 1 is fine for a dataset on its own.")
 PREVIOUS_TIP = ("Another dataset to train on together with this one: a second subject with its own trigger word, a "
@@ -28,7 +30,7 @@ def shaping_inputs() -> list:
         io.String.Input("resolution", default="512",
                         tooltip="Training size: the pixel area of the buckets (512 → about 512×512). 512 learns "
                                 "likeness fast, 1024 fine detail. Several, e.g. '512, 1024', train each photo at "
-                                "each (seed 001)."),
+                                "each (SimpleTuner's multi-resolution training)."),
         io.Boolean.Input("bucketing", default=True,
                          tooltip="Keep each photo's aspect ratio (buckets from 1:4 to 4:1, sides multiples of 16) "
                                  "instead of cropping everything square."),
@@ -38,7 +40,7 @@ def shaping_inputs() -> list:
         io.Boolean.Input("upscale_small", default=False,
                          tooltip="Enlarge photos smaller than their bucket instead of reporting them. Blurry "
                                  "photos teach blur: better lower the resolution."),
-        io.Combo.Input("problems", options=list(data.PROBLEMS), default="stop",
+        io.Combo.Input("problems", options=list(datasets.PROBLEMS), default="stop",
                        tooltip="stop: any unreadable photo, missing caption or too-small photo is an error naming "
                                "them all. skip: train on the rest and list them in the summary."),
     ]
@@ -46,35 +48,27 @@ def shaping_inputs() -> list:
 
 def subject_inputs(trigger_default: str = "sks") -> list:
     return [
-        Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
-        Augment.Input("augment", optional=True, tooltip="From Dataset Augmentation (all off when unconnected)."),
+        sockets.Dataset.Input("previous", optional=True, tooltip=PREVIOUS_TIP),
+        sockets.Augment.Input("augment", optional=True,
+                              tooltip="From Dataset Augmentation (all off when unconnected)."),
         io.String.Input("trigger_word", default=trigger_default, tooltip=TRIGGER_TIP),
         io.String.Input("class_word", default="", tooltip=CLASS_TIP),
         io.Int.Input("repeats", default=1, min=1, max=1000, tooltip=REPEATS_TIP),
     ]
 
 
-def resolutions(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"resolution is {text!r}; give one or more sizes like '512' or '512, 1024'.") from None
-    if not values:
-        raise ValueError("resolution is empty; give a size like 512.")
-    return values
-
-
 def build(make, previous, augment, trigger_word, class_word, repeats, resolution, bucketing, crop, upscale_small,
-          problems, **options) -> data.Dataset:
+          problems, **options) -> datasets.Dataset:
     """`make(options)` once per resolution, chained after `previous`."""
-    datasets = [make(data.Options(trigger_word.strip(), class_word.strip(), repeats, augment=augment or Augmentation(),
-                                  shaping=Shaping(r, bucketing, crop, upscale_small), problems=problems, **options))
-                for r in resolutions(resolution)]
-    out = sum(datasets[1:], datasets[0])
+    parts = [make(datasets.Options(trigger_word.strip(), class_word.strip(), repeats,
+                                   augment=augment or Augmentation(), problems=problems,
+                                   shaping=Shaping(r, bucketing, crop, upscale_small), **options))
+             for r in number_list(resolution, int, "resolution", "512, 1024")]
+    out = sum(parts[1:], parts[0])
     return out if previous is None else previous + out
 
 
-def summary(dataset: data.Dataset) -> str:
+def summary(dataset: datasets.Dataset) -> str:
     captions = "\n".join(f"{i.name}: {i.caption}" for i in dataset.items[:8])
     more = f"\n… and {len(dataset) - 8} more" if len(dataset) > 8 else ""
     skipped = f"\nLeft out ({len(dataset.skipped)}):\n  " + "\n  ".join(dataset.skipped) if dataset.skipped else ""
@@ -85,9 +79,9 @@ class DatasetFromFolder(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothDatasetFolder",
+            node_id=ids.DATASET_FOLDER,
             display_name="DreamBooth Dataset (folder)",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Photos with captions: same-name .txt files (photo.jpg + photo.txt), a metadata file "
                         "(metadata.jsonl/.json/.csv), or file names. JPEG, PNG, WebP; rotated, transparent, CMYK "
                         "and 16-bit photos are handled. Problems are reported by file name.",
@@ -96,7 +90,7 @@ class DatasetFromFolder(io.ComfyNode):
                 io.String.Input("folder", default="builtin:quickstart",
                                 tooltip="Folder of images and captions. Absolute, or relative to ComfyUI's input "
                                         "folder. 'builtin:quickstart' is the small example set of this pack."),
-                io.Combo.Input("captions", options=list(data.CAPTION_SOURCES), default="auto",
+                io.Combo.Input("captions", options=list(datasets.CAPTION_SOURCES), default="auto",
                                tooltip="auto: the .txt file, else the folder's metadata file. txt, metadata: only "
                                        "that. filename: 'sks_dog_on_grass.jpg' → 'sks dog on grass'."),
                 io.String.Input("default_caption", default="",
@@ -107,19 +101,19 @@ class DatasetFromFolder(io.ComfyNode):
                                          "'sks', class 'dog'. Train several subjects at once."),
                 *shaping_inputs(),
             ],
-            outputs=[Dataset.Output(display_name="dataset"),
+            outputs=[sockets.Dataset.Output(display_name="dataset"),
                      io.String.Output(display_name="summary", tooltip="Image count, captions, what was left out.")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, folder, **_):
-        return data.fingerprint(host.resolve_input_path(folder, "folder"))
+        return datasets.fingerprint(paths.resolve_input_path(folder, "folder"))
 
     @classmethod
     def execute(cls, folder, captions, default_caption, subfolders_as_concepts, previous=None, augment=None,
                 **common) -> io.NodeOutput:
-        path = host.resolve_input_path(folder, "folder")
-        dataset = build(lambda o: data.from_folder(path, o, subfolders_as_concepts), previous, augment,
+        path = paths.resolve_input_path(folder, "folder")
+        dataset = build(lambda o: datasets.from_folder(path, o, subfolders_as_concepts), previous, augment,
                         captions=captions, default_caption=default_caption, **common)
         return io.NodeOutput(dataset, summary(dataset))
 
@@ -128,9 +122,9 @@ class DatasetFromMfluxConfig(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothDatasetMflux",
+            node_id=ids.DATASET_MFLUX,
             display_name="DreamBooth Dataset (mflux config)",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Reads an mflux train config: its `examples` block (a path and {image, prompt} pairs) "
                         "becomes the dataset, its `lora_layers` the layer selection.",
             inputs=[
@@ -140,23 +134,23 @@ class DatasetFromMfluxConfig(io.ComfyNode):
                                         "folder). Image paths are read relative to the config, as mflux does."),
                 *shaping_inputs(),
             ],
-            outputs=[Dataset.Output(display_name="dataset"),
-                     LoraLayers.Output(display_name="lora_layers",
+            outputs=[sockets.Dataset.Output(display_name="dataset"),
+                     sockets.LoraLayers.Output(display_name="lora_layers",
                                        tooltip="The config's lora_layers, for the Train node's lora_layers input."),
                      io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, config_path, **_):
-        return data.fingerprint(host.resolve_input_path(config_path, "config_path"))
+        return datasets.fingerprint(paths.resolve_input_path(config_path, "config_path"))
 
     @classmethod
     def execute(cls, config_path, previous=None, augment=None, **common) -> io.NodeOutput:
-        path = host.resolve_input_path(config_path, "config_path")
+        path = paths.resolve_input_path(config_path, "config_path")
         config = {}
 
         def make(options):
-            dataset, read = data.from_mflux_config(path, options)
+            dataset, read = datasets.from_mflux_config(path, options)
             config.update(read)
             return dataset
 
@@ -169,9 +163,9 @@ class DatasetFromImages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothDatasetImages",
+            node_id=ids.DATASET_IMAGES,
             display_name="DreamBooth Dataset (images)",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Train on images that come from other nodes (Load Image, a batch, generated images), with "
                         "one caption per line.",
             inputs=[
@@ -181,13 +175,13 @@ class DatasetFromImages(io.ComfyNode):
                                 tooltip="One caption per image, one per line; or a single line for all of them."),
                 *shaping_inputs(),
             ],
-            outputs=[Dataset.Output(display_name="dataset"), io.String.Output(display_name="summary")],
+            outputs=[sockets.Dataset.Output(display_name="dataset"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, images, captions, previous=None, augment=None, **common) -> io.NodeOutput:
         lines = [c.strip() for c in captions.splitlines() if c.strip()] or [""]
-        dataset = build(lambda o: data.from_images(images, lines, o), previous, augment, **common)
+        dataset = build(lambda o: datasets.from_images(images, lines, o), previous, augment, **common)
         return io.NodeOutput(dataset, summary(dataset))
 
 
@@ -195,9 +189,9 @@ class DatasetAugmentation(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothAugment",
+            node_id=ids.AUGMENT,
             display_name="Dataset Augmentation",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Variations for small datasets, all off by default: flipping a face or shifting skin "
                         "colour changes likeness. Each photo gets a few views, encoded once; a step uses one.",
             inputs=[
@@ -212,12 +206,13 @@ class DatasetAugmentation(io.ComfyNode):
                                      "encoding and a bigger cache."),
                 io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.9, step=0.01,
                                tooltip="How often a step sees only the trigger word and class instead of the "
-                                       "caption, so the trigger carries the subject (seed 002: 0.18–0.25)."),
+                                       "caption, so the trigger carries the subject (ai-toolkit's "
+                                       "caption_dropout_rate; 0.18–0.25 for a person)."),
                 io.Boolean.Input("shuffle_tags", default=False,
                                  tooltip="For tag-style captions ('sks, smiling, outdoors'): shuffle the tags after "
                                          "the first, so order doesn't matter."),
             ],
-            outputs=[Augment.Output(display_name="augment")],
+            outputs=[sockets.Augment.Output(display_name="augment")],
         )
 
     @classmethod
@@ -229,20 +224,20 @@ class RegularisationSet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothRegularisation",
+            node_id=ids.REGULARISATION,
             display_name="Regularisation Set",
-            category=CATEGORY,
-            description="Marks a dataset as regularisation: generic photos of the class (seed 002's 'person' set) "
-                        "that keep the model from turning every person into your subject. Chain it into the "
-                        "subject's dataset through `previous`.",
+            category=sockets.Category.DATASET,
+            description="Marks a dataset as regularisation: generic photos of the class (ai-toolkit's is_reg "
+                        "sets, e.g. 'person') that keep the model from turning every person into your subject. "
+                        "Chain it into the subject's dataset through `previous`.",
             inputs=[
-                Dataset.Input("dataset", tooltip="Generic class photos: a folder with default_caption 'person', or "
-                                                 "Class Images."),
+                sockets.Dataset.Input("dataset", tooltip="Generic class photos: a folder with default_caption "
+                                                         "'person', or Class Images."),
                 io.Float.Input("loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="How much these images count in the loss compared with the subject's "
                                        "(DreamBooth's prior-preservation weight; 1.0 is usual, 0.5 gentler)."),
             ],
-            outputs=[Dataset.Output(display_name="dataset")],
+            outputs=[sockets.Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
@@ -254,14 +249,15 @@ class DatasetReport(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothDatasetReport",
+            node_id=ids.DATASET_REPORT,
             display_name="Dataset Report",
-            category=CATEGORY,
+            category=sockets.Category.DATASET,
             description="Looks at a dataset before training: counts, the bucket histogram, every caption, and "
                         "warnings (duplicates, photos too small for their bucket, captions without the trigger "
                         "word, captions longer than CLIP reads).",
             is_output_node=True,
-            inputs=[Dataset.Input("dataset")],
+            inputs=[sockets.Dataset.Input("dataset",
+                                          tooltip="A dataset node's output, before it goes to the Train node.")],
             outputs=[io.String.Output(display_name="report")],
         )
 

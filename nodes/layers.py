@@ -1,30 +1,28 @@
-"""One LoRA layer group per node; chain them into a selection (seed 000's art-style template
+"""One LoRA layer group per node; chain them into a selection (mflux's art-style template
 uses two: some double blocks' attention and some single blocks' projections)."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.layers import DOUBLE, LAYER_TYPES, PRESETS, SINGLE, LayerGroup, LayerSpec, parse_layer_types
-from .types import CATEGORY, LoraLayers
-
-
-def _names(blocks: str) -> str:
-    return ", ".join(LAYER_TYPES[blocks])
+from ..trainer.families.flux1.layers import DOUBLE, SINGLE, VOCABULARY
+from ..trainer.lora.targets import LayerGroup, LayerSpec, parse_layer_types, preset_names
+from . import ids, sockets
 
 
 class LoraLayerGroup(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothLayers",
+            node_id=ids.LAYERS,
             display_name="LoRA Layer Group",
-            category=CATEGORY,
+            category=sockets.Category.TRAINING,
             description="Which layers get a LoRA, in mflux/diffusers names. Chain several groups through "
                         "`previous`. ComfyUI fuses q/k/v into one layer; picking attn.to_q alone trains only "
                         "its slice.",
             inputs=[
-                LoraLayers.Input("previous", optional=True, tooltip="Groups from another LoRA Layer Group node."),
+                sockets.LoraLayers.Input("previous", optional=True,
+                                         tooltip="Groups from another LoRA Layer Group node."),
                 io.Combo.Input("blocks", options=[SINGLE, DOUBLE], default=SINGLE,
                                tooltip="single_transformer_blocks (38 in FLUX.1, later layers, details) or "
                                        "transformer_blocks (19, the double-stream layers, broader features)."),
@@ -35,17 +33,19 @@ class LoraLayerGroup(io.ComfyNode):
                              tooltip="End of the range, exclusive as in mflux: 38 covers all single blocks, 19 all "
                                      "double blocks."),
                 io.String.Input("layer_types", default="proj_out, proj_mlp, attn.to_q, attn.to_k, attn.to_v",
-                                tooltip=f"Comma-separated diffusers names. Single blocks: {_names(SINGLE)}. "
-                                        f"Double blocks: {_names(DOUBLE)}. Presets: {', '.join(PRESETS)}. "
+                                tooltip=f"Comma-separated diffusers names. Single blocks: {VOCABULARY.names(SINGLE)}. "
+                                        f"Double blocks: {VOCABULARY.names(DOUBLE)}. "
+                                        f"Presets: {', '.join(preset_names())}. "
                                         "Attention (q, k, v) holds likeness; projections and MLPs hold style."),
                 io.Int.Input("rank", default=8, min=1, max=256,
                              tooltip="LoRA rank: 4–8 for a pet or object, 8–16 for a face, 16–32 for a style. "
                                      "Higher learns more detail, takes more memory, overfits sooner."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank "
-                                       "(scale 1). Half the rank (seed 003: rank 32, alpha 16) trains gentler."),
+                                       "(scale 1). Half the rank (rank 32, alpha 16 as in diffusers' FLUX DreamBooth "
+                                       "script) trains gentler."),
             ],
-            outputs=[LoraLayers.Output(display_name="lora_layers")],
+            outputs=[sockets.LoraLayers.Output(display_name="lora_layers")],
         )
 
     @classmethod

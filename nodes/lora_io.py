@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 from comfy_api.latest import io
 
-from ..trainer import export
-from . import host
-from .tiny import WEIGHT_DTYPES, load_tiny_flux
-from .types import CATEGORY
+from ..trainer import files
+from ..trainer.log import logger
+from ..trainer.outputs import export
+from . import ids, sockets
+from .host import loras, paths
+from .host.tiny import WEIGHT_DTYPES, load_tiny_flux
 
-log = logging.getLogger("flux_dreambooth")
+log = logger(__name__)
 NO_FILE = "(none)"
 
 
@@ -19,15 +19,15 @@ class ApplyFluxLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothApply",
+            node_id=ids.APPLY,
             display_name="Apply FLUX LoRA",
-            category=CATEGORY,
+            category=sockets.Category.LORA,
             description="MODEL + LoRA → MODEL, exactly as the stock Load LoRA node applies a file. Takes the "
                         "Train node's LoRA, a file from models/loras, or both.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The FLUX model to apply the LoRA to (the one it was trained on)."),
                 io.LoraModel.Input("lora", optional=True, tooltip="A LoRA from the Train node."),
-                io.Combo.Input("lora_name", options=[NO_FILE] + host.lora_files(), default=NO_FILE,
+                io.Combo.Input("lora_name", options=[NO_FILE] + paths.lora_files(), default=NO_FILE,
                                tooltip="A LoRA file from models/loras (for example one this pack saved)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="1.0 is as trained. 0.7–0.9 loosens an overfit LoRA; above 1 exaggerates."),
@@ -41,9 +41,9 @@ class ApplyFluxLora(io.ComfyNode):
             raise ValueError("Apply FLUX LoRA has nothing to apply: connect `lora` from the Train node or pick "
                              "a file in `lora_name`.")
         if lora is not None:
-            model = host.apply_lora(model, lora, strength)
+            model = loras.apply_lora(model, lora, strength)
         if lora_name != NO_FILE:
-            model = host.apply_lora(model, host.load_lora_file(lora_name), strength)
+            model = loras.apply_lora(model, loras.load_lora_file(lora_name), strength)
         return io.NodeOutput(model)
 
 
@@ -51,14 +51,14 @@ class SaveFluxLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothSave",
+            node_id=ids.SAVE,
             display_name="Save FLUX LoRA",
-            category=CATEGORY,
+            category=sockets.Category.LORA,
             description="Writes the LoRA into models/loras, where Load LoRA lists it. Written to a temporary "
                         "file and renamed, so a crash never leaves half a LoRA.",
             is_output_node=True,
             inputs=[
-                io.LoraModel.Input("lora"),
+                io.LoraModel.Input("lora", tooltip="From the Train node or Load Checkpoint LoRA."),
                 io.String.Input("filename_prefix", default="flux_dreambooth/lora",
                                 tooltip="Name inside models/loras; subfolders are fine ('people/alice'). A "
                                         "counter is added so nothing is overwritten."),
@@ -75,17 +75,17 @@ class SaveFluxLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename_prefix, format, precision) -> io.NodeOutput:
-        root = host.loras_root()
-        export.safe_path(root, filename_prefix)  # a name of its own, inside models/loras
+        root = paths.loras_root()
+        files.safe_path(root, filename_prefix)  # a name of its own, inside models/loras
         counter = 1
-        while (path := export.safe_path(root, f"{filename_prefix}_{counter:05}.safetensors")).exists():
+        while (path := files.safe_path(root, f"{filename_prefix}_{counter:05}.safetensors")).exists():
             counter += 1
         dtype = export.SAVE_DTYPES[precision]
         if isinstance(lora, export.TrainedLora):
             sd, meta = lora.to_file_dict(format, dtype), dict(lora.metadata, **{"dreambooth.format": format})
         else:  # a LORA_MODEL from another node (e.g. ComfyUI's own trainer): saved as it is
             sd, meta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in lora.items()}, {}
-        export.save_atomic(path, sd, meta)
+        files.write_safetensors(path, sd, meta)
         name = path.relative_to(root.resolve()).as_posix()
         log.info("Saved LoRA %s", path)
         return io.NodeOutput(name, ui={"text": [name]})
@@ -95,9 +95,9 @@ class TinyFluxLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothTinyFlux",
+            node_id=ids.TINY_FLUX,
             display_name="Tiny FLUX (demo, random weights)",
-            category=CATEGORY,
+            category=sockets.Category.MODELS,
             description="A FLUX-architecture MODEL, CLIP and VAE at toy sizes with random, seeded weights: "
                         "try the whole pack on a CPU in a minute before downloading 30 GB. Its images are "
                         "noise; what matters is that training, saving and sampling all work.",

@@ -3,26 +3,25 @@ own FLUX as a job (see session.py), hand back the model with the LoRA applied.""
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
 from comfy_api.latest import io
 
-from ..trainer import export, report
-from ..trainer.cache import EncodeCache, encode_dataset
-from ..trainer.flow import TIMESTEP_SAMPLINGS, TimestepSampling
-from ..trainer.layers import LayerSpec
-from ..trainer.lora import LORA_DTYPES
-from ..trainer.memory import MemoryConfig
-from ..trainer.train import LR_SCHEDULES, TrainConfig
-from . import host
-from .runs import RunPlan
-from .session import Job, TrainingSession
-from .types import CATEGORY, Dataset, LoraLayers, RunSettings, Validation
-from .validation import Renderer
+from ..trainer.data.encode import EncodeCache, encode_dataset
+from ..trainer.log import logger
+from ..trainer.loop.flow import TIMESTEP_SAMPLINGS, TimestepSampling
+from ..trainer.loop.job import JobSpec
+from ..trainer.loop.memory import MemoryConfig
+from ..trainer.loop.trainer import LR_SCHEDULES, TrainConfig
+from ..trainer.lora.targets import LayerSpec
+from ..trainer.lora.weights import LORA_DTYPES
+from ..trainer.outputs import export, progress
+from ..trainer.outputs.checkpoints import RunSettings
+from . import ids, session, sockets
+from .host import loras, models, paths
 
-log = logging.getLogger("flux_dreambooth")
+log = logger(__name__)
 
 DEFAULT_LAYERS = "attention+mlp"
 CHECKPOINTING = {"every block": ("blocks", 1), "every 2nd block": ("blocks", 2), "every 4th block": ("blocks", 4),
@@ -33,9 +32,9 @@ class TrainFluxLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FluxDreamBoothTrain",
+            node_id=ids.TRAIN,
             display_name="Train FLUX LoRA (DreamBooth)",
-            category=CATEGORY,
+            category=sockets.Category.TRAINING,
             description="Teaches the loaded FLUX your subject: a flow-matching LoRA trained on the MODEL as "
                         "ComfyUI loaded it (bf16, fp16 or fp8), on a background thread. Cancel stops it "
                         "within a step.",
@@ -43,8 +42,8 @@ class TrainFluxLora(io.ComfyNode):
                 io.Model.Input("model", tooltip="The FLUX.1 model to train on (dev, schnell, Krea…)."),
                 io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode the images once."),
-                Dataset.Input("dataset", tooltip="From a DreamBooth Dataset node."),
-                LoraLayers.Input("lora_layers", optional=True,
+                sockets.Dataset.Input("dataset", tooltip="From a DreamBooth Dataset node."),
+                sockets.LoraLayers.Input("lora_layers", optional=True,
                                  tooltip="From LoRA Layer Group nodes. Unconnected: attention and MLP layers of "
                                          "every block at rank 16."),
                 io.Int.Input("steps", default=1000, min=1, max=100000,
@@ -71,7 +70,8 @@ class TrainFluxLora(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000,
                              tooltip="Steps to ramp the learning rate up from 0 (SimpleTuner uses 100)."),
                 io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-4, round=False,
-                               tooltip="AdamW weight decay on the LoRA. 1e-4 (seed 003) to 0.01 (seed 002)."),
+                               tooltip="AdamW weight decay on the LoRA: 1e-4 (diffusers' default) to 0.01 (ai-toolkit "
+                                       "recipes)."),
                 io.Combo.Input("checkpointing", options=list(CHECKPOINTING), default="every block",
                                tooltip="Recompute blocks in backward instead of storing their activations: far "
                                        "less memory for about a third more time. 'every 2nd/4th block' is faster "
@@ -89,14 +89,14 @@ class TrainFluxLora(io.ComfyNode):
                                        "updates of low learning rates (5e-5) are often rounded away."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.9999, step=0.0001, round=False,
                                tooltip="Keep an exponential moving average of the LoRA and save that: smoother "
-                                       "results (seed 002 uses 0.999). 0 turns it off."),
-                Validation.Input("validation", optional=True,
+                                       "results (ai-toolkit's ema_decay, usually 0.999). 0 turns it off."),
+                sockets.Validation.Input("validation", optional=True,
                                  tooltip="From Validation Samples: render an evaluation set while training."),
                 io.Combo.Input("cache", options=["memory", "disk"], default="memory",
                                tooltip="Where encoded images and captions are kept for the next run with the same "
                                        "photos, captions and encoders: memory (until ComfyUI restarts) or disk "
                                        "(output/flux_dreambooth/cache, across restarts)."),
-                RunSettings.Input("run", optional=True,
+                sockets.RunSettings.Input("run", optional=True,
                                   tooltip="From Checkpoints & Resume. Unconnected: run 'flux_lora', a checkpoint "
                                           "every 250 steps, the last 4 kept."),
             ],
@@ -123,31 +123,29 @@ class TrainFluxLora(io.ComfyNode):
                              timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, ema_decay=ema_decay,
                              memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile))
-        backend, patcher = host.flux_backend(model)
-        memory = f"{host.weight_dtype_name(model)} weights, {config.memory.describe()}"
+        backend, patcher = models.flux_backend(model)
+        memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
         targets = spec.targets(backend.dims)
-        run_plan = run or RunPlan()
-        folder, resume = run_plan.folder_and_checkpoint()
+        settings = run or RunSettings()
+        folder, resume = settings.folder_and_checkpoint(paths.runs_root())
         started = time.perf_counter()
-        store = EncodeCache(host.runs_root() / "cache" if cache == "disk" else None)
-        examples, skipped = encode_dataset(dataset, host.ComfyEncoders(model, clip, vae), store, seed)
-        renderer = validation and Renderer(validation, clip, vae, dataset.trigger_word, folder.path / "samples")
-        host.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
+        store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
+        examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
+        renderer = validation and validation.renderer(clip, vae, dataset.trigger_word, folder.path / "samples")
+        models.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
         base = getattr(model.model, "flux_dreambooth_name",
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
-        meta = {"spec": spec, "trigger_word": dataset.trigger_word, "base_model": base,
-                "extra": {"resolution": resolution, "learning_rate": learning_rate, "seed": seed,
-                          "run": folder.path.name}}
+        metadata = export.LoraMetadata(spec, dataset.trigger_word, base, {
+            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name})
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
-        job = Job(str(cls.hidden.unique_id), backend, patcher, examples, config, targets, LORA_DTYPES[lora_dtype],
-                  folder, run_plan, resume, renderer, validation, meta)
-        outcome = TrainingSession(job).run()
+        job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
+                      resume, validation and validation.schedule())
+        outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
 
-        trained = export.TrainedLora(outcome.lora, export.metadata(spec, outcome.steps_done, dataset.trigger_word,
-                                                                  base, extra=meta["extra"]))
+        trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done))
         seconds = time.perf_counter() - started
         before, after = outcome.loss_before, outcome.loss_after
         summary = (f"{outcome.steps_done} steps{' (stopped)' if outcome.stopped else ''} in {seconds:.0f} s on "
@@ -156,9 +154,9 @@ class TrainFluxLora(io.ComfyNode):
                    f"{store.hits} encodings from the cache, {store.misses} computed; {memory}"
                    + (f"\nLeft out: {'; '.join(skipped)}" if skipped else ""))
         log.info("Trained: %s", summary)
-        plot = report.to_pixels(report.loss_plot(outcome.history))[None]
+        plot = progress.to_pixels(progress.loss_plot(outcome.history))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot
         ui = {"text": [summary], "fixed_noise_loss": [before, after]}  # samples show in the node's panel
-        return io.NodeOutput(host.apply_lora(model, trained, 1.0), trained, {"loss": outcome.losses}, samples,
-                             plot, str(folder.path.relative_to(host.runs_root())), ui=ui)
+        return io.NodeOutput(loras.apply_lora(model, trained, 1.0), trained, {"loss": outcome.losses}, samples,
+                             plot, str(folder.path.relative_to(paths.runs_root())), ui=ui)
 

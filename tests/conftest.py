@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainer import tiny
+from trainer.families.flux1 import tiny
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.layers import FluxDims, LayerSpec
-from trainer.lora import LoraSet
+from trainer.families.flux1.layers import FluxDims
+from trainer.lora.targets import LayerSpec
+from trainer.lora.weights import LoraSet
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.blocks import BlockRunner
-from trainer.memory import MemoryConfig
+from trainer.loop.blocks import BlockRunner
+from trainer.loop.memory import MemoryConfig
 
 CPU = torch.device("cpu")
 
@@ -93,7 +93,7 @@ def test_blocks_without_lora_before_the_first_lora_build_no_graph():
 
 
 def test_a_swap_that_fails_half_way_puts_every_weight_back(monkeypatch):
-    import trainer.memory as memory
+    import trainer.loop.memory as memory
 
     blocks = [InplaceBlock(8).requires_grad_(False) for _ in range(3)]
     before = [[p.clone() for p in b.parameters()] for b in blocks]
@@ -115,9 +115,9 @@ def test_a_swap_that_fails_half_way_puts_every_weight_back(monkeypatch):
 
 
 def test_compile_that_cannot_work_here_is_refused_by_name(monkeypatch):
-    import trainer.blocks
+    import trainer.loop.blocks
 
-    monkeypatch.setattr(trainer.blocks, "compile_problem", lambda: "InductorError: no C compiler")
+    monkeypatch.setattr(trainer.loop.blocks, "compile_problem", lambda: "InductorError: no C compiler")
     block = InplaceBlock(8).requires_grad_(False)
     with pytest.raises(RuntimeError, match=r"compile is on.*no C compiler.*turn compile off"):
         BlockRunner([block], [True], [("img", "txt")], MemoryConfig(compile=True), CPU)

@@ -2,10 +2,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import cache, data
-from trainer.augment import Augmentation
-from trainer.images import Shaping
-from trainer.train import EpochSampler, _choose
+from trainer.data import datasets
+from trainer.data import encode as encoding
+from trainer.data.augment import Augmentation
+from trainer.data.images import Shaping
+from trainer.loop.trainer import EpochSampler, _choose
 
 
 class CountingEncoders:
@@ -38,41 +39,41 @@ def folder(path, n=3, size=(96, 64)):
 
 
 def encode(path, encoders, store, **options):
-    dataset = data.from_folder(path, data.Options(trigger_word="sks", **{"shaping": Shaping(64), **options}))
-    return cache.encode_dataset(dataset, encoders, store)
+    dataset = datasets.from_folder(path, datasets.Options(trigger_word="sks", **{"shaping": Shaping(64), **options}))
+    return encoding.encode_dataset(dataset, encoders, store)
 
 
 def test_hits_misses_and_what_invalidates(tmp_path):
-    cache.clear_memory()
+    encoding.clear_memory()
     path = folder(tmp_path / "photos")
     enc = CountingEncoders()
-    store = cache.EncodeCache(memory=True)
+    store = encoding.EncodeCache(memory=True)
     examples, skipped = encode(path, enc, store)
     assert (enc.images, len(enc.texts), store.misses, store.hits) == (3, 3, 6, 0) and enc.released
     assert examples[0].latents.shape == (16, 6, 10) and not skipped  # 96×64 → the 80×48 bucket at 64²
-    again = cache.EncodeCache(memory=True)
+    again = encoding.EncodeCache(memory=True)
     encode(path, enc, again)
     assert (enc.images, again.hits, again.misses) == (3, 6, 0)  # nothing recomputed
 
     (path / "1.txt").write_text("photo one, edited")  # a caption changes: only its text
     Image.new("RGB", (96, 64), (0, 0, 0)).save(path / "2.png")  # an image changes (same name): only its latents
-    third = cache.EncodeCache(memory=True)
+    third = encoding.EncodeCache(memory=True)
     encode(path, enc, third)
     assert enc.images == 4 and enc.texts[-1] == "sks, photo one, edited" and third.misses == 2
 
-    encode(path, CountingEncoders("v2"), fourth := cache.EncodeCache(memory=True))  # another encoder
+    encode(path, CountingEncoders("v2"), fourth := encoding.EncodeCache(memory=True))  # another encoder
     assert fourth.misses == 6
-    encode(path, enc, fifth := cache.EncodeCache(memory=True), shaping=Shaping(128, upscale_small=True))
+    encode(path, enc, fifth := encoding.EncodeCache(memory=True), shaping=Shaping(128, upscale_small=True))
     assert fifth.misses == 3  # another bucket: latents again, captions reused
 
 
 def test_disk_cache_survives_a_restart(tmp_path):
-    cache.clear_memory()
+    encoding.clear_memory()
     path = folder(tmp_path / "photos")
     enc = CountingEncoders()
-    first = cache.EncodeCache(tmp_path / "cache", memory=False)
+    first = encoding.EncodeCache(tmp_path / "cache", memory=False)
     a, _ = encode(path, enc, first)
-    restarted = cache.EncodeCache(tmp_path / "cache", memory=False)
+    restarted = encoding.EncodeCache(tmp_path / "cache", memory=False)
     b, _ = encode(path, CountingEncoders(), restarted)
     assert restarted.hits == 6 and restarted.misses == 0
     assert all(torch.equal(x.latents, y.latents) for x, y in zip(a, b))
@@ -85,7 +86,7 @@ def test_views_caption_variants_and_dropout(tmp_path):
         tmp_path / "p" / "a.png")  # a left-to-right gradient: a flip shows
     (tmp_path / "p" / "a.txt").write_text("sks, smiling, outdoors, red scarf")
     aug = Augmentation(flip=True, views=3, caption_dropout=0.25, shuffle_tags=True)
-    (e,), _ = encode(tmp_path / "p", CountingEncoders(), cache.EncodeCache(memory=False), augment=aug)
+    (e,), _ = encode(tmp_path / "p", CountingEncoders(), encoding.EncodeCache(memory=False), augment=aug)
     assert len(e.views) == 1 and e.texts and e.dropout_rate == 0.25  # a flip alone: one other view
     assert e.dropout_text[0][0, 0] == len("sks")  # the trigger word is what dropout keeps
     generator = torch.Generator().manual_seed(0)
@@ -99,7 +100,7 @@ def test_small_photos_stop_or_are_left_out(tmp_path):
     path = folder(tmp_path / "photos")
     Image.new("RGB", (40, 40)).save(path / "tiny.png")
     (path / "tiny.txt").write_text("x")
-    with pytest.raises(data.DatasetError, match="tiny.png is 40×40, smaller than its 64×64 bucket"):
+    with pytest.raises(datasets.DatasetError, match="tiny.png is 40×40, smaller than its 64×64 bucket"):
         encode(path, CountingEncoders(), None)
     examples, skipped = encode(path, CountingEncoders(), None, problems="skip")
     assert len(examples) == 3 and len(skipped) == 1 and "tiny.png" in skipped[0]

@@ -2,8 +2,8 @@ import pytest
 from PIL import Image
 from tiny_vlms import blip, llava
 
-from trainer import captions
-from trainer.data import DatasetError
+from trainer.data import captioning
+from trainer.data.datasets import DatasetError
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +22,14 @@ def photos(folder, n=3):
 def test_captions_go_into_sidecars_trigger_and_class_first(models, tmp_path):
     folder = photos(tmp_path / "dog")
     (folder / "1.txt").write_text("my own caption of sks")
-    captioner = captions.Captioner(models["blip"])
-    result = captions.caption_folder(folder, captioner, "short", "sks", "dog")
+    captioner = captioning.Captioner(models["blip"])
+    result = captioning.caption_folder(folder, captioner, "short", "sks", "dog")
     assert [(n, written) for n, _, written in result] == [("0.jpg", True), ("1.jpg", False), ("2.jpg", True)]
     assert (folder / "1.txt").read_text() == "my own caption of sks"  # kept
     for name in ("0", "2"):
         text = (folder / f"{name}.txt").read_text().strip()
         assert text.startswith("sks dog, ") and "\n" not in text and len(text) > len("sks dog, ")
-    again = captions.caption_folder(folder, captioner, "short", "sks", "dog", overwrite=True, skip={"2.jpg"})
+    again = captioning.caption_folder(folder, captioner, "short", "sks", "dog", overwrite=True, skip={"2.jpg"})
     assert [written for _, _, written in again] == [True, True, False]
     assert (folder / "1.txt").read_text().startswith("sks dog, ")  # overwritten when asked
 
@@ -38,9 +38,9 @@ def test_reference_photo_needs_a_chat_model_and_works_with_one(models, tmp_path)
     folder = photos(tmp_path / "me", 2)
     reference = Image.new("RGB", (64, 64), (200, 150, 120))
     with pytest.raises(ValueError, match="reference photo needs a chat model"):
-        captions.caption_folder(folder, captions.Captioner(models["blip"]), reference=reference)
-    chat = captions.Captioner(models["llava"])
-    result = captions.caption_folder(folder, chat, "detailed", "sks", "man", reference=reference)
+        captioning.caption_folder(folder, captioning.Captioner(models["blip"]), reference=reference)
+    chat = captioning.Captioner(models["llava"])
+    result = captioning.caption_folder(folder, chat, "detailed", "sks", "man", reference=reference)
     assert all(written and text.startswith("sks") for _, text, written in result)
     seen = []
     processor = chat.processor
@@ -64,16 +64,16 @@ def test_reference_photo_needs_a_chat_model_and_works_with_one(models, tmp_path)
 def test_edits_are_written_and_checked(tmp_path):
     folder = photos(tmp_path / "e", 2)
     (folder / "0.txt").write_text("old")
-    edits = captions.parse_edits("0.jpg: sks dog on grass\n\n1.jpg: sks dog in snow\n")
-    assert captions.apply_edits(folder, edits) == ["0.jpg", "1.jpg"]
+    edits = captioning.parse_edits("0.jpg: sks dog on grass\n\n1.jpg: sks dog in snow\n")
+    assert captioning.apply_edits(folder, edits) == ["0.jpg", "1.jpg"]
     assert (folder / "0.txt").read_text().strip() == "sks dog on grass"
-    assert captions.apply_edits(folder, edits) == []  # nothing changed the second time
+    assert captioning.apply_edits(folder, edits) == []  # nothing changed the second time
     with pytest.raises(DatasetError, match="not in .*: missing.jpg"):
-        captions.apply_edits(folder, {"missing.jpg": "x"})
+        captioning.apply_edits(folder, {"missing.jpg": "x"})
     with pytest.raises(DatasetError, match="line 1"):
-        captions.parse_edits("no colon here")
+        captioning.parse_edits("no colon here")
 
 
 def test_clean_removes_preambles():
-    assert captions.clean('  "Caption: a dog\n on grass" ') == "a dog on grass"
-    assert captions.clean("Here is a short caption for the photo: sks on a beach") == "sks on a beach"
+    assert captioning.clean('  "Caption: a dog\n on grass" ') == "a dog on grass"
+    assert captioning.clean("Here is a short caption for the photo: sks on a beach") == "sks on a beach"

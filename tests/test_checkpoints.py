@@ -3,26 +3,28 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import checkpoints, data, export
-from trainer.cache import encode_dataset
-from trainer.images import Shaping
-from trainer.layers import LayerSpec
-from trainer.lora import LoraSet
-from trainer.train import TrainConfig, Trainer
+from trainer.data import datasets
+from trainer.data.encode import encode_dataset
+from trainer.data.images import Shaping
+from trainer.loop.trainer import TrainConfig, Trainer
+from trainer.lora.targets import LayerSpec
+from trainer.lora.weights import LoraSet
+from trainer.outputs import checkpoints, export
 
-QUICKSTART = data.Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
+QUICKSTART = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
 CONFIG = dict(steps=10, learning_rate=1e-3, batch_size=2, seed=3, lr_schedule="cosine", warmup_steps=2,
               ema_decay=0.9)
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_flux):
-    options = data.Options(trigger_word="sks", shaping=Shaping(64, bucketing=False))
-    return encode_dataset(data.from_folder(QUICKSTART, options), tiny_flux)[0]
+    options = datasets.Options(trigger_word="sks", shaping=Shaping(64, bucketing=False))
+    return encode_dataset(datasets.from_folder(QUICKSTART, options), tiny_flux)[0]
 
 
 def new_trainer(tiny_flux, examples, **overrides):
@@ -95,7 +97,7 @@ def test_a_kill_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
     """A real process dies halfway through writing step 20 (after the LoRA, inside the state)."""
     script = textwrap.dedent(f"""
         import os, torch
-        from trainer.checkpoints import RunFolder
+        from trainer.outputs.checkpoints import RunFolder
         run = RunFolder({str(tmp_path)!r})
         run.save(10, {{"w": torch.ones(4)}}, {{}}, {{"step": 10}})
         real_save = torch.save

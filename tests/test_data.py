@@ -1,13 +1,14 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from trainer import data
-from trainer.images import Shaping
+from trainer.data import captions, datasets
+from trainer.data.images import Shaping
 
-QUICKSTART = data.Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
+QUICKSTART = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
 
 
 def photo(path, size=(96, 80), color=(200, 40, 40), mode="RGB", **save):
@@ -20,24 +21,24 @@ def caption(path, text):
 
 
 def opts(**kw):
-    return data.Options(**kw)
+    return datasets.Options(**kw)
 
 
 def test_folder_with_captions_trigger_and_class(tmp_path):
     caption(photo(tmp_path / "a.jpg"), "photo of [trigger] dog")
     caption(photo(tmp_path / "b.png"), "a dog in the park")
     caption(photo(tmp_path / "c.webp"), "sks dog, sitting")
-    ds = data.from_folder(tmp_path, opts(trigger_word="sks", class_word="dog", repeats=3))
+    ds = datasets.from_folder(tmp_path, opts(trigger_word="sks", class_word="dog", repeats=3))
     assert [i.caption for i in ds.items] == ["photo of sks dog", "sks dog, a dog in the park", "sks dog, sitting"]
     assert {(i.repeats, i.trigger) for i in ds.items} == {(3, "sks dog")}
 
 
 def test_trigger_word_must_appear_as_a_word():
-    assert data.with_trigger("a dog that asks for treats", "sks") == "sks, a dog that asks for treats"
-    assert data.with_trigger("photo of sks, dog", "sks") == "photo of sks, dog"
-    assert data.with_trigger("[trigger] on a beach", "") == "on a beach"
-    assert data.with_trigger("", "sks", "person") == "sks person"
-    assert data.with_trigger("smiling, outdoors", "kvthvmi_", "person") == "kvthvmi_ person, smiling, outdoors"
+    assert captions.with_trigger("a dog that asks for treats", "sks") == "sks, a dog that asks for treats"
+    assert captions.with_trigger("photo of sks, dog", "sks") == "photo of sks, dog"
+    assert captions.with_trigger("[trigger] on a beach", "") == "on a beach"
+    assert captions.with_trigger("", "sks", "person") == "sks person"
+    assert captions.with_trigger("smiling, outdoors", "kvthvmi_", "person") == "kvthvmi_ person, smiling, outdoors"
 
 
 def test_every_bad_file_is_named_at_once_or_skipped(tmp_path):
@@ -49,13 +50,13 @@ def test_every_bad_file_is_named_at_once_or_skipped(tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(full.read_bytes()[:400])
     caption(tmp_path / "truncated.jpg", "x")
     full.unlink()
-    with pytest.raises(data.DatasetError) as e:
-        data.from_folder(tmp_path)
+    with pytest.raises(datasets.DatasetError) as e:
+        datasets.from_folder(tmp_path)
     message = str(e.value)
     assert "3 problem(s)" in message and "good.jpg" not in message and "problems='skip'" in message
     assert "nocaption.png has no caption in nocaption.txt or a metadata file" in message
     assert "notanimage.jpg is not an image" in message and "truncated.jpg cannot be decoded" in message
-    skipped = data.from_folder(tmp_path, opts(problems="skip"))
+    skipped = datasets.from_folder(tmp_path, opts(problems="skip"))
     assert [i.name for i in skipped.items] == ["good.jpg"] and len(skipped.skipped) == 3
 
 
@@ -63,21 +64,21 @@ def test_captions_from_metadata_and_file_names(tmp_path):
     photo(tmp_path / "sks_dog_on_grass (2).jpg")
     photo(tmp_path / "IMG_0001.jpg")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "IMG_0001.jpg", "text": "a dog"}) + "\n")
-    with pytest.raises(data.DatasetError, match="sks_dog_on_grass \\(2\\).jpg has no caption"):
-        data.from_folder(tmp_path)
-    by_name = data.from_folder(tmp_path, opts(captions="filename"))
+    with pytest.raises(datasets.DatasetError, match="sks_dog_on_grass \\(2\\).jpg has no caption"):
+        datasets.from_folder(tmp_path)
+    by_name = datasets.from_folder(tmp_path, opts(captions="filename"))
     assert sorted(i.caption for i in by_name.items) == ["IMG", "sks dog on grass"]
-    auto = data.from_folder(tmp_path, opts(default_caption="a photo"))
+    auto = datasets.from_folder(tmp_path, opts(default_caption="a photo"))
     assert {i.name: i.caption for i in auto.items} == {"IMG_0001.jpg": "a dog", "sks_dog_on_grass (2).jpg": "a photo"}
     (tmp_path / "metadata.jsonl").unlink()
     (tmp_path / "metadata.csv").write_text("file_name,text\nIMG_0001.jpg,a cat\n")
-    assert data.read_metadata(tmp_path) == {"IMG_0001.jpg": "a cat"}
+    assert datasets.read_metadata(tmp_path) == {"IMG_0001.jpg": "a cat"}
     (tmp_path / "metadata.csv").unlink()
     (tmp_path / "metadata.json").write_text(json.dumps({"IMG_0001.jpg": "a cow"}))
-    assert data.read_metadata(tmp_path) == {"IMG_0001.jpg": "a cow"}
+    assert datasets.read_metadata(tmp_path) == {"IMG_0001.jpg": "a cow"}
     (tmp_path / "metadata.json").write_text(json.dumps([{"picture": "x.jpg"}]))
-    with pytest.raises(data.DatasetError, match="metadata.json can't be read as captions"):
-        data.read_metadata(tmp_path)
+    with pytest.raises(datasets.DatasetError, match="metadata.json can't be read as captions"):
+        datasets.read_metadata(tmp_path)
 
 
 def test_caption_encodings(tmp_path):
@@ -85,17 +86,18 @@ def test_caption_encodings(tmp_path):
     (tmp_path / "bom.txt").write_bytes("\ufeffsks dog".encode("utf-8"))
     photo(tmp_path / "latin.jpg")
     (tmp_path / "latin.txt").write_bytes("caf\xe9 sks".encode("latin-1"))
-    with pytest.raises(data.DatasetError, match="latin.txt is not UTF-8"):
-        data.from_folder(tmp_path)
+    with pytest.raises(datasets.DatasetError, match="latin.txt is not UTF-8"):
+        datasets.from_folder(tmp_path)
     (tmp_path / "latin.txt").write_text("café sks", encoding="utf-8")
-    assert [i.caption for i in data.from_folder(tmp_path, opts(trigger_word="sks")).items] == ["sks dog", "café sks"]
+    captions = [i.caption for i in datasets.from_folder(tmp_path, opts(trigger_word="sks")).items]
+    assert captions == ["sks dog", "café sks"]
 
 
 def test_subfolders_are_concepts_with_their_own_trigger_class_and_repeats(tmp_path):
     for folder, text in (("10_sks dog", "on grass"), ("3_xyz cat", "on a sofa"), ("plain", "a toy")):
         (tmp_path / folder).mkdir()
         caption(photo(tmp_path / folder / "1.jpg"), text)
-    ds = data.from_folder(tmp_path, opts(repeats=2), concepts=True)
+    ds = datasets.from_folder(tmp_path, opts(repeats=2), concepts=True)
     assert [(i.caption, i.repeats, i.trigger) for i in ds.items] == [
         ("sks dog, on grass", 10, "sks dog"), ("xyz cat, on a sofa", 3, "xyz cat"), ("plain, a toy", 2, "plain")]
     assert ds.trigger_word == "sks, xyz, plain"
@@ -105,8 +107,8 @@ def test_datasets_chain_and_mark_regularisation(tmp_path):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     caption(photo(tmp_path / "a" / "1.jpg"), "a dog")
     photo(tmp_path / "b" / "1.jpg")
-    subject = data.from_folder(tmp_path / "a", opts(trigger_word="sks"))
-    reg = data.from_folder(tmp_path / "b", opts(default_caption="dog")).with_items(regularisation=True,
+    subject = datasets.from_folder(tmp_path / "a", opts(trigger_word="sks"))
+    reg = datasets.from_folder(tmp_path / "b", opts(default_caption="dog")).with_items(regularisation=True,
                                                                                    loss_weight=0.5)
     both = subject + reg
     assert [(i.caption, i.regularisation, i.loss_weight) for i in both.items] == [("sks, a dog", False, 1.0),
@@ -115,11 +117,11 @@ def test_datasets_chain_and_mark_regularisation(tmp_path):
 
 def test_images_from_other_nodes():
     batch = torch.rand(3, 40, 48, 3)
-    ds = data.from_images(batch, ["a photo of [trigger]"], opts(trigger_word="sks"))
+    ds = datasets.from_images(batch, ["a photo of [trigger]"], opts(trigger_word="sks"))
     assert [i.caption for i in ds.items] == ["a photo of sks"] * 3 and ds.items[2].name == "images #3"
     assert ds.items[0].content_key() != ds.items[1].content_key()
-    with pytest.raises(data.DatasetError, match="3 images but 2 captions"):
-        data.from_images(batch, ["a", "b"])
+    with pytest.raises(datasets.DatasetError, match="3 images but 2 captions"):
+        datasets.from_images(batch, ["a", "b"])
 
 
 def test_mflux_examples_block(tmp_path):
@@ -130,44 +132,44 @@ def test_mflux_examples_block(tmp_path):
               "examples": {"path": "images/", "images": [{"image": "01.jpg", "prompt": "photo of sks dog"},
                                                          {"image": "02.jpg", "prompt": "photo of sks dog"}]}}
     (tmp_path / "train.json").write_text(json.dumps(config))
-    with pytest.raises(data.DatasetError, match=r"02.jpg does not exist \(looked in .*images\)"):
-        data.from_mflux_config(tmp_path / "train.json")
+    with pytest.raises(datasets.DatasetError, match=r"02.jpg does not exist \(looked in .*images\)"):
+        datasets.from_mflux_config(tmp_path / "train.json")
     config["examples"]["images"].pop()
     (tmp_path / "train.json").write_text(json.dumps(config))
-    ds, cfg = data.from_mflux_config(tmp_path / "train.json")
+    ds, cfg = datasets.from_mflux_config(tmp_path / "train.json")
     assert [i.caption for i in ds.items] == ["photo of sks dog"] and cfg["lora_layers"]
     (tmp_path / "bad.json").write_text("{nope")
-    with pytest.raises(data.DatasetError, match="not valid JSON"):
-        data.from_mflux_config(tmp_path / "bad.json")
+    with pytest.raises(datasets.DatasetError, match="not valid JSON"):
+        datasets.from_mflux_config(tmp_path / "bad.json")
 
 
 def test_empty_and_missing_folders_and_bad_settings(tmp_path):
-    with pytest.raises(data.DatasetError, match="holds no usable images"):
-        data.from_folder(tmp_path)
-    with pytest.raises(data.DatasetError, match="does not exist"):
-        data.from_folder(tmp_path / "nope")
-    with pytest.raises(data.DatasetError, match="captions is 'guess'"):
+    with pytest.raises(datasets.DatasetError, match="holds no usable images"):
+        datasets.from_folder(tmp_path)
+    with pytest.raises(datasets.DatasetError, match="does not exist"):
+        datasets.from_folder(tmp_path / "nope")
+    with pytest.raises(datasets.DatasetError, match="captions is 'guess'"):
         opts(captions="guess")
     with pytest.raises(ValueError, match="resolution 500 must be a multiple of 16"):
         Shaping(500)
 
 
 def test_tag_shuffles_keep_the_trigger_first():
-    shuffles = data.shuffled_tags("sks, smiling, outdoors, red scarf, winter", 1, 4, seed=0)
+    shuffles = captions.shuffled_tags("sks, smiling, outdoors, red scarf, winter", 1, 4, seed=0)
     assert shuffles and all(s.startswith("sks, ") for s in shuffles)
     assert all(sorted(s.split(", ")) == sorted("sks, smiling, outdoors, red scarf, winter".split(", "))
                for s in shuffles)
-    assert data.shuffled_tags("a photo of sks", 1, 4, seed=0) == []
+    assert captions.shuffled_tags("a photo of sks", 1, 4, seed=0) == []
 
 
 def test_fingerprint_follows_the_files(tmp_path):
     caption(photo(tmp_path / "1.jpg"), "x")
-    first = data.fingerprint(tmp_path)
-    assert data.fingerprint(tmp_path) == first
+    first = datasets.fingerprint(tmp_path)
+    assert datasets.fingerprint(tmp_path) == first
     caption(photo(tmp_path / "2.jpg"), "y")
-    assert data.fingerprint(tmp_path) != first
+    assert datasets.fingerprint(tmp_path) != first
 
 
 def test_bundled_quickstart_set_is_valid():
-    ds = data.from_folder(QUICKSTART, opts(trigger_word="sks"))
+    ds = datasets.from_folder(QUICKSTART, opts(trigger_word="sks"))
     assert len(ds) == 6 and all(i.caption.startswith("a photo of sks toy") for i in ds.items)

@@ -4,10 +4,12 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from trainer import export
-from trainer.backends.diffusers_flux import DiffusersFlux
-from trainer.layers import DOUBLE, SINGLE, FluxDims, LayerGroup, LayerSpec
-from trainer.lora import LoraSet
+from trainer import files
+from trainer.families.flux1.diffusers import DiffusersFlux
+from trainer.families.flux1.layers import DOUBLE, SINGLE, FluxDims
+from trainer.lora.targets import LayerGroup, LayerSpec
+from trainer.lora.weights import LoraSet
+from trainer.outputs import export
 
 MIXED = LayerSpec((
     LayerGroup(DOUBLE, 0, 1, ("attn.to_q", "attn.to_v", "attn.add_k_proj", "attn.to_out.0", "ff.net.2",
@@ -65,14 +67,14 @@ def _load_into(transformer, path):
 
 
 def test_diffusers_format_loads_into_diffusers_with_the_same_outputs(tmp_path):
-    from trainer import tiny
+    from trainer.families.flux1 import tiny
 
     model = tiny.build(seed=3)
     backend = model.backend()
     lora = trained_like(MIXED.__class__(MIXED.groups[:1] + (LayerGroup(SINGLE, 1, 4, ("attn.to_q", "proj_mlp"), 4),)),
                         backend.dims)
     expected, base = _velocity(backend, lora), _velocity(backend)
-    path = export.save_atomic(tmp_path / "l.safetensors", export.state_dict(lora, "diffusers"), {})
+    path = files.write_safetensors(tmp_path / "l.safetensors", export.state_dict(lora, "diffusers"), {})
     _load_into(model.transformer, path)
     got = _velocity(backend)
     assert not torch.allclose(expected, base, atol=1e-3)
@@ -90,7 +92,7 @@ def test_kohya_format_loads_into_a_full_width_flux_with_the_same_outputs(tmp_pat
     backend = DiffusersFlux(transformer)
     lora = trained_like(MIXED, backend.dims, scale=0.01)
     expected, base = _velocity(backend, lora), _velocity(backend)
-    path = export.save_atomic(tmp_path / "k.safetensors", export.state_dict(lora, "kohya"), {})
+    path = files.write_safetensors(tmp_path / "k.safetensors", export.state_dict(lora, "kohya"), {})
     _load_into(transformer, path)
     got = _velocity(backend)
     assert not torch.allclose(expected, base, atol=1e-3)
@@ -98,9 +100,9 @@ def test_kohya_format_loads_into_a_full_width_flux_with_the_same_outputs(tmp_pat
 
 
 def test_metadata_records_the_training(tmp_path):
-    meta = export.metadata(MIXED, steps=1200, trigger_word="sks", base_model="FLUX.1-dev")
+    meta = export.LoraMetadata(MIXED, trigger_word="sks", base_model="FLUX.1-dev").header(steps=1200)
     lora = trained_like(MIXED, FluxDims(32, 128, 1, 1))
-    path = export.save_atomic(tmp_path / "m.safetensors", export.state_dict(lora), meta)
+    path = files.write_safetensors(tmp_path / "m.safetensors", export.state_dict(lora), meta)
     got = export.read_metadata(path)
     assert got["dreambooth.trigger_word"] == "sks" and got["dreambooth.base_model"] == "FLUX.1-dev"
     assert got["dreambooth.steps"] == "1200" and got["dreambooth.rank"] == "3,4,6"
@@ -111,11 +113,11 @@ def test_metadata_records_the_training(tmp_path):
 
 def test_a_failed_save_keeps_the_last_good_file(tmp_path):
     path = tmp_path / "lora.safetensors"
-    export.save_atomic(path, {"a": torch.ones(2)}, {})
+    files.write_safetensors(path, {"a": torch.ones(2)}, {})
     assert path.stat().st_mode & 0o777 == 0o644  # readable by other programs, unlike a mkstemp file
     good = path.read_bytes()
     with pytest.raises(Exception):
-        export.save_atomic(path, {"a": "not a tensor"}, {})
+        files.write_safetensors(path, {"a": "not a tensor"}, {})
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["lora.safetensors"]
 
@@ -124,7 +126,7 @@ def test_a_failed_save_keeps_the_last_good_file(tmp_path):
                                   ".", "./.", "sub/.."])
 def test_names_that_leave_the_folder_are_refused(tmp_path, name):
     with pytest.raises(ValueError, match="file name"):
-        export.safe_path(tmp_path, name)
+        files.safe_path(tmp_path, name)
 
 
 def test_links_that_leave_the_folder_are_refused(tmp_path):
@@ -133,8 +135,8 @@ def test_links_that_leave_the_folder_are_refused(tmp_path):
     (tmp_path / "loras").mkdir()
     (tmp_path / "loras" / "link").symlink_to(outside)
     with pytest.raises(ValueError, match="outside"):
-        export.safe_path(tmp_path / "loras", "link/x")
-    assert export.safe_path(tmp_path / "loras", "people/alice.safetensors") == \
+        files.safe_path(tmp_path / "loras", "link/x")
+    assert files.safe_path(tmp_path / "loras", "people/alice.safetensors") == \
         tmp_path / "loras" / "people" / "alice.safetensors"
 
 

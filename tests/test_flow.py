@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer import flow
+from trainer.loop import flow
 
 
 def test_noisy_latents_interpolate_from_image_to_noise():

@@ -84,7 +84,7 @@ def test_comfyui_loader_accepts_every_key_of_the_saved_file(host, quickstart, ca
     import comfy.lora
     import comfy.utils
 
-    model, _, _ = host.pack.nodes.tiny.load_tiny_flux(0)
+    model, _, _ = host.pack.nodes.host.tiny.load_tiny_flux(0)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     for name in loras(host):
         sd = comfy.utils.load_torch_file(str(host.root / "loras" / name))
@@ -124,13 +124,13 @@ def test_a_saved_lora_reloaded_gives_the_in_memory_sample(host, quickstart, pref
 def _loss_and_lora_grads(T, backend, spec, memory, batch, guidance):
     """One forward and backward with a LoRA whose ups are seeded non-zero: (loss, LoRA grads)."""
     lat, noise, ctx, pooled, sig = batch
-    lora = T.lora.LoraSet(spec.targets(backend.dims), seed=5)
+    lora = T.lora.weights.LoraSet(spec.targets(backend.dims), seed=5)
     with torch.no_grad():
         for i, w in enumerate(lora):
             w.up.copy_(torch.randn(w.up.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
     with backend.training(lora, memory):
-        v = backend.velocity(T.flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, guidance)
-        loss = T.flow.flow_matching_loss(v, T.flow.velocity_target(lat, noise)).mean()
+        v = backend.velocity(T.loop.flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, guidance)
+        loss = T.loop.flow.flow_matching_loss(v, T.loop.flow.velocity_target(lat, noise)).mean()
         loss.backward()
     return loss.item(), [p.grad for p in lora.parameters()]
 
@@ -145,7 +145,7 @@ def test_comfyui_and_diffusers_backends_agree(host):
 
     pack = host.pack
     with torch.inference_mode():  # as inside a node
-        model, _, _ = pack.nodes.tiny.load_tiny_flux(0)
+        model, _, _ = pack.nodes.host.tiny.load_tiny_flux(0)
         comfy.model_management.load_models_gpu([model])
     dit = model.model.diffusion_model
     sd = {k: v.clone() for k, v in dit.state_dict().items()}
@@ -167,10 +167,10 @@ def test_comfyui_and_diffusers_backends_agree(host):
     reference.load_state_dict(converted)
 
     T = pack.trainer
-    spec = T.layers.LayerSpec((
-        T.layers.LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.2",
+    spec = T.lora.targets.LayerSpec((
+        T.lora.targets.LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.net.2",
                                                          "norm1_context.linear", "attn.add_k_proj"), 4, 2.0),
-        T.layers.LayerGroup("single_transformer_blocks", 1, 4, ("attn.to_k", "proj_mlp", "proj_out"), 3)))
+        T.lora.targets.LayerGroup("single_transformer_blocks", 1, 4, ("attn.to_k", "proj_mlp", "proj_out"), 3)))
     torch.manual_seed(3)
     lat, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     ctx, pooled, sig = torch.randn(2, 7, 64), torch.randn(2, 64), torch.tensor([0.3, 0.8])
@@ -178,9 +178,10 @@ def test_comfyui_and_diffusers_backends_agree(host):
     def step(backend, memory):
         return _loss_and_lora_grads(T, backend, spec, memory, (lat, noise, ctx, pooled, sig), guidance=3.5)
 
-    M = T.memory.MemoryConfig
-    ref_loss, ref_grads = step(T.backends.diffusers_flux.DiffusersFlux(reference), M("off"))
-    host_backend = T.backends.comfy_flux.ComfyFlux(model.model, model.load_device, pack.nodes.host.set_training_kernels)
+    M = T.loop.memory.MemoryConfig
+    ref_loss, ref_grads = step(T.families.flux1.diffusers.DiffusersFlux(reference), M("off"))
+    training_kernels = pack.nodes.host.models.set_training_kernels
+    host_backend = T.families.flux1.comfy.ComfyFlux(model.model, model.load_device, training_kernels)
     for memory in (M("off"), M("blocks"), M("blocks", checkpoint_every=2), M("offload"), M("blocks", swap_blocks=3),
                    M("offload", swap_blocks=5)):
         loss, grads = step(host_backend, memory)
@@ -196,17 +197,18 @@ def test_fp8_weights_train_within_the_documented_tolerance_of_bf16(host):
     import comfy.model_management
 
     T, pack = host.pack.trainer, host.pack
-    M = T.memory.MemoryConfig
+    M = T.loop.memory.MemoryConfig
     torch.manual_seed(3)
     lat, noise = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
     ctx, pooled, sig = torch.randn(1, 7, 64), torch.randn(1, 64), torch.tensor([0.6])
 
     def step(weight_dtype, memory):
         with torch.inference_mode():
-            model, _, _ = pack.nodes.tiny.load_tiny_flux(0, weight_dtype)
+            model, _, _ = pack.nodes.host.tiny.load_tiny_flux(0, weight_dtype)
             comfy.model_management.load_models_gpu([model])
-        backend = T.backends.comfy_flux.ComfyFlux(model.model, model.load_device, pack.nodes.host.set_training_kernels)
-        spec = T.layers.LayerSpec.preset("attention+mlp", backend.dims, rank=4)
+        training_kernels = pack.nodes.host.models.set_training_kernels
+        backend = T.families.flux1.comfy.ComfyFlux(model.model, model.load_device, training_kernels)
+        spec = T.lora.targets.LayerSpec.preset("attention+mlp", backend.dims, rank=4)
         loss, grads = _loss_and_lora_grads(T, backend, spec, memory, (lat, noise, ctx, pooled, sig), guidance=1.0)
         return loss, torch.cat([g.flatten() for g in grads])
 

@@ -205,7 +205,7 @@ def test_cancel_before_the_first_step_does_not_hang(host, monkeypatch):
     """Cancel while the loop is still measuring its starting loss (slowed down here)."""
     import comfy.model_management
 
-    session = host.pack.nodes.session
+    session = host.pack.trainer.loop.job
     measure = session.fixed_noise_loss
 
     def slow(*args, **kwargs):
@@ -238,7 +238,7 @@ def test_cancel_during_a_render_stops_it(host):
 
 
 def test_nan_stops_the_run_keeps_earlier_checkpoints_and_says_why(host, monkeypatch):
-    train_module = host.pack.trainer.train
+    train_module = host.pack.trainer.loop.trainer
     real, calls = train_module.step_loss, []
 
     def poisoned(*args, **kwargs):

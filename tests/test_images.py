@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import images
-from trainer.augment import Augmentation
-from trainer.images import Shaping
+from trainer.data import images
+from trainer.data.augment import Augmentation
+from trainer.data.images import Shaping
 
 
 @pytest.mark.parametrize("resolution", [128, 512, 768, 1024])

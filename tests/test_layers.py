@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.layers import DOUBLE, SINGLE, FluxDims, LayerGroup, LayerSpec, parse_layer_types
+from trainer.families.flux1.layers import DOUBLE, SINGLE, FluxDims
+from trainer.lora.targets import LayerGroup, LayerSpec, parse_layer_types
 
 SEED_000 = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "000_45563bde6d4690b7.txt"
 FLUX1 = FluxDims()

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.layers import DOUBLE, SINGLE, FluxDims, LayerGroup, LayerSpec
-from trainer.lora import LoraSet, attach, detach_all
+from trainer.families.flux1.layers import DOUBLE, SINGLE, FluxDims
+from trainer.lora.targets import LayerGroup, LayerSpec
+from trainer.lora.weights import LoraSet, attach, detach_all
 
 DIMS = FluxDims(hidden_size=32, mlp_hidden=128, double_blocks=1, single_blocks=1)
 

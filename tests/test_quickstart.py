@@ -3,7 +3,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from trainer import export, quickstart
+from trainer import quickstart
+from trainer.outputs import export
 
 
 def test_the_readme_main_command_trains_saves_and_samples(tmp_path):

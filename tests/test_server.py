@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -147,7 +148,8 @@ def test_server_answers_while_the_loop_runs(server):
         assert body is not None
     step_then = max(d["step"] for d in events.of("flux_dreambooth.progress"))
     events.wait(lambda: max(d["step"] for d in events.of("flux_dreambooth.progress")) >= step_then + 2)
-    print("answer times while training:", {k: f"{v * 1000:.0f} ms" for k, v in answered.items()})
+    logging.getLogger(__name__).info("answer times while training: %s",
+                                     {k: f"{v * 1000:.0f} ms" for k, v in answered.items()})
     assert max(answered.values()) < 5.0  # answered, not stuck behind the training loop
     assert server.post("/flux_dreambooth/stop", {})["stopping"] == 1
     server.wait_idle()

@@ -1,23 +1,24 @@
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from trainer import data
-from trainer.cache import encode_dataset
-from trainer.images import Shaping
-from trainer.layers import LayerSpec
-from trainer.lora import LoraSet
-from trainer.memory import MemoryConfig, compile_problem
-from trainer.train import TrainConfig, fixed_noise_loss, train
+from trainer.data import datasets
+from trainer.data.encode import Example, encode_dataset
+from trainer.data.images import Shaping
+from trainer.loop.memory import MemoryConfig, compile_problem
+from trainer.loop.trainer import TrainConfig, fixed_noise_loss, train
+from trainer.lora.targets import LayerSpec
+from trainer.lora.weights import LoraSet
 
-QUICKSTART = data.Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
+QUICKSTART = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "quickstart"
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_flux):
-    options = data.Options(trigger_word="sks", shaping=Shaping(64, bucketing=False))
-    return encode_dataset(data.from_folder(QUICKSTART, options), tiny_flux)[0]
+    options = datasets.Options(trigger_word="sks", shaping=Shaping(64, bucketing=False))
+    return encode_dataset(datasets.from_folder(QUICKSTART, options), tiny_flux)[0]
 
 
 def new_lora(backend, rank=8, seed=0, dtype=torch.float32):
@@ -83,7 +84,7 @@ def _saved_bytes(tiny_flux, examples, memory) -> int:
 
 
 def test_batches_mix_captions_of_different_lengths(tiny_flux, examples):
-    mixed = examples[:2] + [data.Example(examples[2].latents, examples[2].context[:40], examples[2].pooled)]
+    mixed = examples[:2] + [Example(examples[2].latents, examples[2].context[:40], examples[2].pooled)]
     backend = tiny_flux.backend()
     result = train(backend, new_lora(backend), mixed, TrainConfig(steps=3, batch_size=3, seed=0))
     assert result.steps_done == 3 and all(loss > 0 for loss in result.losses)
@@ -147,11 +148,11 @@ def test_bad_settings_are_named(field, value, message):
 def test_compiled_blocks_train_the_same_lora():
     if compile_problem():
         pytest.skip(f"torch.compile does not work in this installation: {compile_problem()}")
-    from trainer import tiny
-    from trainer.backends.diffusers_flux import DiffusersFlux
+    from trainer.families.flux1 import tiny
+    from trainer.families.flux1.diffusers import DiffusersFlux
 
     model = tiny.build(0, double_blocks=1, single_blocks=1).transformer
-    example = [data.Example(torch.randn(16, 8, 8), torch.randn(7, 64), torch.randn(64))]
+    example = [Example(torch.randn(16, 8, 8), torch.randn(7, 64), torch.randn(64))]
     runs = []
     for compiled in (False, True):
         backend = DiffusersFlux(model)

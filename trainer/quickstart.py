@@ -9,7 +9,6 @@ a before/after sample of one prompt, and the loss history.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,15 +17,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import data, export, tiny
-from .cache import encode_dataset
-from .images import Shaping
-from .layers import LayerSpec
-from .lora import LoraSet
-from .sample import sample
-from .train import TrainConfig, fixed_noise_loss, train
+from . import files
+from .data import datasets
+from .data.encode import encode_dataset
+from .data.images import Shaping
+from .families.flux1 import tiny
+from .log import logger
+from .loop.trainer import TrainConfig, fixed_noise_loss, train
+from .lora.targets import LayerSpec
+from .lora.weights import LoraSet
+from .outputs import export
+from .outputs.sample import sample
 
-log = logging.getLogger("trainer.quickstart")
+log = logger(__name__)
 
 QUICKSTART_IMAGES = Path(__file__).parent / "assets" / "quickstart"
 TRIGGER = "sks"
@@ -42,7 +45,8 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
 def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int, seed: int) -> dict:
     started = time.perf_counter()
     model = tiny.build(seed)
-    dataset = data.from_folder(QUICKSTART_IMAGES, data.Options(trigger_word=TRIGGER, shaping=Shaping(resolution)))
+    options = datasets.Options(trigger_word=TRIGGER, shaping=Shaping(resolution))
+    dataset = datasets.from_folder(QUICKSTART_IMAGES, options)
     examples, _ = encode_dataset(dataset, model)
     backend = model.backend()
     spec = LayerSpec.preset("attention+mlp", backend.dims, rank=rank)
@@ -70,13 +74,13 @@ def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int,
     after = render()
 
     out.mkdir(parents=True, exist_ok=True)
-    meta = export.metadata(spec, result.steps_done, TRIGGER, model.name)
-    lora_path = export.save_atomic(out / "quickstart_lora.safetensors", export.state_dict(lora), meta)
-    before.save(out / "sample_before.png")
-    after.save(out / "sample_after.png")
+    meta = export.LoraMetadata(spec, TRIGGER, model.name).header(result.steps_done)
+    lora_path = files.write_safetensors(out / "quickstart_lora.safetensors", export.state_dict(lora), meta)
+    files.write_image(out / "sample_before.png", before)
+    files.write_image(out / "sample_after.png", after)
     summary = {"fixed_noise_loss_before": loss_before, "fixed_noise_loss_after": loss_after,
                "losses": result.losses, "seconds": time.perf_counter() - started, "lora": str(lora_path)}
-    (out / "loss_history.json").write_text(json.dumps(summary, indent=1))
+    files.write_json(out / "loss_history.json", summary, indent=1)
     log.info("Fixed-noise loss %.4f -> %.4f (%+.1f%%). Wrote %s, sample_before.png, sample_after.png "
              "in %s (%.1f s).", loss_before, loss_after, 100 * (loss_after / loss_before - 1),
              lora_path.name, out, summary["seconds"])

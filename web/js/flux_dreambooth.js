@@ -1,8 +1,9 @@
 // Shows the file name the Save node wrote, at the bottom of the node. Drawn, not a widget, so
 // saved workflows keep their widget values. (The Train node reports in its panel: training_panel.js.)
 import { app } from "../../scripts/app.js";
+import { NODE } from "./ids.js";
 
-const REPORTING = new Set(["FluxDreamBoothSave"]);
+const REPORTING = new Set([NODE.SAVE]);
 const LINE = 15;
 
 function wrap(ctx, text, width) {
@@ -27,7 +28,7 @@ function wrap(ctx, text, width) {
 app.registerExtension({
   name: "flux_dreambooth.captions",
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== "FluxDreamBoothCaption") return;
+    if (nodeData.name !== NODE.CAPTION) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);

@@ -3,8 +3,8 @@
 // pack's route. Stop ends the run early with outputs and a checkpoint; ComfyUI's Cancel aborts.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { EVENT, NODE, ROUTE } from "./ids.js";
 
-const TRAIN = "FluxDreamBoothTrain";
 const MAX_POINTS = 2000; // the chart keeps every other point once it has this many
 
 const clock = (s) => {
@@ -52,7 +52,7 @@ class Panel {
   async stop() {
     this.stopButton.disabled = true;
     const node = this.executionId ?? String(this.node.id);
-    const response = await api.fetchApi("/flux_dreambooth/stop", { method: "POST", body: JSON.stringify({ node }) });
+    const response = await api.fetchApi(ROUTE.STOP, { method: "POST", body: JSON.stringify({ node }) });
     const { stopping } = await response.json();
     this.status.textContent += stopping ? "\nStopping after this step…" : "\nThis node is not training.";
   }
@@ -162,19 +162,19 @@ const forward = (method) => (event) => nodeOf(event.detail.node)?.fluxPanel?.[me
 app.registerExtension({
   name: "flux_dreambooth.training_panel",
   setup() {
-    api.addEventListener("flux_dreambooth.status", forward("onStatus"));
-    api.addEventListener("flux_dreambooth.progress", forward("onProgress"));
-    api.addEventListener("flux_dreambooth.checkpoint", forward("onCheckpoint"));
-    api.addEventListener("flux_dreambooth.samples", forward("onSamples"));
-    api.addEventListener("flux_dreambooth.rendering", forward("onRendering"));
-    api.addEventListener("flux_dreambooth.queued", (event) => {
+    api.addEventListener(EVENT.STATUS, forward("onStatus"));
+    api.addEventListener(EVENT.PROGRESS, forward("onProgress"));
+    api.addEventListener(EVENT.CHECKPOINT, forward("onCheckpoint"));
+    api.addEventListener(EVENT.SAMPLES, forward("onSamples"));
+    api.addEventListener(EVENT.RENDERING, forward("onRendering"));
+    api.addEventListener(EVENT.QUEUED, (event) => {
       const toast = app.extensionManager?.toast;
       if (toast) toast.add({ severity: "info", summary: "FLUX DreamBooth", detail: event.detail.message, life: 8000 });
       else console.info(event.detail.message);
     });
   },
   beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== TRAIN) return;
+    if (nodeData.name !== NODE.TRAIN) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
       onExecuted?.apply(this, arguments);
@@ -182,6 +182,6 @@ app.registerExtension({
     };
   },
   nodeCreated(node) {
-    if (node.comfyClass === TRAIN) node.fluxPanel = new Panel(node);
+    if (node.comfyClass === NODE.TRAIN) node.fluxPanel = new Panel(node);
   },
 });

@@ -1,0 +1,13 @@
+"""The boundary to ComfyUI's internals: the only modules of the pack that import `comfy`,
+`folder_paths`, `node_helpers` or `server`. Each wraps one part of the host:
+
+    models    the MODEL, CLIP and VAE: training backends, loading, encoding, memory, Cancel
+    loras     applying a LoRA the way the stock LoraLoader does; LoRA files in models/loras
+    paths     ComfyUI's input, output and models folders
+    events    websocket events, HTTP routes, progress bars
+    sampling  rendering with ComfyUI's sampler, and its sampler and scheduler names
+    tiny      the embedded tiny FLUX as ComfyUI objects
+
+Node modules use ComfyUI's public node API (`comfy_api.latest.io`) and these, nothing else of
+ComfyUI's; a test holds them to it.
+"""

@@ -1,0 +1,78 @@
+"""Rendering with ComfyUI's own sampler, so validation samples and class images are the very
+images the same model and LoRA give in a workflow (KSampler, cfg 1, after FluxGuidance, VAE
+Decode, Save Image's 8-bit conversion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import node_helpers
+import numpy as np
+import torch
+from PIL import Image
+
+from ...trainer import files
+from ...trainer.data.captions import TRIGGER_PLACEHOLDER
+from ...trainer.outputs.progress import Sample
+
+SAMPLERS: list[str] = list(comfy.samplers.KSampler.SAMPLERS)
+SCHEDULERS: list[str] = list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def encode_prompt(clip, prompt: str):
+    """CONDITIONING as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+
+
+def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sampler: str, scheduler: str,
+           width: int, height: int) -> torch.Tensor:
+    """One image, as a KSampler (cfg 1) after FluxGuidance and a VAE Decode would make it: (1, H, W, 3).
+    Cancel is checked every sampling step (older ComfyUI checks it nowhere inside sampling)."""
+    latent = torch.zeros(1, 16, height // 8, width // 8)
+    positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+    out = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 1.0, sampler, scheduler,
+                              positive, positive, latent, denoise=1.0, seed=seed, disable_pbar=True,
+                              callback=lambda *_: comfy.model_management.throw_exception_if_processing_interrupted())
+    return vae.decode(out)[:1]
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """With ComfyUI's Save Image 8-bit conversion, so the file matches what it would write."""
+    pixels = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)
+    return files.write_image(path, Image.fromarray(pixels))
+
+
+class RenderStopped(Exception):
+    """`should_stop()` ended a render between images."""
+
+
+class Renderer:
+    """An evaluation set, encoded once; rendered for a MODEL (with a LoRA applied) on demand.
+    `entries` are (prompt, seed, guidance, steps, label) with `[trigger]` still in the prompt."""
+
+    def __init__(self, entries: Sequence, sampler: str, scheduler: str, width: int, height: int, clip, vae,
+                 trigger_word: str, folder: Path):
+        self.entries, self.sampler, self.scheduler = list(entries), sampler, scheduler
+        self.width, self.height, self.vae, self.folder = width, height, vae, folder
+        self.trigger_word = trigger_word
+        self.conditioning = {e.prompt: encode_prompt(clip, e.prompt.replace(TRIGGER_PLACEHOLDER, trigger_word))
+                             for e in self.entries}
+
+    def render(self, model, step: int, should_stop: Callable[[], bool] = lambda: False
+               ) -> tuple[list[Sample], torch.Tensor]:
+        """Every entry at `step`: saved as PNGs (named by step) and returned as an IMAGE batch.
+        Cancel is checked every sampling step, `should_stop()` between images (RenderStopped)."""
+        samples, images = [], []
+        for i, e in enumerate(self.entries):
+            if should_stop():
+                raise RenderStopped
+            image = render(model, self.vae, self.conditioning[e.prompt], e.seed, e.steps, e.guidance,
+                           self.sampler, self.scheduler, self.width, self.height)
+            path = save_png(image, self.folder / f"step_{step:06d}_{i:02d}.png")
+            samples.append(Sample(step, i, e.label(self.trigger_word), path))
+            images.append(image.cpu())
+        return samples, torch.cat(images)

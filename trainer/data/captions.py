@@ -1,0 +1,48 @@
+"""Caption text: the trigger word and class put into a caption, captions from file names, and
+shuffled versions of tag-style captions."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+TRIGGER_PLACEHOLDER = "[trigger]"
+
+
+def subject_words(trigger_word: str, class_word: str = "") -> str:
+    """'sks' + 'dog' -> 'sks dog': the words that name a subject (and that caption dropout keeps)."""
+    return f"{trigger_word.strip()} {class_word.strip()}".strip()
+
+
+def with_trigger(caption: str, trigger_word: str, class_word: str = "") -> str:
+    """Put the trigger word in the caption: replace `[trigger]`, or prepend it with the class when
+    missing (ai-toolkit's convention: `kvthvmi_ person, …`)."""
+    caption = caption.strip()
+    if not trigger_word:
+        return caption.replace(TRIGGER_PLACEHOLDER, "").strip()
+    if TRIGGER_PLACEHOLDER in caption:
+        return caption.replace(TRIGGER_PLACEHOLDER, trigger_word)
+    if re.search(rf"(?<!\w){re.escape(trigger_word)}(?!\w)", caption):  # as a word: "asks" is not "sks"
+        return caption
+    prefix = subject_words(trigger_word, class_word)
+    return f"{prefix}, {caption}" if caption else prefix
+
+
+def caption_from_filename(path: Path) -> str:
+    """'sks_dog_on_grass (2).jpg' -> 'sks dog on grass'."""
+    stem = re.sub(r"\s*\(\d+\)$|[_\-\s]+\d+$", "", path.stem)
+    return re.sub(r"[_\-]+", " ", stem).strip()
+
+
+def shuffled_tags(caption: str, keep: int, count: int, seed: int) -> list[str]:
+    """`count` versions of a tag-style caption with its tags shuffled, the first `keep` in place."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    if len(tags) <= keep + 1:
+        return []
+    rng, out = random.Random(seed), []
+    for _ in range(count):
+        rest = tags[keep:]
+        rng.shuffle(rest)
+        out.append(", ".join(tags[:keep] + rest))
+    return [c for c in dict.fromkeys(out) if c != caption]

@@ -1,0 +1,116 @@
+"""ComfyUI's loaded FLUX as a training backend.
+
+Takes the `comfy.model_base.Flux` behind a ModelPatcher, already on its device. Nothing here
+imports ComfyUI: the host's objects are used through their attributes, so this file stays part
+of the standalone library (and is exercised by the host tests).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...lora.weights import LoraWeight
+from ..backend import FluxBackend
+from .layers import FluxDims
+
+
+def _unsupported(params) -> str | None:
+    if getattr(params, "global_modulation", False) or getattr(params, "mlp_silu_act", False):
+        return "FLUX.2 / Chroma-style blocks"
+    if getattr(params, "yak_mlp", False):
+        return "a gated-MLP FLUX variant"
+    if params.in_channels != 16 or params.patch_size != 2:
+        return f"{params.in_channels}-channel input (Fill / Depth / Canny models)"
+    return None
+
+
+class ComfyFlux(FluxBackend):
+    split_layers = False
+
+    def __init__(self, base_model, device: torch.device, training_flag: Callable[[bool], None] | None = None):
+        """`device` is where the model computes (the patcher's load device). `training_flag(on)`
+        switches the host into its autograd-friendly kernels (ComfyUI's `in_training`)."""
+        dit = base_model.diffusion_model
+        params = dit.params
+        problem = _unsupported(params)
+        if problem:
+            raise ValueError(f"This model has {problem}; this pack trains FLUX.1 models "
+                             "(dev, schnell, Krea, Kontext-free fine-tunes).")
+        self.model, self.dit = base_model, dit
+        self.training_flag = training_flag
+        self.dims = FluxDims(params.hidden_size, int(params.hidden_size * params.mlp_ratio),
+                             params.depth, params.depth_single_blocks)
+        self.guidance_embed = bool(params.guidance_embed)
+        if hasattr(base_model, "get_dtype_inference"):
+            self.compute_dtype = base_model.get_dtype_inference()
+        else:
+            self.compute_dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+        self.device = torch.device(device)
+
+    def layer(self, w: LoraWeight) -> nn.Module:
+        return self.dit.get_submodule(w.target.bfl_module)
+
+    def blocks(self):
+        return ([(f"double_blocks.{i}", b, ("img", "txt")) for i, b in enumerate(self.dit.double_blocks)]
+                + [(f"single_blocks.{i}", b, ("x",)) for i, b in enumerate(self.dit.single_blocks)])
+
+    def prepare(self) -> None:
+        """Weights loaded inside ComfyUI's `inference_mode` can't be saved for backward; swap
+        each such tensor for a normal copy of itself (one tensor at a time, values unchanged).
+        Layers whose weights ComfyUI streams in per call (dynamic VRAM's `_v`, meta tensors) hand
+        autograd fresh copies already and are left alone."""
+        for module in self.dit.modules():
+            if hasattr(module, "_v"):
+                continue
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_inference() and not t.is_meta:
+                        copy = t.clone()
+                        store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
+
+    @contextmanager
+    def training(self, lora, memory):
+        """Also puts the model in train mode, which steers ComfyUI's fp8 layers off their
+        matmul-only fast path (it has no backward); FLUX has no dropout, so nothing else changes."""
+        was_training = self.dit.training
+        if self.training_flag:
+            self.training_flag(True)
+        self.dit.train()
+        try:
+            with super().training(lora, memory):
+                yield
+        finally:
+            self.dit.train(was_training)
+            if self.training_flag:
+                self.training_flag(False)
+
+    def velocity(self, latents, sigmas, context, pooled, guidance):
+        dtype, device = self.compute_dtype, self.device
+        timestep = self.model.model_sampling.timestep(sigmas.to(device)).float()
+        out = self.dit(latents.to(device, dtype), timestep, context.to(device, dtype),
+                       y=pooled.to(device, dtype), guidance=self.guidance_tensor(guidance, latents.shape[0]),
+                       transformer_options={"optimized_attention_override": sdpa_attention})
+        return out.float()
+
+
+def sdpa_attention(_default, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
+    """PyTorch's scaled-dot-product attention in the signature of ComfyUI's attention functions.
+    Used instead of whatever ComfyUI was started with (sage, flash, xformers, sub-quadratic): it
+    has a backward on every device and is the fast path on all of them."""
+    if not skip_reshape:
+        b, _, d = q.shape
+        q, k, v = (t.view(b, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.ndim == 2:
+        mask = mask[None]
+    if mask is not None and mask.ndim == 3:
+        mask = mask[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if skip_output_reshape:
+        return out
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,309 @@
+"""The training loop: read in one sitting.
+
+Examples arrive already encoded (latents and text embeddings), so a step is only the transformer:
+draw σ and ε, noise the latents, predict the velocity, step AdamW on the LoRA.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..data.encode import Example
+from ..families.backend import FluxBackend
+from ..log import logger
+from ..lora.weights import LoraSet
+from . import flow
+from .memory import MemoryConfig
+
+log = logger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    seed: int = 42
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    guidance: float = 1.0  # what guidance-distilled models (dev) are told while training
+    timesteps: flow.TimestepSampling = field(default_factory=flow.TimestepSampling)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # checkpointing, block swap, compile
+    ema_decay: float = 0.0  # 0 = off; 0.999 in ai-toolkit recipes: the saved LoRA is the average
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, f"steps is {self.steps}; train at least 1 step (500–3000 is usual)."),
+            (self.learning_rate > 0, f"learning_rate is {self.learning_rate}; use a positive value (1e-4 is usual)."),
+            (self.batch_size >= 1, f"batch_size is {self.batch_size}; it must be at least 1."),
+            (self.weight_decay >= 0, f"weight_decay is {self.weight_decay}; it can't be negative."),
+            (self.max_grad_norm >= 0, f"max_grad_norm is {self.max_grad_norm}; use 0 to disable clipping, or 1.0."),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule is {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}."),
+            (self.warmup_steps == 0 or 0 < self.warmup_steps < self.steps,
+             f"warmup_steps is {self.warmup_steps}; keep it between 0 and steps ({self.steps})."),
+            (0 <= self.ema_decay < 1, f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate before optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.lr_schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    lr: float
+    loss_tensor: torch.Tensor = field(repr=False)
+
+    @property
+    def loss(self) -> float:
+        """This step's loss. Reading it waits for the device (do it on another thread, as the
+        node does, or not every step); unread, steps queue up on the device without a sync."""
+        return self.loss_tensor.item()
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps_done: int
+    stopped: bool
+
+
+class EpochSampler:
+    """Batches of example indices: each epoch a fresh seeded shuffle, every example `weights[i]`
+    times. A batch holds examples of one bucket (shape) only, so it stacks into one forward."""
+
+    def __init__(self, weights: list[int], batch_size: int, generator: torch.Generator,
+                 buckets: list[tuple] | None = None):
+        self.pool = [i for i, n in enumerate(weights) for _ in range(n)]
+        self.buckets = buckets or [()] * len(weights)
+        self.batch_size, self.generator, self.queue = batch_size, generator, []
+
+    def next_batch(self) -> list[int]:
+        if not self.queue:
+            order = [self.pool[i] for i in torch.randperm(len(self.pool), generator=self.generator).tolist()]
+            by_bucket: dict[tuple, list[int]] = {}
+            for i in order:
+                by_bucket.setdefault(self.buckets[i], []).append(i)
+            batches = [ids[k:k + self.batch_size] for ids in by_bucket.values()
+                       for k in range(0, len(ids), self.batch_size)]
+            if len(by_bucket) > 1:  # interleave the buckets
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+            self.queue = batches
+        return self.queue.pop(0)
+
+
+def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This step's view of the image and version of its caption (dropped to the trigger word with
+    probability dropout_rate). Draws from the generator only when there is a choice."""
+    latents = e.latents
+    if e.views:
+        latents = ([e.latents] + e.views)[int(torch.randint(len(e.views) + 1, (1,), generator=generator))]
+    text = (e.context, e.pooled)
+    if e.dropout_text is not None and float(torch.rand(1, generator=generator)) < e.dropout_rate:
+        text = e.dropout_text
+    elif e.texts:
+        text = ([text] + e.texts)[int(torch.randint(len(e.texts) + 1, (1,), generator=generator))]
+    return latents, *text
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that doesn't make the host wait for the device: from pinned memory, asynchronously."""
+    if device.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
+              scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
+    """Forward and backward one batch; returns its mean loss, on the device (reading it is a
+    sync). Gradients accumulate in the LoRA.
+    Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
+    chosen = [(_choose(e, generator), e.loss_weight) for e in batch]
+    groups: dict[tuple, list] = {}
+    for (latents, context, pooled), weight in chosen:
+        groups.setdefault((tuple(latents.shape), context.shape[0]), []).append((latents, context, pooled, weight))
+    total = torch.zeros((), device=backend.device)
+    for group in groups.values():
+        latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
+        weights = torch.tensor([g[3] for g in group])
+        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: same on every device
+        sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*latents.shape[-2:]), generator)
+        latents, noise, sigmas, context, pooled, weights = (
+            _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
+        v_pred = backend.velocity(flow.noisy_latents(latents, noise, sigmas), sigmas, context, pooled,
+                                  config.guidance)
+        per_sample = flow.flow_matching_loss(v_pred, flow.velocity_target(latents, noise))
+        loss = (per_sample * weights).sum() / len(batch)
+        scale(loss).backward()
+        total += loss.detach()
+    return total
+
+
+class Trainer:
+    """One training run, run in segments: between them the caller may render samples or save a
+    checkpoint, and `state()` / `load_state()` carry everything needed to continue bit for bit
+    (on CPU) in another process: step, RNG, batch order, optimizer, schedule, loss scale, EMA."""
+
+    def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig):
+        if not examples:
+            raise ValueError("There are no training examples; the dataset is empty.")
+        self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
+        self.step = 0
+        self._losses: list[float] = []
+        self._pending: list[torch.Tensor] = []  # losses still on the device
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
+                                    [tuple(e.latents.shape) for e in examples])
+        self.params = lora.trainable()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                           fused=all(p.is_cuda for p in self.params) or None)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
+        self.scaler = torch.amp.GradScaler(backend.device.type, enabled=backend.compute_dtype == torch.float16)
+        self.ema = [p.detach().clone() for p in self.params] if config.ema_decay else None
+
+    def run(self, until: int | None = None, on_step: Callable[[StepInfo], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> bool:
+        """Train up to step `until` (default: all of config.steps). `should_stop()` is checked
+        before every step; returns True when it ended the segment early."""
+        until = self.config.steps if until is None else min(until, self.config.steps)
+        with self.backend.training(self.lora, self.config.memory):
+            while self.step < until:
+                if should_stop is not None and should_stop():
+                    log.info("Training stopped at step %d of %d.", self.step, self.config.steps)
+                    return True
+                self._step()
+                if on_step is not None:
+                    on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1]))
+        self._read_losses()  # a NaN is reported before anyone saves this segment's LoRA
+        return False
+
+    @property
+    def losses(self) -> list[float]:
+        self._read_losses()
+        return self._losses
+
+    def _read_losses(self) -> None:
+        """Bring the pending losses over from the device in one sync; a NaN or inf stops the run."""
+        if not self._pending:
+            return
+        values, first = torch.stack(self._pending).tolist(), self.step - len(self._pending) + 1
+        self._pending = []
+        for k, loss in enumerate(values):
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"The loss became {loss} at step {first + k}; lower learning_rate (now "
+                    f"{self.config.learning_rate:g}), or train on bf16 rather than fp16 weights. Checkpoints "
+                    "saved before this step are intact.")
+            self._losses.append(loss)
+
+    def _step(self) -> None:
+        rng, queue = self.generator.get_state(), [list(b) for b in self.sampler.queue]
+        try:
+            batch = [self.examples[i] for i in self.sampler.next_batch()]
+            loss = step_loss(self.backend, batch, self.config, self.generator, self.scaler.scale)
+        except BaseException:  # interrupted mid-step (the host may raise from inside the model):
+            self.generator.set_state(rng)  # leave the state as after the last whole step, so a
+            self.sampler.queue = queue  # checkpoint saved now resumes exactly
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.config.ema_decay)
+        self.step += 1
+        self._pending.append(loss)
+
+    def result_lora(self) -> LoraSet:
+        """The weights to save and sample: the EMA when it is on, else the trained ones."""
+        if self.ema is None:
+            return self.lora
+        return copy.deepcopy(self.lora).copy_from(self.ema)
+
+    def state(self) -> dict:
+        """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
+        return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
+                "queue": [list(b) for b in self.sampler.queue],
+                "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else []}
+
+    def load_state(self, state: dict) -> None:
+        if state["step"] > self.config.steps:
+            raise ValueError(f"The checkpoint is at step {state['step']}, past steps ({self.config.steps}); "
+                             "raise steps to continue training it.")
+        self.lora.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.sampler.queue = [list(b) for b in state["queue"]]
+        self.step, self._losses, self._pending = state["step"], list(state["losses"]), []
+        if self.ema is not None:
+            saved = state["ema"] or [p.detach() for p in self.params]
+            self.ema = [e.to(p.device, p.dtype).clone() for e, p in zip(saved, self.params)]
+
+
+def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,
+          on_step: Callable[[StepInfo], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train `lora` on `examples` for `config.steps` optimizer steps, each example appearing
+    `example.repeats` times per epoch. `should_stop()` is checked before every step; returning
+    True ends the run cleanly with the steps done so far.
+    """
+    trainer = Trainer(backend, lora, examples, config)
+    stopped = trainer.run(on_step=on_step, should_stop=should_stop)
+    if trainer.ema is not None:
+        lora.load_state_dict(trainer.result_lora().state_dict())
+    return TrainResult(trainer.losses, trainer.step, stopped)
+
+
+@torch.no_grad()
+def fixed_noise_loss(backend: FluxBackend, lora: LoraSet, examples: list[Example], guidance: float = 1.0,
+                     sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
+                     should_stop: Callable[[], bool] = lambda: False) -> float:
+    """The loss on a fixed set of (σ, ε) pairs per example: comparable before and after training,
+    unlike the noisy per-step loss. NaN when `should_stop()` cut it short."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    with backend.lora_applied(lora):
+        for e in examples:
+            latents = e.latents[None].to(backend.device)
+            for s in sigmas:
+                if should_stop():
+                    return float("nan")
+                noise = torch.randn(latents.shape, generator=generator).to(backend.device)
+                sigma = torch.tensor([s])
+                v = backend.velocity(flow.noisy_latents(latents, noise, sigma.to(backend.device)), sigma,
+                                     e.context[None], e.pooled[None], guidance)
+                total += flow.flow_matching_loss(v, flow.velocity_target(latents, noise)).item()
+                count += 1
+    return total / count

@@ -1,0 +1,150 @@
+"""LoRA weights and how they join a frozen model.
+
+Each target gets a pair (down A: r×in, up B: rows×r) and adds s·B(A·x) to its layer's output,
+computed on activations: the frozen weight W is never rebuilt as W + s·B·A, so autograd never
+forms a full-size weight gradient and no weight is copied per call.
+
+When several targets share one fused Linear (ComfyUI's q/k/v), their downs are stacked into one
+matmul and each up adds into its own slice of that layer's output; rows nobody trains cost nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .targets import LoraTarget
+
+LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class LoraWeight(nn.Module):
+    """The trainable pair of one target. `rows` is its slice of the layer's output."""
+
+    def __init__(self, target: LoraTarget, dtype: torch.dtype, generator: torch.Generator):
+        super().__init__()
+        self.target = target
+        self.rows = target.rows
+        bound = 1.0 / math.sqrt(target.in_features)  # nn.Linear's default (kaiming-uniform, a=√5)
+        down = (torch.rand(target.rank, target.in_features, generator=generator) * 2 - 1) * bound
+        self.down = nn.Parameter(down.to(dtype))
+        self.up = nn.Parameter(torch.zeros(self.rows[1] - self.rows[0], target.rank, dtype=dtype))
+
+    @property
+    def scale(self) -> float:
+        return self.target.scale
+
+
+class LoraSet(nn.Module):
+    """Every LoRA of a run, keyed by diffusers name."""
+
+    def __init__(self, targets: list[LoraTarget], dtype: torch.dtype = torch.float32, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weights = nn.ModuleDict({_key(t.name): LoraWeight(t, dtype, generator) for t in targets})
+
+    def __iter__(self):
+        return iter(self.weights.values())
+
+    def __len__(self):
+        return len(self.weights)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters an optimizer steps (and an EMA averages), in a fixed order."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def copy_from(self, values: list[torch.Tensor]) -> "LoraSet":
+        """Set the trainable parameters to `values` (e.g. an EMA), in `trainable()` order."""
+        with torch.no_grad():
+            for p, v in zip(self.trainable(), values, strict=True):
+                p.copy_(v)
+        return self
+
+    def get(self, name: str) -> LoraWeight:
+        return self.weights[_key(name)]
+
+    def by_module(self) -> dict[str, list[LoraWeight]]:
+        """Weights grouped by BFL module, ordered by output rows."""
+        groups: dict[str, list[LoraWeight]] = defaultdict(list)
+        for w in self:
+            groups[w.target.bfl_module].append(w)
+        return {m: sorted(ws, key=lambda w: w.rows) for m, ws in groups.items()}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def add_lora(x: torch.Tensor, output: torch.Tensor, weights: list[LoraWeight], whole: bool = False) -> torch.Tensor:
+    """output + Σ s·B(A·x) of the weights sharing one layer, each added into its own output rows
+    (one stacked down-projection; nothing is computed for rows no weight trains). `whole`: the
+    layer is exactly one weight's rows (diffusers' unfused layers)."""
+    if whole or (len(weights) == 1 and weights[0].target.whole):
+        w = weights[0]
+        return output + F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype)).to(output.dtype)
+    down = F.linear(x, torch.cat([w.down for w in weights]).to(x.dtype))
+    col = 0
+    for w in weights:
+        r = w.target.rank
+        start, stop = w.rows
+        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(x.dtype)).to(output.dtype)
+        col += r
+    return output
+
+
+def fused_up(weights: list[LoraWeight], scale_by: list[float] | None = None) -> torch.Tensor:
+    """The (out_features × Σr) up matrix of a fused layer: each B, times its scale (or
+    `scale_by[i]`), in its rows and its own rank columns; zeros elsewhere."""
+    out_features = weights[0].target.out_features
+    scales = scale_by if scale_by is not None else [w.scale for w in weights]
+    total_rank = sum(w.target.rank for w in weights)
+    blocks, row, col = [], 0, 0
+    for w, scale in zip(weights, scales):
+        start, stop = w.rows
+        if start > row:
+            blocks.append(w.up.new_zeros(start - row, total_rank))
+        r = w.target.rank
+        blocks.append(F.pad(w.up * scale, (col, total_rank - col - r)))
+        row, col = stop, col + r
+    if row < out_features:
+        blocks.append(weights[0].up.new_zeros(out_features - row, total_rank))
+    return torch.cat(blocks)
+
+
+class _LoraHook:
+    def __init__(self, weights: list[LoraWeight], whole: bool):
+        self.weights, self.whole = weights, whole
+
+    def __call__(self, module, args, output):
+        return add_lora(args[0], output, self.weights, self.whole)
+
+
+def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bool) -> list:
+    """Hook every weight into its layer and return the handles. With `split` (diffusers) each
+    target is a layer of its own; otherwise (BFL) the targets of a fused layer share one hook."""
+    handles = []
+    try:
+        for weights in lora.by_module().values():
+            for group in ([[w] for w in weights] if split else [weights]):
+                layer = layer_of(group[0])
+                t = group[0].target
+                expected = (t.in_features, t.rows[1] - t.rows[0] if split else t.out_features)
+                if (layer.in_features, layer.out_features) != expected:
+                    raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
+                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
+                handles.append(layer.register_forward_hook(_LoraHook(group, whole=split)))
+    except BaseException:
+        detach_all(handles)
+        raise
+    return handles
+
+
+def detach_all(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()

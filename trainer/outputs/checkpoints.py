@@ -1,0 +1,171 @@
+"""Run folders and checkpoints.
+
+A run lives in one folder; each checkpoint is a subfolder `checkpoints/step_000250/` holding
+
+    lora.safetensors   the LoRA as trained so far, a file ComfyUI's LoraLoader accepts
+    state.pt           what resuming needs: step, RNG, batch order, optimizer, schedule, EMA
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a crash or a
+kill during a save never leaves a half-written checkpoint where the last good one is found, and
+only the newest `keep` are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .. import files
+from ..families.flux1.layers import FluxDims
+from ..lora.targets import LayerSpec
+from ..lora.weights import LoraSet
+from . import export
+
+LORA_FILE, STATE_FILE = "lora.safetensors", "state.pt"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run keeps its files and how often: the Checkpoints & Resume node's settings."""
+
+    name: str = "flux_lora"  # run folders are name_001, name_002, …
+    save_every: int = 250  # a checkpoint every this many steps (and at the end, on Stop and Cancel)
+    keep_last: int = 4  # newest checkpoints kept; 0 keeps all
+    resume_from: str = ""  # "", "latest", a run folder or a checkpoint folder, relative to the runs root
+    plot_every: int = 50  # loss plot and history rewritten every this many steps
+
+    def folder_and_checkpoint(self, root: Path) -> tuple["RunFolder", Path | None]:
+        """The run folder to write into and the checkpoint to resume from (None: a fresh run)."""
+        resume = self.resume_from.strip()
+        if not resume:
+            return next_run_folder(root, self.name), None
+        if resume == LATEST:
+            found = latest_checkpoint(root, self.name)
+            if found is None:
+                raise ValueError(f"resume_from is 'latest' but no run called {self.name!r} has a checkpoint in "
+                                 f"{root}; clear resume_from to start a fresh run.")
+            return RunFolder(found.parent.parent), found
+        path = files.safe_path(root, resume)
+        found = RunFolder(path).latest() if (path / "checkpoints").is_dir() else path
+        if found is None or not (found / STATE_FILE).is_file():
+            raise ValueError(f"resume_from {resume!r} is not a checkpoint in {root}: use 'latest', a run folder "
+                             "('flux_lora_001') or a checkpoint ('flux_lora_001/checkpoints/step_000250').")
+        return RunFolder(found.parent.parent), found
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoint_dir = self.path / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoint_dir.iterdir()
+                 if _STEP_DIR.match(p.name) and (p / LORA_FILE).is_file() and (p / STATE_FILE).is_file()]
+        return sorted(found, key=step_of)
+
+    def latest(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, lora_sd: dict[str, torch.Tensor], meta: dict[str, str], state: dict,
+             keep: int = 0) -> Path:
+        """Write checkpoint `step` atomically; then keep only the newest `keep` (0: keep all).
+        An existing checkpoint of the same step (a run resumed from an earlier one) is replaced."""
+        final = self.checkpoint_dir / f"step_{step:06d}"
+        tmp = self.checkpoint_dir / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            files.write_synced(tmp / LORA_FILE, lambda p: save_file(lora_sd, p, metadata=meta))
+            files.write_synced(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            files.sync_folder(tmp)
+            if final.exists():  # swap: the old one stays whole until the new one is in place
+                old = self.checkpoint_dir / f".old-{final.name}-{os.getpid()}"
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(final)
+            files.sync_folder(self.checkpoint_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._sweep(keep)
+        return final
+
+    def _sweep(self, keep: int) -> None:
+        """Drop checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
+        for leftover in [*self.checkpoint_dir.glob(".tmp-*"), *self.checkpoint_dir.glob(".old-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        if keep > 0:
+            for old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old)
+
+
+def step_of(checkpoint: Path) -> int:
+    match = _STEP_DIR.match(Path(checkpoint).name)
+    if not match:
+        raise ValueError(f"{checkpoint} is not a checkpoint folder (step_000250 and the like).")
+    return int(match.group(1))
+
+
+def load_state(checkpoint: str | Path) -> dict:
+    """The training state of a checkpoint folder, loaded without running any pickled code."""
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {STATE_FILE}; pick a folder like "
+                                ".../checkpoints/step_000250 (or 'latest').")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_lora(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's LoRA file (kohya format) and its metadata."""
+    path = Path(checkpoint) / LORA_FILE
+    return export.load(path), export.read_metadata(path)
+
+
+def next_run_folder(root: str | Path, name: str) -> RunFolder:
+    """`root/name_001`, `root/name_002`, …: a fresh folder per run, so runs never mix."""
+    taken = [int(run.path.name.rsplit("_", 1)[1]) for run in runs(root, name)]
+    return RunFolder(Path(root) / f"{name}_{max(taken, default=0) + 1:03d}")
+
+
+def runs(root: str | Path, name: str = "*") -> list[RunFolder]:
+    """The run folders under `root` (of runs called `name`), by name."""
+    pattern = re.compile(r".+_\d+" if name == "*" else rf"{re.escape(name)}_\d+")
+    return [RunFolder(p) for p in sorted(Path(root).glob("*")) if p.is_dir() and pattern.fullmatch(p.name)]
+
+
+def latest_checkpoint(root: str | Path, name: str) -> Path | None:
+    """The most recently written checkpoint of the runs called `name` (SimpleTuner's
+    resume_from_checkpoint 'latest')."""
+    found = [c for run in runs(root, name) for c in run.checkpoints()]
+    return max(found, key=lambda c: ((c / STATE_FILE).stat().st_mtime_ns, step_of(c)), default=None)
+
+
+def describe(spec: LayerSpec, dims: FluxDims) -> dict:
+    """What a checkpoint records besides the trainer's state, to rebuild its LoRA on its own."""
+    return {"spec": spec.to_json(), "dims": list(astuple(dims))}
+
+
+def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
+    """A checkpoint's LoRA (its EMA when the run kept one), ready to apply or save in any format."""
+    state = load_state(checkpoint)
+    targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
+    dtype = next(iter(state["lora"].values())).dtype
+    lora = LoraSet(targets, dtype)
+    lora.load_state_dict(state["lora"])
+    if state.get("ema"):
+        lora.copy_from(state["ema"])
+    return export.TrainedLora(lora, export.read_metadata(Path(checkpoint) / LORA_FILE))

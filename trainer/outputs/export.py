@@ -1,0 +1,125 @@
+"""LoRA files: kohya (`lora_unet_*`, what most tools read) or diffusers/PEFT naming.
+
+kohya names follow BFL's layout, where q/k/v (single blocks: q/k/v/mlp) are one Linear. A fused
+layer is written as one LoRA: the downs stacked, the ups block-diagonal with zeros in the rows of
+slices not trained. ComfyUI scales a LoRA by alpha/rank of the file, so alpha is written to give
+each part its own scale exactly. Every module gets `.alpha` (ComfyUI assumes 1.0 without it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..lora.targets import LayerSpec
+from ..lora.weights import LoraSet, fused_up
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FORMATS = ("kohya", "diffusers")
+
+
+def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    sd = {}
+    for module, weights in lora.by_module().items():
+        key = "lora_unet_" + module.replace(".", "_")
+        ref = weights[0].scale
+        total_rank = sum(w.target.rank for w in weights)
+        if len(weights) == 1 and weights[0].target.whole:
+            up = weights[0].up
+        else:
+            up = fused_up(weights, scale_by=[w.scale / ref for w in weights])
+        sd[f"{key}.lora_down.weight"] = torch.cat([w.down for w in weights]).detach()
+        sd[f"{key}.lora_up.weight"] = up.detach()
+        sd[f"{key}.alpha"] = torch.tensor(ref * total_rank)
+    return _finish(sd, dtype)
+
+
+def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    sd = {}
+    for w in lora:
+        key = f"transformer.{w.target.name}"
+        sd[f"{key}.lora_A.weight"] = w.down.detach()
+        sd[f"{key}.lora_B.weight"] = w.up.detach()
+        sd[f"{key}.alpha"] = torch.tensor(w.scale * w.target.rank)
+    return _finish(sd, dtype)
+
+
+def _finish(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(".alpha"):
+            out[k] = v.float()
+            continue
+        v = v.float().cpu()
+        if dtype == torch.float16 and v.abs().max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"{k} has values beyond fp16's range; save with precision bf16 or fp32.")
+        out[k] = v.to(dtype).contiguous()
+    return out
+
+
+def state_dict(lora: LoraSet, fmt: str = "kohya", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    if fmt not in FORMATS:
+        raise ValueError(f"format is {fmt!r}; choose {' or '.join(FORMATS)}.")
+    return (kohya_state_dict if fmt == "kohya" else diffusers_state_dict)(lora, dtype)
+
+
+@dataclass(frozen=True)
+class LoraMetadata:
+    """What a LoRA file's header says about how it was trained."""
+
+    spec: LayerSpec
+    trigger_word: str = ""
+    base_model: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # resolution, learning rate, seed, run…
+
+    def header(self, steps: int, fmt: str = "kohya") -> dict[str, str]:
+        """Ours under `dreambooth.*`, plus the kohya/modelspec keys other UIs show."""
+        ranks = sorted({g.rank for g in self.spec.groups})
+        alphas = sorted({g.alpha if g.alpha is not None else g.rank for g in self.spec.groups})
+        md = {
+            "dreambooth.version": __version__,
+            "dreambooth.format": fmt,
+            "dreambooth.trigger_word": self.trigger_word,
+            "dreambooth.base_model": self.base_model,
+            "dreambooth.rank": ",".join(map(str, ranks)),
+            "dreambooth.alpha": ",".join(f"{a:g}" for a in alphas),
+            "dreambooth.steps": str(steps),
+            "dreambooth.layers": self.spec.to_json(),
+            "ss_network_module": "networks.lora_flux",
+            "ss_network_dim": str(max(ranks)),
+            "ss_network_alpha": f"{alphas[-1]:g}",
+            "ss_base_model_version": "flux1",
+            "ss_steps": str(steps),
+            "modelspec.architecture": "flux-1-dev/lora",
+            "modelspec.trigger_phrase": self.trigger_word,
+        }
+        md.update({f"dreambooth.{k}": str(v) for k, v in self.extra.items()})
+        return md
+
+
+class TrainedLora(dict):
+    """A trained LoRA as it travels between ComfyUI nodes: a kohya state dict (so ComfyUI's own
+    LORA_MODEL nodes accept it), plus the weights and metadata our nodes save it with."""
+
+    def __init__(self, lora: LoraSet, meta: dict[str, str]):
+        super().__init__(kohya_state_dict(lora))
+        self.lora = lora
+        self.metadata = meta
+
+    def to_file_dict(self, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return state_dict(self.lora, fmt, dtype)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return header.get("__metadata__", {})
+
+
+def load(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))

@@ -1,0 +1,19 @@
+// The pack's public names, as nodes/ids.py defines them (a test checks that the two agree).
+export const NODE = {
+  TRAIN: "FluxDreamBoothTrain",
+  CAPTION: "FluxDreamBoothCaption",
+  SAVE: "FluxDreamBoothSave",
+};
+
+export const EVENT = {
+  STATUS: "flux_dreambooth.status",
+  PROGRESS: "flux_dreambooth.progress",
+  CHECKPOINT: "flux_dreambooth.checkpoint",
+  RENDERING: "flux_dreambooth.rendering",
+  SAMPLES: "flux_dreambooth.samples",
+  QUEUED: "flux_dreambooth.queued",
+};
+
+export const ROUTE = {
+  STOP: "/flux_dreambooth/stop",
+};
