@@ -76,16 +76,13 @@ class SaveFluxLora(io.ComfyNode):
     @classmethod
     def execute(cls, lora, filename_prefix, format, precision) -> io.NodeOutput:
         root = paths.loras_root()
-        files.safe_path(root, filename_prefix)  # a name of its own, inside models/loras
-        counter = 1
-        while (path := files.safe_path(root, f"{filename_prefix}_{counter:05}.safetensors")).exists():
-            counter += 1
+        files.safe_path(root, filename_prefix)  # a name of its own, inside models/loras, before any work
         dtype = export.SAVE_DTYPES[precision]
         if isinstance(lora, export.TrainedLora):
             sd, meta = lora.to_file_dict(format, dtype), dict(lora.metadata, **{"dreambooth.format": format})
         else:  # a LORA_MODEL from another node (e.g. ComfyUI's own trainer): saved as it is
             sd, meta = {k: v.to(dtype) if v.is_floating_point() else v for k, v in lora.items()}, {}
-        files.write_safetensors(path, sd, meta)
+        path = export.save_numbered(root, filename_prefix, sd, meta)
         name = path.relative_to(root.resolve()).as_posix()
         log.info("Saved LoRA %s", path)
         return io.NodeOutput(name, ui={"text": [name]})

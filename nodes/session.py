@@ -40,8 +40,9 @@ class ComfyJobHost:
 
     def on_status(self, state: JobState, message: str) -> None:
         if state == JobState.TRAINING:
-            self.bar = events.progress_bar(self.total)
-            self.console = tqdm(total=self.total, desc="FLUX LoRA", disable=not events.console_progress_enabled())
+            if not message:  # the start; a message while training is a note (the dataset changed on resume)
+                self.bar = events.progress_bar(self.total)
+                self.console = tqdm(total=self.total, desc="FLUX LoRA", disable=not events.console_progress_enabled())
         elif self.console is not None:
             self.console.close()
         self._send(ids.EVENT_STATUS, state=state.value, message=message, run=self.run_name)

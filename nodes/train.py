@@ -152,7 +152,8 @@ class TrainFluxLora(io.ComfyNode):
                    f"{len(targets)} LoRA layers; fixed-noise loss {before:.4f} → {after:.4f} "
                    f"({100 * (after / before - 1):+.1f}%); run {folder.path.name}; {len(examples)} images, "
                    f"{store.hits} encodings from the cache, {store.misses} computed; {memory}"
-                   + (f"\nLeft out: {'; '.join(skipped)}" if skipped else ""))
+                   + (f"\nLeft out: {'; '.join(skipped)}" if skipped else "")
+                   + "".join(f"\n{note}" for note in outcome.notes))
         log.info("Trained: %s", summary)
         plot = progress.to_pixels(progress.loss_plot(outcome.history))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot

@@ -44,6 +44,8 @@ def to_image(pixels: torch.Tensor) -> Image.Image:
 
 def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int, seed: int) -> dict:
     started = time.perf_counter()
+    config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed)  # bad settings: before any work
+    files.check_writable(out, 64 << 20)  # before training: a read-only or full disk fails now, not at the end
     model = tiny.build(seed)
     options = datasets.Options(trigger_word=TRIGGER, shaping=Shaping(resolution))
     dataset = datasets.from_folder(QUICKSTART_IMAGES, options)
@@ -51,7 +53,6 @@ def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int,
     backend = model.backend()
     spec = LayerSpec.preset("attention+mlp", backend.dims, rank=rank)
     lora = LoraSet(spec.targets(backend.dims), seed=seed)
-    config = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed)
     log.info("Tiny FLUX %s, %d images at %d², %d LoRA layers (rank %d), %d steps.",
              backend.dims, len(examples), resolution, len(lora), rank, steps)
 

@@ -43,6 +43,7 @@ class Example:
     texts: list = field(default_factory=list)
     dropout_text: tuple | None = None
     dropout_rate: float = 0.0
+    key: str = ""  # the image's content hash (as the encode cache keys it): a checkpoint notices a changed dataset
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -174,7 +175,7 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         dropout = item.augment.caption_dropout
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
-                                dropout))
+                                dropout, key=content))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

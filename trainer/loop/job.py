@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Protocol
@@ -34,7 +34,7 @@ from ..lora.weights import LoraSet
 from ..outputs import checkpoints, export, progress
 from ..outputs.checkpoints import RunFolder, RunSettings
 from ..outputs.progress import Progress, Sample
-from .trainer import StepInfo, TrainConfig, Trainer, fixed_noise_loss
+from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
 PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on these
@@ -84,6 +84,7 @@ class Outcome:
     samples: list[Sample]
     images: list[torch.Tensor]  # the newest render's images (earlier ones are on disk)
     history: list[tuple[int, float, float, float]]
+    notes: list[str] = field(default_factory=list)  # for the run's summary: e.g. the dataset changed on resume
 
 
 class JobHost(Protocol):
@@ -145,6 +146,8 @@ class Job:
         self.latest_images: list[torch.Tensor] = []
         self.saved_step = checkpoints.step_of(spec.resume) if spec.resume else -1
         self.tracker = progress.ProgressTracker(spec.config.steps, spec.backend.device)
+        self.notes: list[str] = []
+        self._told: set[str] = set()
 
     # ----- state, from any thread ----------------------------------------------------------------
     @property
@@ -215,7 +218,16 @@ class Job:
             self.trainer = None
             host.release_memory()
 
+    def check(self) -> None:
+        """What can fail late, checked before anything is loaded or trained: the settings against
+        the dataset, and that the run folder is writable with room for a checkpoint and the LoRA."""
+        spec = self.spec
+        check_batch_size(spec.config, spec.examples)
+        parameters = sum(t.rank * (t.in_features + t.rows[1] - t.rows[0]) for t in spec.targets)
+        spec.run.check_writable(2 * checkpoints.checkpoint_bytes(parameters, spec.config.ema_decay > 0))
+
     def _run(self, host: JobHost) -> Outcome:
+        self.check()
         worker = threading.Thread(target=self._work, name="flux-dreambooth-train", daemon=True)
         device = self.spec.backend.device
         if device.type == "cuda":
@@ -235,7 +247,7 @@ class Job:
         host.on_status(self._state, "")
         trainer = self.trainer
         return Outcome(trainer.result_lora().cpu(), trainer.losses, trainer.step, stopped, self.loss_before,
-                       self.loss_after, self.samples, self.latest_images, self.tracker.history)
+                       self.loss_after, self.samples, self.latest_images, self.tracker.history, list(self.notes))
 
     def _serve(self, worker: threading.Thread, host: JobHost) -> None:
         """Until the loop ends: show its steps, serve its pauses, watch for Cancel."""
@@ -274,8 +286,16 @@ class Job:
         if info.step % self.spec.settings.plot_every == 0:
             self._write_plots()
 
+    def _tell(self, host: JobHost, note: str) -> None:
+        """Something the user should know about the run (shown now, and in the summary)."""
+        if note and note not in self._told:
+            self._told.add(note)
+            self.notes.append(note)
+            host.on_status(JobState.TRAINING, note)
+
     def _at_pause(self, host: JobHost) -> None:
         step, config, trainer = self.trainer.step, self.spec.config, self.trainer
+        self._tell(host, trainer.dataset_change)
         if not self.tracker.history and trainer.losses:  # a resumed run: plot from its first step
             self.tracker.replay(trainer.losses, [config.learning_rate * config.lr_factor(i)
                                                  for i in range(len(trainer.losses))])

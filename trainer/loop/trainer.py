@@ -7,6 +7,7 @@ draw σ and ε, noise the latents, predict the velocity, step AdamW on the LoRA.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,6 +24,16 @@ from .memory import MemoryConfig
 log = logger(__name__)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+FINITE_CHECK_EVERY = 4  # steps between reads of the loss and gradient norm (a device sync): a NaN stops the run
+# within this many steps, and always before a segment ends (before any checkpoint is written)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole_number(value) -> bool:
+    return _finite_number(value) and float(value).is_integer()
 
 
 @dataclass
@@ -41,21 +52,32 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off; 0.999 in ai-toolkit recipes: the saved LoRA is the average
 
     def __post_init__(self):
-        checks = [
-            (self.steps >= 1, f"steps is {self.steps}; train at least 1 step (500–3000 is usual)."),
-            (self.learning_rate > 0, f"learning_rate is {self.learning_rate}; use a positive value (1e-4 is usual)."),
-            (self.batch_size >= 1, f"batch_size is {self.batch_size}; it must be at least 1."),
-            (self.weight_decay >= 0, f"weight_decay is {self.weight_decay}; it can't be negative."),
-            (self.max_grad_norm >= 0, f"max_grad_norm is {self.max_grad_norm}; use 0 to disable clipping, or 1.0."),
+        checks = [  # each a whole number or finite value first (inf, NaN and 2.5 steps compare silently)
+            (_whole_number(self.steps) and self.steps >= 1,
+             f"steps is {self.steps}; train a whole number of steps, at least 1 (500–3000 is usual)."),
+            (_finite_number(self.learning_rate) and self.learning_rate > 0,
+             f"learning_rate is {self.learning_rate}; use a positive finite value (1e-4 is usual)."),
+            (_whole_number(self.batch_size) and self.batch_size >= 1,
+             f"batch_size is {self.batch_size}; use a whole number, at least 1 (1 is usual)."),
+            (_whole_number(self.seed) and self.seed >= 0,
+             f"seed is {self.seed}; use a whole number, 0 or more (e.g. 42)."),
+            (_finite_number(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay is {self.weight_decay}; use a finite value, 0 or more (1e-4 is usual)."),
+            (_finite_number(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"max_grad_norm is {self.max_grad_norm}; use 0 to disable clipping, or 1.0."),
+            (_finite_number(self.guidance) and self.guidance >= 0,
+             f"guidance is {self.guidance}; use a finite value, 0 or more (1.0 is usual for training FLUX.1-dev)."),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule is {self.lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}."),
             (self.warmup_steps == 0 or 0 < self.warmup_steps < self.steps,
              f"warmup_steps is {self.warmup_steps}; keep it between 0 and steps ({self.steps})."),
-            (0 <= self.ema_decay < 1, f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
+            (_finite_number(self.ema_decay) and 0 <= self.ema_decay < 1,
+             f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.steps, self.batch_size, self.seed = int(self.steps), int(self.batch_size), int(self.seed)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the learning rate before optimizer step `step` (0-based)."""
@@ -67,6 +89,35 @@ class TrainConfig:
         if self.lr_schedule == "linear":
             return 1.0 - progress
         return 1.0
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA's decay at (0-based) optimizer step `step`, warmed up as diffusers' EMAModel and
+    ai-toolkit do: min(decay, (1 + step) / (10 + step)), and 0 at the first step, so the average
+    starts at the first trained weights, never at the initial LoRA (whose up matrices are zero).
+    A fixed 0.999 would leave 0.999^750 ≈ 47 % of that zero start in the LoRA after 750 steps."""
+    return 0.0 if step <= 0 else min(decay, (1 + step) / (10 + step))
+
+
+def example_key(e: Example) -> str:
+    """What identifies an example across processes: its image content (the encode cache's key),
+    caption, repeats and shape; a checkpoint records these to notice a changed dataset."""
+    parts = [e.key or e.source, e.caption, e.repeats, e.loss_weight, list(e.latents.shape)]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
+
+
+def dataset_change(saved: list[str], current: list[Example]) -> str:
+    """'' when the examples are the ones a checkpoint was trained on, else what changed."""
+    keys = [example_key(e) for e in current]
+    if keys == saved:
+        return ""
+    added = [e.source or f"example {i}" for i, (e, k) in enumerate(zip(current, keys)) if k not in set(saved)]
+    removed = len([k for k in saved if k not in set(keys)])
+    what = [f"{len(added)} added" + (f" ({', '.join(added[:5])}{', …' if len(added) > 5 else ''})" if added else ""),
+            f"{removed} removed"] if added or removed else ["reordered or re-captioned"]
+    return (f"The dataset changed since the checkpoint ({len(saved)} examples then, {len(keys)} now: "
+            f"{'; '.join(what)}); training continues on the current examples with a fresh shuffle, "
+            "from the checkpoint's step, optimizer and LoRA.")
 
 
 @dataclass
@@ -167,12 +218,13 @@ class Trainer:
     (on CPU) in another process: step, RNG, batch order, optimizer, schedule, loss scale, EMA."""
 
     def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig):
-        if not examples:
-            raise ValueError("There are no training examples; the dataset is empty.")
+        check_batch_size(config, examples)
         self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
         self.step = 0
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []  # losses still on the device
+        self._pending_norms: list[torch.Tensor] = []  # and gradient norms
+        self.dataset_change = ""  # what load_state found changed in the dataset ('' if nothing)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
                                     [tuple(e.latents.shape) for e in examples])
@@ -197,6 +249,8 @@ class Trainer:
                 self._step()
                 if on_step is not None:
                     on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1]))
+                if len(self._pending) >= FINITE_CHECK_EVERY:  # one sync every few steps, not every step
+                    self._read_losses()
         self._read_losses()  # a NaN is reported before anyone saves this segment's LoRA
         return False
 
@@ -206,17 +260,21 @@ class Trainer:
         return self._losses
 
     def _read_losses(self) -> None:
-        """Bring the pending losses over from the device in one sync; a NaN or inf stops the run."""
+        """Bring the pending losses and gradient norms over from the device in one sync; a NaN or
+        inf in either stops the run (a NaN gradient with a finite loss would poison the weights)."""
         if not self._pending:
             return
-        values, first = torch.stack(self._pending).tolist(), self.step - len(self._pending) + 1
-        self._pending = []
-        for k, loss in enumerate(values):
-            if not math.isfinite(loss):
+        n, first = len(self._pending), self.step - len(self._pending) + 1
+        values = torch.stack([*self._pending, *self._pending_norms]).tolist()
+        self._pending, self._pending_norms = [], []
+        for k, (loss, norm) in enumerate(zip(values[:n], values[n:])):
+            bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm) if not math.isfinite(norm) \
+                else None
+            if bad:
                 raise FloatingPointError(
-                    f"The loss became {loss} at step {first + k}; lower learning_rate (now "
+                    f"The {bad[0]} became {bad[1]} at step {first + k}; lower learning_rate (now "
                     f"{self.config.learning_rate:g}), or train on bf16 rather than fp16 weights. Checkpoints "
-                    "saved before this step are intact.")
+                    "saved before this step are intact (no checkpoint is written from non-finite weights).")
             self._losses.append(loss)
 
     def _step(self) -> None:
@@ -231,16 +289,22 @@ class Trainer:
             raise
         self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if self.scaler.is_enabled():  # fp16: an inf gradient is the scaler's to skip, not an error
+            norm = torch.zeros_like(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.config.ema_decay)
+                decay = ema_decay_at(self.config.ema_decay, self.step)
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
         self.step += 1
         self._pending.append(loss)
+        self._pending_norms.append(norm.detach().float().reshape(()))
 
     def result_lora(self) -> LoraSet:
         """The weights to save and sample: the EMA when it is on, else the trained ones."""
@@ -251,7 +315,7 @@ class Trainer:
     def state(self) -> dict:
         """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
         return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
-                "queue": [list(b) for b in self.sampler.queue],
+                "queue": [list(b) for b in self.sampler.queue], "examples": [example_key(e) for e in self.examples],
                 "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else []}
@@ -265,11 +329,46 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
-        self.sampler.queue = [list(b) for b in state["queue"]]
-        self.step, self._losses, self._pending = state["step"], list(state["losses"]), []
+        queue = [list(b) for b in state["queue"]]
+        saved = state.get("examples")  # absent in checkpoints of earlier versions: check the indices
+        if saved is not None:
+            self.dataset_change = dataset_change(saved, self.examples)
+        elif any(i >= len(self.examples) for b in queue for i in b):
+            self.dataset_change = (f"The dataset has fewer examples ({len(self.examples)}) than the checkpoint's "
+                                   "batch order names; training continues on the current examples with a fresh "
+                                   "shuffle, from the checkpoint's step, optimizer and LoRA.")
+        if self.dataset_change:
+            log.warning("%s", self.dataset_change)
+            queue = []  # the old batch order names the old dataset's examples: shuffle the current ones
+        self.sampler.queue = queue
+        self.step, self._losses, self._pending, self._pending_norms = state["step"], list(state["losses"]), [], []
+        self._use_config_rates()
         if self.ema is not None:
             saved = state["ema"] or [p.detach() for p in self.params]
             self.ema = [e.to(p.device, p.dtype).clone() for e, p in zip(saved, self.params)]
+
+
+    def _use_config_rates(self) -> None:
+        """The learning rate and weight decay are this run's settings, not the checkpoint's: resuming
+        after a NaN with a lower learning_rate must train at the lower rate."""
+        lambdas = getattr(self.schedule, "lr_lambdas", None)
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["initial_lr"] = self.config.learning_rate
+            group["weight_decay"] = self.config.weight_decay
+            if lambdas is not None:
+                self.schedule.base_lrs[i] = self.config.learning_rate
+                group["lr"] = self.config.learning_rate * lambdas[i](self.schedule.last_epoch)
+        if lambdas is not None:
+            self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def check_batch_size(config: TrainConfig, examples: list) -> None:
+    """Before anything is loaded: a batch can't hold more examples than the dataset has."""
+    if not examples:
+        raise ValueError("There are no training examples; the dataset is empty.")
+    if config.batch_size > len(examples):
+        raise ValueError(f"batch_size is {config.batch_size} but the dataset has {len(examples)} image(s); "
+                         f"use batch_size {len(examples)} or less (1 is usual), or add images.")
 
 
 def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,

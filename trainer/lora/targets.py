@@ -157,6 +157,11 @@ class LayerSpec:
                     module, part = vocabulary.layers[group.blocks][layer]
                     bfl = f"{vocabulary.groups[group.blocks]}.{block}.{module}"
                     in_features, out_features = layout.shape(bfl)
+                    rows = layout.rows(part, out_features)
+                    if group.rank > min(in_features, rows[1] - rows[0]):
+                        raise ValueError(f"lora_rank is {group.rank} for {name}, a {in_features}→{rows[1] - rows[0]} "
+                                         f"layer: a rank above {min(in_features, rows[1] - rows[0])} adds nothing. "
+                                         "Lower lora_rank (4–32 is usual).")
                     targets.append(LoraTarget(name, bfl, part, group.rank, group.scale, in_features,
                                               out_features, layout.rows(part, out_features)))
         if not targets:

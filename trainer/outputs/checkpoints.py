@@ -7,7 +7,9 @@ A run lives in one folder; each checkpoint is a subfolder `checkpoints/step_0002
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash or a
 kill during a save never leaves a half-written checkpoint where the last good one is found, and
-only the newest `keep` are kept.
+only the newest `keep` are kept: newest by when they were written, so a run resumed from an
+earlier checkpoint keeps what it writes (not the abandoned branch's higher steps). A checkpoint
+with a non-finite weight is never written.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -47,6 +50,7 @@ class RunSettings:
         resume = self.resume_from.strip()
         if not resume:
             return next_run_folder(root, self.name), None
+        files.safe_path(root, self.name)
         if resume == LATEST:
             found = latest_checkpoint(root, self.name)
             if found is None:
@@ -62,17 +66,24 @@ class RunSettings:
 
 
 class RunFolder:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """A run's folder. With `root`, `path` is a name inside it, checked like every name the pack
+    writes (no `..`, no absolute path, no link out of the root: files.safe_path)."""
+
+    def __init__(self, path: str | Path, root: str | Path | None = None):
+        self.path = files.safe_path(root, str(path)) if root is not None else Path(path)
         self.checkpoint_dir = self.path / "checkpoints"
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, in the order they were written (oldest first; same time: by step)."""
         if not self.checkpoint_dir.is_dir():
             return []
         found = [p for p in self.checkpoint_dir.iterdir()
                  if _STEP_DIR.match(p.name) and (p / LORA_FILE).is_file() and (p / STATE_FILE).is_file()]
-        return sorted(found, key=step_of)
+        return sorted(found, key=_written)
+
+    def check_writable(self, need_bytes: int = 0) -> None:
+        """Before training: the run folder can be created and written, with `need_bytes` free."""
+        files.check_writable(self.path, need_bytes, "The run folder")
 
     def latest(self) -> Path | None:
         found = self.checkpoints()
@@ -81,15 +92,23 @@ class RunFolder:
     def save(self, step: int, lora_sd: dict[str, torch.Tensor], meta: dict[str, str], state: dict,
              keep: int = 0) -> Path:
         """Write checkpoint `step` atomically; then keep only the newest `keep` (0: keep all).
-        An existing checkpoint of the same step (a run resumed from an earlier one) is replaced."""
+        An existing checkpoint of the same step (a run resumed from an earlier one) is replaced.
+        Refuses (FloatingPointError) a LoRA or state with a NaN or inf: the last good one stays latest."""
+        bad = _non_finite({**lora_sd, **_tensors(state.get("lora")), **_tensors(state.get("ema"), "ema")})
+        if bad:
+            raise FloatingPointError(f"Not saving checkpoint step {step}: {bad} has NaN or inf values. The last "
+                                     f"good checkpoint ({self.latest() or 'none yet'}) is kept; resume from it with "
+                                     "a lower learning_rate.")
         final = self.checkpoint_dir / f"step_{step:06d}"
         tmp = self.checkpoint_dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
+            with files.reporting_disk_full(tmp):
+                tmp.mkdir(parents=True)
             files.write_synced(tmp / LORA_FILE, lambda p: save_file(lora_sd, p, metadata=meta))
             files.write_synced(tmp / STATE_FILE, lambda p: torch.save(state, p))
             files.sync_folder(tmp)
+            _pause_for_tests()
             if final.exists():  # swap: the old one stays whole until the new one is in place
                 old = self.checkpoint_dir / f".old-{final.name}-{os.getpid()}"
                 final.rename(old)
@@ -111,6 +130,40 @@ class RunFolder:
         if keep > 0:
             for old in self.checkpoints()[:-keep]:
                 shutil.rmtree(old)
+
+
+def _written(checkpoint: Path) -> tuple[int, int]:
+    return (checkpoint / STATE_FILE).stat().st_mtime_ns, step_of(checkpoint)
+
+
+def _tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(value, dict):
+        return {f"{prefix}{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)}
+    if isinstance(value, (list, tuple)):
+        return {f"{prefix}[{i}]": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)}
+    return {}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str:
+    """The first tensor with a NaN or inf ('' if none)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return key
+    return ""
+
+
+def _pause_for_tests() -> None:
+    """FLUX_DREAMBOOTH_SAVE_PAUSE=seconds: sleep between writing a checkpoint and renaming it into
+    place, so the fault tests can kill a process inside a checkpoint write."""
+    pause = os.environ.get("FLUX_DREAMBOOTH_SAVE_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+
+
+def checkpoint_bytes(lora_parameters: int, ema: bool) -> int:
+    """About what one checkpoint takes on disk (fp32): the LoRA file, and a state with the LoRA,
+    AdamW's two moments and the EMA."""
+    return 4 * lora_parameters * (1 + 1 + 2 + (1 if ema else 0)) + (1 << 20)
 
 
 def step_of(checkpoint: Path) -> int:
@@ -137,21 +190,26 @@ def load_lora(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def next_run_folder(root: str | Path, name: str) -> RunFolder:
     """`root/name_001`, `root/name_002`, …: a fresh folder per run, so runs never mix."""
+    files.safe_path(root, name)
+    if "/" in name.replace("\\", "/"):
+        raise ValueError(f"The run name {name!r} must be a plain name (no '/'), e.g. 'sks_dog'.")
     taken = [int(run.path.name.rsplit("_", 1)[1]) for run in runs(root, name)]
-    return RunFolder(Path(root) / f"{name}_{max(taken, default=0) + 1:03d}")
+    return RunFolder(f"{name.strip()}_{max(taken, default=0) + 1:03d}", root)
 
 
 def runs(root: str | Path, name: str = "*") -> list[RunFolder]:
-    """The run folders under `root` (of runs called `name`), by name."""
-    pattern = re.compile(r".+_\d+" if name == "*" else rf"{re.escape(name)}_\d+")
-    return [RunFolder(p) for p in sorted(Path(root).glob("*")) if p.is_dir() and pattern.fullmatch(p.name)]
+    """The run folders under `root` (of runs called `name`), by name; a link out of `root` is not one."""
+    pattern = re.compile(r".+_\d+" if name == "*" else rf"{re.escape(name.strip())}_\d+")
+    inside = Path(root).resolve()
+    return [RunFolder(p) for p in sorted(Path(root).glob("*"))
+            if p.is_dir() and pattern.fullmatch(p.name) and p.resolve().parent == inside]
 
 
 def latest_checkpoint(root: str | Path, name: str) -> Path | None:
     """The most recently written checkpoint of the runs called `name` (SimpleTuner's
     resume_from_checkpoint 'latest')."""
     found = [c for run in runs(root, name) for c in run.checkpoints()]
-    return max(found, key=lambda c: ((c / STATE_FILE).stat().st_mtime_ns, step_of(c)), default=None)
+    return max(found, key=_written, default=None)
 
 
 def describe(spec: LayerSpec, dims: FluxDims) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .. import __version__
+from .. import __version__, files
 from ..lora.targets import LayerSpec
 from ..lora.weights import LoraSet, fused_up
 
@@ -123,3 +123,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def load(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def save_numbered(root: str | Path, prefix: str, sd: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write `root/prefix_00001.safetensors` (the next free number, so nothing is overwritten). The
+    prefix is checked like every name the pack writes: it can't leave `root` (files.safe_path)."""
+    files.safe_path(root, prefix)
+    counter = 1
+    while (path := files.safe_path(root, f"{prefix.strip()}_{counter:05}.safetensors")).exists():
+        counter += 1
+    return files.write_safetensors(path, sd, meta)
