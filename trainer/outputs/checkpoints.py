@@ -107,6 +107,7 @@ class RunFolder:
                 tmp.mkdir(parents=True)
             files.write_synced(tmp / LORA_FILE, lambda p: save_file(lora_sd, p, metadata=meta))
             files.write_synced(tmp / STATE_FILE, lambda p: torch.save(state, p))
+            self._stamp_newest(tmp / STATE_FILE)
             files.sync_folder(tmp)
             _pause_for_tests()
             if final.exists():  # swap: the old one stays whole until the new one is in place
@@ -123,13 +124,23 @@ class RunFolder:
         self._sweep(keep)
         return final
 
+    def _stamp_newest(self, state_file: Path) -> None:
+        """Write order is the state file's time: make it later than every other checkpoint's, even
+        when two saves fall in one tick of the file system's clock."""
+        newest = max((_written(c)[0] for c in self.checkpoints()), default=0)
+        written = state_file.stat().st_mtime_ns
+        if written <= newest:
+            os.utime(state_file, ns=(newest + 1_000_000,) * 2)  # 1 ms: what most file systems keep
+
     def _sweep(self, keep: int) -> None:
         """Drop checkpoints beyond the newest `keep`, and leftovers of interrupted saves."""
         for leftover in [*self.checkpoint_dir.glob(".tmp-*"), *self.checkpoint_dir.glob(".old-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
         if keep > 0:
-            for old in self.checkpoints()[:-keep]:
-                shutil.rmtree(old)
+            for old in self.checkpoints()[:-keep]:  # renamed first: a kill mid-delete leaves a leftover, swept later
+                gone = self.checkpoint_dir / f".old-{old.name}-{os.getpid()}"
+                old.rename(gone)
+                shutil.rmtree(gone)
 
 
 def _written(checkpoint: Path) -> tuple[int, int]:
