@@ -7,8 +7,8 @@ draw σ and ε, noise the latents, predict the velocity, step AdamW on the LoRA.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +20,7 @@ from ..log import logger
 from ..lora.weights import LoraSet
 from . import flow
 from .memory import MemoryConfig
+from .resume import dataset_change, example_key
 
 log = logger(__name__)
 
@@ -29,7 +30,7 @@ FINITE_CHECK_EVERY = 4  # steps between reads of the loss and gradient norm (a d
 
 
 def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _whole_number(value) -> bool:
@@ -97,27 +98,6 @@ def ema_decay_at(decay: float, step: int) -> float:
     starts at the first trained weights, never at the initial LoRA (whose up matrices are zero).
     A fixed 0.999 would leave 0.999^750 ≈ 47 % of that zero start in the LoRA after 750 steps."""
     return 0.0 if step <= 0 else min(decay, (1 + step) / (10 + step))
-
-
-def example_key(e: Example) -> str:
-    """What identifies an example across processes: its image content (the encode cache's key),
-    caption, repeats and shape; a checkpoint records these to notice a changed dataset."""
-    parts = [e.key or e.source, e.caption, e.repeats, e.loss_weight, list(e.latents.shape)]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
-
-
-def dataset_change(saved: list[str], current: list[Example]) -> str:
-    """'' when the examples are the ones a checkpoint was trained on, else what changed."""
-    keys = [example_key(e) for e in current]
-    if keys == saved:
-        return ""
-    added = [e.source or f"example {i}" for i, (e, k) in enumerate(zip(current, keys)) if k not in set(saved)]
-    removed = len([k for k in saved if k not in set(keys)])
-    what = [f"{len(added)} added" + (f" ({', '.join(added[:5])}{', …' if len(added) > 5 else ''})" if added else ""),
-            f"{removed} removed"] if added or removed else ["reordered or re-captioned"]
-    return (f"The dataset changed since the checkpoint ({len(saved)} examples then, {len(keys)} now: "
-            f"{'; '.join(what)}); training continues on the current examples with a fresh shuffle, "
-            "from the checkpoint's step, optimizer and LoRA.")
 
 
 @dataclass
