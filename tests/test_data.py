@@ -115,6 +115,40 @@ def test_datasets_chain_and_mark_regularisation(tmp_path):
                                                                                   ("dog", True, 0.5)]
 
 
+def test_a_regularisation_set_never_carries_the_subjects_trigger(tmp_path):
+    """The folder node's default trigger 'sks' reaches a regularisation folder built as its tooltip says
+    (default_caption 'person'): it must train on 'person', and caption dropout keep 'person', not 'sks'."""
+    (tmp_path / "reg").mkdir()
+    photo(tmp_path / "reg" / "1.jpg")
+    caption(photo(tmp_path / "reg" / "2.jpg", color=(1, 2, 3)), "a photo of [trigger] in the rain")
+    caption(photo(tmp_path / "reg" / "3.jpg", color=(4, 5, 6)), "a person, sks written on a wall")
+    node_defaults = opts(trigger_word="sks", default_caption="person")
+    reg = datasets.from_folder(tmp_path / "reg", node_defaults).with_items(regularisation=True, loss_weight=0.5)
+    assert [i.caption for i in reg.items] == ["person", "a photo of sks in the rain", "a person, sks written on a wall"]
+    assert {i.trigger for i in reg.items} == {""} and reg.triggers == ()  # dropout: the class word only (none here)
+    classed = datasets.from_folder(tmp_path / "reg", opts(trigger_word="sks", class_word="person",
+                                                          default_caption="person")).with_items(regularisation=True)
+    assert classed.items[0].caption == "person" and classed.items[0].trigger == "person"
+    (tmp_path / "me").mkdir()
+    caption(photo(tmp_path / "me" / "1.jpg", color=(9, 9, 9)), "a photo")
+    both = datasets.from_folder(tmp_path / "me", opts(trigger_word="ohwx", class_word="person")) + reg
+    assert [i.caption for i in both.items][:2] == ["ohwx person, a photo", "person"]
+    assert both.triggers == ("ohwx",)  # the regularisation set's 'sks' is no subject's trigger
+
+
+def test_chained_subjects_keep_one_trigger_each():
+    a = datasets.from_images(torch.rand(2, 64, 64, 3), ["photo of [trigger]"], opts(trigger_word="sks"))
+    b = datasets.from_images(torch.rand(1, 64, 64, 3), ["photo"], opts(trigger_word="xyz", class_word="cat"))
+    both = a + b
+    assert both.triggers == ("sks", "xyz") and both.trigger_word == "sks"
+    assert [i.caption for i in both.items] == ["photo of sks", "photo of sks", "xyz cat, photo"]
+    assert captions.fill_triggers("a photo of [trigger] and [trigger2]", both.triggers) == "a photo of sks and xyz"
+    assert captions.fill_triggers("[trigger1] alone", both.triggers) == "sks alone"
+    with pytest.raises(ValueError, match=r"names \[trigger3\], but the dataset has 2 subject"):
+        captions.fill_triggers("[trigger3] at the beach", both.triggers)
+    assert captions.fill_triggers("a photo of [trigger]", ()) == "a photo of "  # a style without a trigger
+
+
 def test_images_from_other_nodes():
     batch = torch.rand(3, 40, 48, 3)
     ds = datasets.from_images(batch, ["a photo of [trigger]"], opts(trigger_word="sks"))

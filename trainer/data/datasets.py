@@ -230,7 +230,7 @@ def _scan(folder: Path, options: Options, listing: folders.Listing | None = None
         try:
             caption = None if problem else _caption(image, options, metadata, listing)
         except DatasetError as e:
-            problem, caption = str(e), None
+            problem, caption = f"{image.name}: {e}", None
         if problem:
             problems.append(_named(image.name, problem))
         elif caption is None:
