@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.data import captioning, datasets, images
+from ..trainer.data import captioning, datasets, folders, images
 from . import ids, sockets
 from .host import events, models, paths
 
@@ -59,8 +59,8 @@ class CaptionImages(io.ComfyNode):
         path = paths.resolve_input_path(folder, "folder")
         edits = captioning.parse_edits(edited_captions)
         captioning.apply_edits(path, edits)
-        todo = [p for p in path.iterdir() if p.suffix.lower() in images.EXTENSIONS
-                and p.name not in edits and (overwrite or not p.with_suffix(".txt").is_file())]
+        todo = [p for p in folders.list_folder(path).photos
+                if p.name not in edits and (overwrite or not p.with_suffix(".txt").is_file())]
         if todo and model == NO_MODEL:
             raise ValueError(f"{len(todo)} photo(s) in {path} have no caption and no model is installed: put a "
                              "transformers model folder (e.g. Florence-2-base) in models/vlm.")

@@ -79,6 +79,6 @@ class ClassImages(io.ComfyNode):
         resolution = max(64, int(math.sqrt(width * height)) // 16 * 16)
         dataset = datasets.from_folder(folder, datasets.Options(shaping=Shaping(resolution)))
         kept = [i for i in dataset.items if int(i.image.stem) < count]
-        dataset = datasets.Dataset(tuple(kept), "", f"{count} class images of '{prompt}'")
+        dataset = datasets.Dataset(tuple(kept), source=f"{count} class images of '{prompt}'")
         return io.NodeOutput(dataset.with_items(regularisation=True, loss_weight=loss_weight),
                              str(folder.relative_to(paths.runs_root().parent)))

@@ -43,6 +43,11 @@ def shaping_inputs() -> list:
         io.Combo.Input("problems", options=list(datasets.PROBLEMS), default="stop",
                        tooltip="stop: any unreadable photo, missing caption or too-small photo is an error naming "
                                "them all. skip: train on the rest and list them in the summary."),
+        io.Int.Input("minimum_image_size", default=0, min=0, max=8192, step=16, optional=True,
+                     tooltip="The shorter side a photo needs, in pixels (SimpleTuner's minimum_image_size). A "
+                             "photo smaller than its bucket is never enlarged: it trains at the largest bucket of "
+                             "its shape that it covers, and only photos under this size are reported. 0: half "
+                             "the resolution (256 at 512). Raise it to keep small photos out of a 1024 run."),
     ]
 
 
@@ -58,12 +63,24 @@ def subject_inputs(trigger_default: str = "sks") -> list:
 
 
 def build(make, previous, augment, trigger_word, class_word, repeats, resolution, bucketing, crop, upscale_small,
-          problems, **options) -> datasets.Dataset:
-    """`make(options)` once per resolution, chained after `previous`."""
-    parts = [make(datasets.Options(trigger_word.strip(), class_word.strip(), repeats,
-                                   augment=augment or Augmentation(), problems=problems,
-                                   shaping=Shaping(r, bucketing, crop, upscale_small), **options))
-             for r in number_list(resolution, int, "resolution", "512, 1024")]
+          problems, minimum_image_size=0, **options) -> datasets.Dataset:
+    """`make(options)` once per resolution, chained after `previous`; the problems of every
+    resolution in one error."""
+    parts, errors = [], []
+    for r in number_list(resolution, int, "resolution", "512, 1024"):
+        try:
+            parts.append(make(datasets.Options(trigger_word.strip(), class_word.strip(), repeats,
+                                               augment=augment or Augmentation(), problems=problems,
+                                               shaping=Shaping(r, bucketing, crop, upscale_small, minimum_image_size),
+                                               **options)))
+        except datasets.DatasetError as e:
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        found = list(dict.fromkeys(p for e in errors for p in e.problems))
+        raise datasets.DatasetError(f"{len(found)} problem(s) at the resolutions {resolution}:\n  "
+                                    + "\n  ".join(found), tuple(found))
     out = sum(parts[1:], parts[0])
     return out if previous is None else previous + out
 
@@ -72,7 +89,9 @@ def summary(dataset: datasets.Dataset) -> str:
     captions = "\n".join(f"{i.name}: {i.caption}" for i in dataset.items[:8])
     more = f"\n… and {len(dataset) - 8} more" if len(dataset) > 8 else ""
     skipped = f"\nLeft out ({len(dataset.skipped)}):\n  " + "\n  ".join(dataset.skipped) if dataset.skipped else ""
-    return f"{len(dataset)} images from {dataset.source}\n{captions}{more}{skipped}"
+    triggers = ", ".join(f"[trigger{n + 1 if n else ''}] = {t}" for n, t in enumerate(dataset.triggers))
+    return (f"{len(dataset)} images from {dataset.source}" + (f"\nsubjects: {triggers}" if triggers else "")
+            + f"\n{captions}{more}{skipped}")
 
 
 class DatasetFromFolder(io.ComfyNode):
@@ -95,7 +114,9 @@ class DatasetFromFolder(io.ComfyNode):
                                        "that. filename: 'sks_dog_on_grass.jpg' → 'sks dog on grass'."),
                 io.String.Input("default_caption", default="",
                                 tooltip="Caption for photos that have none (ai-toolkit's default_caption), e.g. "
-                                        "'person' for a regularisation set. Empty: a missing caption is a problem."),
+                                        "'person' for a regularisation set (through Regularisation Set it trains "
+                                        "as written, without the trigger word). Empty: a missing caption is a "
+                                        "problem."),
                 io.Boolean.Input("subfolders_as_concepts", default=False,
                                  tooltip="Each subfolder is a subject: kohya's '10_sks dog' = 10 repeats, trigger "
                                          "'sks', class 'dog'. Train several subjects at once."),
@@ -229,7 +250,9 @@ class RegularisationSet(io.ComfyNode):
             category=sockets.Category.DATASET,
             description="Marks a dataset as regularisation: generic photos of the class (ai-toolkit's is_reg "
                         "sets, e.g. 'person') that keep the model from turning every person into your subject. "
-                        "Chain it into the subject's dataset through `previous`.",
+                        "Their captions train as written: the trigger word is never added (only where a caption "
+                        "says [trigger]), and caption dropout keeps the class word. Chain it into the subject's "
+                        "dataset through `previous`.",
             inputs=[
                 sockets.Dataset.Input("dataset", tooltip="Generic class photos: a folder with default_caption "
                                                          "'person', or Class Images."),

@@ -130,14 +130,16 @@ class TrainFluxLora(io.ComfyNode):
         settings = run or RunSettings()
         folder, resume = settings.folder_and_checkpoint(paths.runs_root())
         started = time.perf_counter()
+        if validation:
+            validation.check(dataset.triggers)  # a prompt naming [trigger2] of a one-subject dataset: now, by name
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
-        renderer = validation and validation.renderer(clip, vae, dataset.trigger_word, folder.path / "samples")
+        renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         models.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
         base = getattr(model.model, "flux_dreambooth_name",
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
-        metadata = export.LoraMetadata(spec, dataset.trigger_word, base, {
+        metadata = export.LoraMetadata(spec, dataset.triggers, base, {
             "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name})
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")

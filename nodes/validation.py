@@ -6,11 +6,12 @@ images the same LoRA gives in a workflow (an evaluation matrix: prompts × seeds
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from comfy_api.latest import io
 
-from ..trainer.data.captions import TRIGGER_PLACEHOLDER
+from ..trainer.data.captions import fill_triggers
 from ..trainer.loop.job import ValidationSchedule
 from ..trainer.parsing import number_list
 from . import ids, sockets
@@ -24,8 +25,8 @@ class EvalEntry:
     guidance: float
     steps: int
 
-    def label(self, trigger_word: str) -> str:
-        prompt = self.prompt.replace(TRIGGER_PLACEHOLDER, trigger_word)
+    def label(self, triggers: Sequence[str]) -> str:
+        prompt = fill_triggers(self.prompt, triggers)
         return f"{prompt} · seed {self.seed} · g {self.guidance:g} · {self.steps} steps"
 
 
@@ -42,9 +43,14 @@ class ValidationPlan:
     def schedule(self) -> ValidationSchedule:
         return ValidationSchedule(self.every, self.before_training, len(self.entries))
 
-    def renderer(self, clip, vae, trigger_word: str, folder) -> sampling.Renderer:
+    def check(self, triggers: Sequence[str]) -> None:
+        """Every prompt names a subject the dataset has (before anything is encoded)."""
+        for e in self.entries:
+            fill_triggers(e.prompt, triggers)
+
+    def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,
-                                 trigger_word, folder)
+                                 triggers, folder)
 
 
 class ValidationSamples(io.ComfyNode):
@@ -59,7 +65,9 @@ class ValidationSamples(io.ComfyNode):
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of [trigger]",
                                 tooltip="One prompt per line; [trigger] becomes the dataset's trigger word (a "
-                                        "prompt without it shows what the base model still does). Use "
+                                        "prompt without it shows what the base model still does). With several "
+                                        "subjects, [trigger] is the first one's, [trigger2] the second's… in the "
+                                        "order they are chained (Dataset Report lists them). Use "
                                         "prompts unlike the training captions to see whether the subject "
                                         "generalises (8–12 prompts make a good evaluation set)."),
                 io.String.Input("seeds", default="42", tooltip="Comma-separated seeds; each prompt is rendered "

@@ -96,14 +96,19 @@ def test_views_caption_variants_and_dropout(tmp_path):
     assert len({p[0][..., 0].sum().item() for p in picks}) == 2  # both views are used
 
 
-def test_small_photos_stop_or_are_left_out(tmp_path):
+def test_small_photos_train_smaller_and_too_small_ones_stop_before_encoding(tmp_path):
     path = folder(tmp_path / "photos")
-    Image.new("RGB", (40, 40)).save(path / "tiny.png")
+    Image.new("RGB", (40, 40)).save(path / "small.png")  # under its 64×64 bucket, over the minimum (32)
+    (path / "small.txt").write_text("x")
+    Image.new("RGB", (20, 20)).save(path / "tiny.png")
     (path / "tiny.txt").write_text("x")
-    with pytest.raises(datasets.DatasetError, match="tiny.png is 40×40, smaller than its 64×64 bucket"):
-        encode(path, CountingEncoders(), None)
-    examples, skipped = encode(path, CountingEncoders(), None, problems="skip")
-    assert len(examples) == 3 and len(skipped) == 1 and "tiny.png" in skipped[0]
+    encoders = CountingEncoders()
+    with pytest.raises(datasets.DatasetError, match="tiny.png is 20×20: its shorter side is under half the resolution"):
+        encode(path, encoders, None)
+    assert encoders.images == 0  # reported when the dataset is read, before anything is encoded
+    examples, skipped = encode(path, encoders, None, problems="skip")
+    assert len(examples) == 4 and len(skipped) == 1 and "tiny.png" in skipped[0]
+    assert sorted(tuple(e.latents.shape[-2:]) for e in examples)[0] == (4, 4)  # small.png at 32×32, not enlarged
 
 
 def test_batches_never_mix_buckets():

@@ -21,7 +21,7 @@ def caption(path, text):
 
 
 def opts(**kw):
-    return datasets.Options(**kw)
+    return datasets.Options(**{"shaping": Shaping(64), **kw})
 
 
 def test_folder_with_captions_trigger_and_class(tmp_path):
@@ -51,7 +51,7 @@ def test_every_bad_file_is_named_at_once_or_skipped(tmp_path):
     caption(tmp_path / "truncated.jpg", "x")
     full.unlink()
     with pytest.raises(datasets.DatasetError) as e:
-        datasets.from_folder(tmp_path)
+        datasets.from_folder(tmp_path, opts())
     message = str(e.value)
     assert "3 problem(s)" in message and "good.jpg" not in message and "problems='skip'" in message
     assert "nocaption.png has no caption in nocaption.txt or a metadata file" in message
@@ -65,7 +65,7 @@ def test_captions_from_metadata_and_file_names(tmp_path):
     photo(tmp_path / "IMG_0001.jpg")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "IMG_0001.jpg", "text": "a dog"}) + "\n")
     with pytest.raises(datasets.DatasetError, match="sks_dog_on_grass \\(2\\).jpg has no caption"):
-        datasets.from_folder(tmp_path)
+        datasets.from_folder(tmp_path, opts())
     by_name = datasets.from_folder(tmp_path, opts(captions="filename"))
     assert sorted(i.caption for i in by_name.items) == ["IMG", "sks dog on grass"]
     auto = datasets.from_folder(tmp_path, opts(default_caption="a photo"))
@@ -87,7 +87,7 @@ def test_caption_encodings(tmp_path):
     photo(tmp_path / "latin.jpg")
     (tmp_path / "latin.txt").write_bytes("caf\xe9 sks".encode("latin-1"))
     with pytest.raises(datasets.DatasetError, match="latin.txt is not UTF-8"):
-        datasets.from_folder(tmp_path)
+        datasets.from_folder(tmp_path, opts())
     (tmp_path / "latin.txt").write_text("café sks", encoding="utf-8")
     captions = [i.caption for i in datasets.from_folder(tmp_path, opts(trigger_word="sks")).items]
     assert captions == ["sks dog", "café sks"]
@@ -100,7 +100,7 @@ def test_subfolders_are_concepts_with_their_own_trigger_class_and_repeats(tmp_pa
     ds = datasets.from_folder(tmp_path, opts(repeats=2), concepts=True)
     assert [(i.caption, i.repeats, i.trigger) for i in ds.items] == [
         ("sks dog, on grass", 10, "sks dog"), ("xyz cat, on a sofa", 3, "xyz cat"), ("plain, a toy", 2, "plain")]
-    assert ds.trigger_word == "sks, xyz, plain"
+    assert ds.triggers == ("sks", "xyz", "plain") and ds.trigger_word == "sks"  # one per subject, never joined
 
 
 def test_datasets_chain_and_mark_regularisation(tmp_path):
@@ -115,13 +115,47 @@ def test_datasets_chain_and_mark_regularisation(tmp_path):
                                                                                   ("dog", True, 0.5)]
 
 
+def test_a_regularisation_set_never_carries_the_subjects_trigger(tmp_path):
+    """The folder node's default trigger 'sks' reaches a regularisation folder built as its tooltip says
+    (default_caption 'person'): it must train on 'person', and caption dropout keep 'person', not 'sks'."""
+    (tmp_path / "reg").mkdir()
+    photo(tmp_path / "reg" / "1.jpg")
+    caption(photo(tmp_path / "reg" / "2.jpg", color=(1, 2, 3)), "a photo of [trigger] in the rain")
+    caption(photo(tmp_path / "reg" / "3.jpg", color=(4, 5, 6)), "a person, sks written on a wall")
+    node_defaults = opts(trigger_word="sks", default_caption="person")
+    reg = datasets.from_folder(tmp_path / "reg", node_defaults).with_items(regularisation=True, loss_weight=0.5)
+    assert [i.caption for i in reg.items] == ["person", "a photo of sks in the rain", "a person, sks written on a wall"]
+    assert {i.trigger for i in reg.items} == {""} and reg.triggers == ()  # dropout: the class word only (none here)
+    classed = datasets.from_folder(tmp_path / "reg", opts(trigger_word="sks", class_word="person",
+                                                          default_caption="person")).with_items(regularisation=True)
+    assert classed.items[0].caption == "person" and classed.items[0].trigger == "person"
+    (tmp_path / "me").mkdir()
+    caption(photo(tmp_path / "me" / "1.jpg", color=(9, 9, 9)), "a photo")
+    both = datasets.from_folder(tmp_path / "me", opts(trigger_word="ohwx", class_word="person")) + reg
+    assert [i.caption for i in both.items][:2] == ["ohwx person, a photo", "person"]
+    assert both.triggers == ("ohwx",)  # the regularisation set's 'sks' is no subject's trigger
+
+
+def test_chained_subjects_keep_one_trigger_each():
+    a = datasets.from_images(torch.rand(2, 64, 64, 3), ["photo of [trigger]"], opts(trigger_word="sks"))
+    b = datasets.from_images(torch.rand(1, 64, 64, 3), ["photo"], opts(trigger_word="xyz", class_word="cat"))
+    both = a + b
+    assert both.triggers == ("sks", "xyz") and both.trigger_word == "sks"
+    assert [i.caption for i in both.items] == ["photo of sks", "photo of sks", "xyz cat, photo"]
+    assert captions.fill_triggers("a photo of [trigger] and [trigger2]", both.triggers) == "a photo of sks and xyz"
+    assert captions.fill_triggers("[trigger1] alone", both.triggers) == "sks alone"
+    with pytest.raises(ValueError, match=r"names \[trigger3\], but the dataset has 2 subject"):
+        captions.fill_triggers("[trigger3] at the beach", both.triggers)
+    assert captions.fill_triggers("a photo of [trigger]", ()) == "a photo of "  # a style without a trigger
+
+
 def test_images_from_other_nodes():
     batch = torch.rand(3, 40, 48, 3)
     ds = datasets.from_images(batch, ["a photo of [trigger]"], opts(trigger_word="sks"))
     assert [i.caption for i in ds.items] == ["a photo of sks"] * 3 and ds.items[2].name == "images #3"
     assert ds.items[0].content_key() != ds.items[1].content_key()
     with pytest.raises(datasets.DatasetError, match="3 images but 2 captions"):
-        datasets.from_images(batch, ["a", "b"])
+        datasets.from_images(batch, ["a", "b"], opts())
 
 
 def test_mflux_examples_block(tmp_path):
@@ -133,10 +167,10 @@ def test_mflux_examples_block(tmp_path):
                                                          {"image": "02.jpg", "prompt": "photo of sks dog"}]}}
     (tmp_path / "train.json").write_text(json.dumps(config))
     with pytest.raises(datasets.DatasetError, match=r"02.jpg does not exist \(looked in .*images\)"):
-        datasets.from_mflux_config(tmp_path / "train.json")
+        datasets.from_mflux_config(tmp_path / "train.json", opts())
     config["examples"]["images"].pop()
     (tmp_path / "train.json").write_text(json.dumps(config))
-    ds, cfg = datasets.from_mflux_config(tmp_path / "train.json")
+    ds, cfg = datasets.from_mflux_config(tmp_path / "train.json", opts())
     assert [i.caption for i in ds.items] == ["photo of sks dog"] and cfg["lora_layers"]
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(datasets.DatasetError, match="not valid JSON"):
@@ -145,9 +179,9 @@ def test_mflux_examples_block(tmp_path):
 
 def test_empty_and_missing_folders_and_bad_settings(tmp_path):
     with pytest.raises(datasets.DatasetError, match="holds no usable images"):
-        datasets.from_folder(tmp_path)
+        datasets.from_folder(tmp_path, opts())
     with pytest.raises(datasets.DatasetError, match="does not exist"):
-        datasets.from_folder(tmp_path / "nope")
+        datasets.from_folder(tmp_path / "nope", opts())
     with pytest.raises(datasets.DatasetError, match="captions is 'guess'"):
         opts(captions="guess")
     with pytest.raises(ValueError, match="resolution 500 must be a multiple of 16"):

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -109,6 +110,15 @@ def test_metadata_records_the_training(tmp_path):
     assert got["dreambooth.alpha"] == "2,3" and got["dreambooth.version"] == export.__version__
     assert LayerSpec.from_json(got["dreambooth.layers"]) == MIXED
     assert got["ss_network_dim"] == "6" and got["modelspec.trigger_phrase"] == "sks"
+    assert json.loads(got["dreambooth.trigger_words"]) == ["sks"]
+
+
+def test_metadata_lists_each_subjects_trigger():
+    got = export.LoraMetadata(MIXED, trigger_word=("sks", "xyz"), base_model="FLUX.1-dev").header(steps=10)
+    assert json.loads(got["dreambooth.trigger_words"]) == ["sks", "xyz"]
+    assert got["dreambooth.trigger_word"] == "sks"  # the first subject's: one word, as before
+    assert got["modelspec.trigger_phrase"] == "sks, xyz"  # each phrase, as UIs list trigger phrases
+    assert export.LoraMetadata(MIXED).header(steps=1)["dreambooth.trigger_words"] == "[]"
 
 
 def test_a_failed_save_keeps_the_last_good_file(tmp_path):

@@ -35,7 +35,7 @@ def messy_folder(root):
     (folder / "truncated.jpg").write_bytes((folder / "whole.jpg").read_bytes()[:300])
     (folder / "whole.jpg").unlink()
     (folder / "truncated.txt").write_text("x")
-    Image.new("RGB", (40, 40)).save(folder / "too_small.png")
+    Image.new("RGB", (20, 20)).save(folder / "too_small.png")  # under minimum_image_size (half of 64)
     (folder / "too_small.txt").write_text("x")
     return folder
 
@@ -55,13 +55,13 @@ def dataset_prompt(folder, **dataset):
 
 def test_a_messy_folder_trains_on_what_is_usable_and_names_the_rest(host):
     folder = messy_folder(host.root)
-    with pytest.raises(RuntimeError) as e:  # problems='stop': every bad file in one error
+    with pytest.raises(RuntimeError) as e:  # problems='stop': every bad file in one error, sizes too
         host.run(dataset_prompt(folder))
-    for name in ("no_caption.jpg", "unreadable.jpg", "truncated.jpg"):
+    for name in ("no_caption.jpg", "unreadable.jpg", "truncated.jpg", "too_small.png"):
         assert name in str(e.value)
     outputs = host.run(dataset_prompt(folder, problems="skip"))
     report = outputs["30"]["text"][0]
-    assert "8 images" in report  # the seven good ones and too_small.png, which can't train at 64
+    assert report.startswith("7 images")  # the seven good ones; too_small.png is left out by name
     for name in ("no_caption.jpg", "unreadable.jpg", "truncated.jpg", "too_small.png"):
         assert name in report and name in outputs["4"]["text"][0]  # in the report and the Train summary
     assert "; 7 images," in outputs["4"]["text"][0]  # trained on the seven
@@ -139,3 +139,24 @@ def test_class_images_are_rendered_once_and_train_as_regularisation(host):
     prompt["4"]["inputs"]["seed"] = 5
     host.run(prompt)
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} == made  # reused, not rendered again
+
+
+def test_a_regularisation_folder_trains_on_its_captions_without_the_trigger(host):
+    folder = host.root / "input" / "reg_people"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (96, 80), (60 * i, 90, 120)).save(folder / f"{i}.png")
+    base = train_prompt()["2"]["inputs"]
+    prompt = {  # built as the folder node's tooltip says: default trigger 'sks', default_caption 'person'
+        "1": {"class_type": "FluxDreamBoothDatasetFolder",
+              "inputs": {**base, "folder": str(folder), "class_word": "", "default_caption": "person",
+                         "minimum_image_size": 48}},
+        "2": {"class_type": "FluxDreamBoothRegularisation", "inputs": {"dataset": ["1", 0], "loss_weight": 1.0}},
+        "3": {"class_type": "FluxDreamBoothDatasetFolder", "inputs": {**base, "previous": ["2", 0],
+                                                                      "trigger_word": "ohwx"}},
+        "30": {"class_type": "FluxDreamBoothDatasetReport", "inputs": {"dataset": ["3", 0]}},
+    }
+    report = host.run(prompt)["30"]["text"][0]
+    lines = report.splitlines()
+    assert "  0.png: person" in lines and "  1.png: person" in lines  # not "sks, person"
+    assert "subjects: ohwx toy ×6 (validation prompts: [trigger] = ohwx)" in report

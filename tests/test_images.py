@@ -30,14 +30,26 @@ def test_photos_go_to_the_bucket_of_their_shape():
     assert abs(math.log(w / h) - math.log(3)) < 0.1
 
 
-def test_a_photo_smaller_than_its_bucket_is_named_with_what_fits():
+def test_a_photo_smaller_than_its_bucket_trains_at_the_largest_bucket_it_covers():
     shaping = Shaping(1024)
-    with pytest.raises(images.ImageProblem) as e:
-        shaping.bucket(800, 600, "small.jpg")
-    assert "small.jpg is 800×600, smaller than its 1152×896 bucket at resolution 1024" in str(e.value)
-    assert "lower resolution to 688" in str(e.value) and "upscale_small" in str(e.value)
-    assert Shaping(688).bucket(800, 600, "small.jpg")  # the advice holds
+    assert images.pick_bucket(1200, 800, 1024) == (1216, 832)  # refused before: "smaller than its bucket"
+    w, h = shaping.bucket(1200, 800, "02.png")
+    assert (w, h) == (1200, 768) and w % 16 == h % 16 == 0  # never enlarged, and most of its pixels kept
+    w, h = shaping.bucket(800, 600, "small.jpg")
+    assert w <= 800 and h <= 600 and w * h >= 0.9 * 800 * 600 and abs(w / h - 4 / 3) < 0.1
     assert Shaping(1024, upscale_small=True).bucket(800, 600, "small.jpg") == (1152, 896)
+    assert shaping.bucket(4032, 3024, "big.jpg") == (1152, 896)  # a photo that covers it: the full bucket
+
+
+def test_only_photos_under_the_minimum_size_are_refused_by_name():
+    with pytest.raises(images.ImageProblem) as e:
+        Shaping(1024).bucket(500, 400, "thumb.jpg")  # shorter side under half the resolution
+    assert "thumb.jpg is 500×400" in str(e.value) and "minimum_image_size" in str(e.value)
+    assert Shaping(1024, minimum_image_size=256).bucket(500, 400, "thumb.jpg")[0] <= 500
+    with pytest.raises(images.ImageProblem, match="under minimum_image_size 1000"):
+        Shaping(1024, minimum_image_size=1000).bucket(1200, 800, "02.png")
+    with pytest.raises(ValueError, match="minimum_image_size is -1"):
+        Shaping(minimum_image_size=-1)
 
 
 def test_shaping_covers_then_crops(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ...trainer import files
-from ...trainer.data.captions import TRIGGER_PLACEHOLDER
+from ...trainer.data.captions import fill_triggers
 from ...trainer.outputs.progress import Sample
 
 SAMPLERS: list[str] = list(comfy.samplers.KSampler.SAMPLERS)
@@ -52,14 +52,14 @@ class RenderStopped(Exception):
 
 class Renderer:
     """An evaluation set, encoded once; rendered for a MODEL (with a LoRA applied) on demand.
-    `entries` are (prompt, seed, guidance, steps, label) with `[trigger]` still in the prompt."""
+    `entries` are (prompt, seed, guidance, steps, label) with `[trigger]` (`[trigger2]`…) still in the prompt."""
 
     def __init__(self, entries: Sequence, sampler: str, scheduler: str, width: int, height: int, clip, vae,
-                 trigger_word: str, folder: Path):
+                 triggers: Sequence[str], folder: Path):
         self.entries, self.sampler, self.scheduler = list(entries), sampler, scheduler
         self.width, self.height, self.vae, self.folder = width, height, vae, folder
-        self.trigger_word = trigger_word
-        self.conditioning = {e.prompt: encode_prompt(clip, e.prompt.replace(TRIGGER_PLACEHOLDER, trigger_word))
+        self.triggers = tuple(triggers)
+        self.conditioning = {e.prompt: encode_prompt(clip, fill_triggers(e.prompt, self.triggers))
                              for e in self.entries}
 
     def render(self, model, step: int, should_stop: Callable[[], bool] = lambda: False
@@ -73,6 +73,6 @@ class Renderer:
             image = render(model, self.vae, self.conditioning[e.prompt], e.seed, e.steps, e.guidance,
                            self.sampler, self.scheduler, self.width, self.height)
             path = save_png(image, self.folder / f"step_{step:06d}_{i:02d}.png")
-            samples.append(Sample(step, i, e.label(self.trigger_word), path))
+            samples.append(Sample(step, i, e.label(self.triggers), path))
             images.append(image.cpu())
         return samples, torch.cat(images)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .. import files
-from . import images
+from . import folders, images
 from .captions import subject_words, with_trigger
 from .datasets import DatasetError
 
@@ -96,7 +96,7 @@ def caption_folder(folder: str | Path, captioner: Captioner, style: str = "short
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"Folder {folder} does not exist.")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in images.EXTENSIONS)
+    found = folders.list_folder(folder).photos  # regular files only, hidden ones left alone
     if not found:
         raise DatasetError(f"{folder} holds no images ({', '.join(images.EXTENSIONS)}).")
     subject = subject_words(trigger_word, class_word) or "the subject"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 TRIGGER_PLACEHOLDER = "[trigger]"
+_NUMBERED = re.compile(r"\[trigger(\d*)\]")
 
 
 def subject_words(trigger_word: str, class_word: str = "") -> str:
@@ -27,6 +29,21 @@ def with_trigger(caption: str, trigger_word: str, class_word: str = "") -> str:
         return caption
     prefix = subject_words(trigger_word, class_word)
     return f"{prefix}, {caption}" if caption else prefix
+
+
+def fill_triggers(prompt: str, triggers: Sequence[str]) -> str:
+    """A validation prompt with `[trigger]` (or `[trigger1]`) the first subject's trigger word,
+    `[trigger2]` the second's, and so on, in the order the subjects were chained."""
+    def one(match: re.Match) -> str:
+        n = int(match.group(1) or 1)
+        if n == 1 and not triggers:
+            return ""
+        if not 1 <= n <= len(triggers):
+            names = ", ".join(f"[trigger{i + 1 if i else ''}] = {t}" for i, t in enumerate(triggers))
+            raise ValueError(f"The prompt {prompt!r} names {match.group(0)}, but the dataset has {len(triggers)} "
+                             f"subject(s) with a trigger word ({names or 'none'}).")
+        return triggers[n - 1]
+    return _NUMBERED.sub(one, prompt)
 
 
 def caption_from_filename(path: Path) -> str:

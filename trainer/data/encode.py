@@ -44,6 +44,8 @@ class Example:
     dropout_text: tuple | None = None
     dropout_rate: float = 0.0
     key: str = ""  # the image's content hash (as the encode cache keys it): a checkpoint notices a changed dataset
+    regularisation: bool = False  # a regularisation or class image, not the subject's
+    subject: str = ""  # the subject's trigger word: which subject this photo shows
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -160,13 +162,15 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         def latents_of(view: int) -> torch.Tensor:
             def compute():
                 if not opened:
-                    opened.append(images.open_rgb(item.image) if item.image else images.from_tensor(item.pixels))
+                    opened.append(images.open_rgb(item.image, bucket) if item.image else
+                                  images.from_tensor(item.pixels))
                 generator = torch.Generator().manual_seed(int(key(seed, content, view)[:12], 16))
                 pixels = item.shaping.apply(opened[0], bucket, generator if view else None)
                 return {"latents": encoders.encode_images(item.augment.apply(pixels, view, generator)[None])[0]}
             # view 0 is the plain photo: the same whatever the seed and augmentation
             varies = (item.augment.flip, item.augment.color_jitter, seed) if view else None
-            return cache.get(key("latents", ids["images"], content, bucket, item.shaping, varies, view),
+            shaping = replace(item.shaping, minimum_image_size=0)  # the minimum changes which photos, not pixels
+            return cache.get(key("latents", ids["images"], content, bucket, shaping, varies, view),
                              compute)["latents"]
 
         views = [latents_of(v) for v in range(item.augment.view_count(item.shaping.crop == "random"))]
@@ -175,7 +179,8 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         dropout = item.augment.caption_dropout
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
-                                dropout, key=content))
+                                dropout, key=content, regularisation=item.regularisation,
+                                subject="" if item.regularisation else item.trigger_word))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

@@ -30,23 +30,33 @@ def report(dataset: Dataset) -> tuple[str, list[str]]:
     histogram: dict[int, Counter] = defaultdict(Counter)
     for item in dataset.items:
         w, h = (item.pixels.shape[1], item.pixels.shape[0]) if item.pixels is not None else images.size(item.image)
-        bucket = images.pick_bucket(w, h, item.shaping.resolution, item.shaping.bucketing)
+        full = images.pick_bucket(w, h, item.shaping.resolution, item.shaping.bucketing)
+        try:
+            bucket = item.shaping.bucket(w, h, item.name)
+        except images.ImageProblem as e:
+            warnings.append(f"{e} It can't train at this resolution")
+            continue
         histogram[item.shaping.resolution][bucket] += 1
-        if (w < bucket[0] or h < bucket[1]) and not item.shaping.upscale_small:
-            warnings.append(f"{item.name} is {w}×{h}, smaller than its {bucket[0]}×{bucket[1]} bucket: it can't "
-                            "train at this resolution")
+        if bucket != full:
+            warnings.append(f"{item.name} is {w}×{h}, smaller than its {full[0]}×{full[1]} bucket: it trains at "
+                            f"{bucket[0]}×{bucket[1]} (photos are never enlarged unless upscale_small)")
+    subject_triggers = dataset.triggers
     for item in subjects:
-        trigger = item.trigger.split()[0] if item.trigger else ""
-        if trigger and not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", item.caption):
-            warnings.append(f"{item.name}: caption lacks the trigger word {trigger!r}")
         if _tokens(item.caption) > CLIP_TOKENS - 2:
             warnings.append(f"{item.name}: caption has about {_tokens(item.caption)} tokens; CLIP reads the first "
                             f"{CLIP_TOKENS} (mflux's advice: keep training prompts simple)")
+    for item in regs:
+        found = [t for t in subject_triggers if re.search(rf"(?<!\w){re.escape(t)}(?!\w)", item.caption)]
+        if found:
+            warnings.append(f"{item.name}: this regularisation caption names the subject's trigger {found[0]!r}: "
+                            "the trigger would learn to mean any image of the class; remove it from the caption")
 
     triggers = Counter(i.trigger or "(none)" for i in subjects)
+    placeholders = ", ".join(f"[trigger{n + 1 if n else ''}] = {t}" for n, t in enumerate(subject_triggers))
     lines = [f"{len(dataset.items)} images: {len(subjects)} of subjects"
              + (f", {len(regs)} regularisation (loss weight {regs[0].loss_weight:g})" if regs else ""),
-             "subjects: " + ", ".join(f"{t} ×{n}" for t, n in triggers.items()),
+             "subjects: " + ", ".join(f"{t} ×{n}" for t, n in triggers.items())
+             + (f" (validation prompts: {placeholders})" if placeholders else ""),
              "buckets:"]
     for resolution, buckets in sorted(histogram.items()):
         lines.append(f"  at {resolution}: " + ", ".join(f"{w}×{h} ×{n}" for (w, h), n in buckets.most_common()))

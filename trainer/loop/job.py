@@ -17,6 +17,7 @@ A job ends in one of four ways:
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -37,7 +38,20 @@ from ..outputs.progress import Progress, Sample
 from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
-PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on these
+PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on this many
+
+
+def probe_examples(examples: list[Example], count: int = PROBE_EXAMPLES) -> list[Example]:
+    """Where the fixed-noise loss is measured: the subjects' own photos, never regularisation or
+    class images, taken in turn from each subject (at least one of each) up to `count`."""
+    by_subject: dict[str, list[Example]] = {}
+    for e in examples:
+        if not e.regularisation:
+            by_subject.setdefault(e.subject, []).append(e)
+    if not by_subject:  # only regularisation images: measure on those
+        return examples[:count]
+    in_turn = [e for group in itertools.zip_longest(*by_subject.values()) for e in group if e is not None]
+    return in_turn[:max(count, len(by_subject))]
 
 
 class JobState(str, Enum):
@@ -176,7 +190,7 @@ class Job:
                 if spec.resume is not None:
                     trainer.load_state(checkpoints.load_state(spec.resume))
                 self.trainer = trainer
-                probe = owned[:PROBE_EXAMPLES]
+                probe = probe_examples(owned)
                 self.loss_before = fixed_noise_loss(spec.backend, trainer.result_lora(), probe, spec.config.guidance,
                                                     should_stop=self._ending)
                 self._pause()  # samples before training

@@ -73,18 +73,26 @@ class LoraMetadata:
     """What a LoRA file's header says about how it was trained."""
 
     spec: LayerSpec
-    trigger_word: str = ""
+    trigger_word: str | tuple[str, ...] = ""  # one subject's trigger word, or one per subject (Dataset.triggers)
     base_model: str = ""
     extra: dict[str, str] = field(default_factory=dict)  # resolution, learning rate, seed, run…
 
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        words = (self.trigger_word,) if isinstance(self.trigger_word, str) else tuple(self.trigger_word)
+        return tuple(w.strip() for w in words if w.strip())
+
     def header(self, steps: int, fmt: str = "kohya") -> dict[str, str]:
-        """Ours under `dreambooth.*`, plus the kohya/modelspec keys other UIs show."""
+        """Ours under `dreambooth.*`, plus the kohya/modelspec keys other UIs show. Several subjects:
+        `dreambooth.trigger_words` lists them (JSON), `dreambooth.trigger_word` is the first one's,
+        `modelspec.trigger_phrase` names each, comma-separated, as UIs show trigger phrases."""
         ranks = sorted({g.rank for g in self.spec.groups})
         alphas = sorted({g.alpha if g.alpha is not None else g.rank for g in self.spec.groups})
         md = {
             "dreambooth.version": __version__,
             "dreambooth.format": fmt,
-            "dreambooth.trigger_word": self.trigger_word,
+            "dreambooth.trigger_word": next(iter(self.triggers), ""),
+            "dreambooth.trigger_words": json.dumps(list(self.triggers)),
             "dreambooth.base_model": self.base_model,
             "dreambooth.rank": ",".join(map(str, ranks)),
             "dreambooth.alpha": ",".join(f"{a:g}" for a in alphas),
@@ -96,7 +104,7 @@ class LoraMetadata:
             "ss_base_model_version": "flux1",
             "ss_steps": str(steps),
             "modelspec.architecture": "flux-1-dev/lora",
-            "modelspec.trigger_phrase": self.trigger_word,
+            "modelspec.trigger_phrase": ", ".join(self.triggers),
         }
         md.update({f"dreambooth.{k}": str(v) for k, v in self.extra.items()})
         return md
