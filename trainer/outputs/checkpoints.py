@@ -160,7 +160,8 @@ def describe(spec: LayerSpec, dims: FluxDims) -> dict:
 
 
 def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
-    """A checkpoint's LoRA (its EMA or schedule-free average when the run kept one), ready to apply or save in any format."""
+    """A checkpoint's LoRA (its EMA or schedule-free average when the run kept one), ready to apply
+    or save in any format."""
     state = load_state(checkpoint)
     targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
     dtype = next(iter(state["lora"].values())).dtype
