@@ -36,8 +36,10 @@ def huber(residual: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def pseudo_huber(residual: torch.Tensor, c: float) -> torch.Tensor:
-    """The pseudo-Huber loss (smooth everywhere), 2c·(√(r² + c²) − c): ≈ r² for |r| ≪ c, ≈ 2c·|r| for |r| ≫ c."""
-    return 2 * c * (torch.sqrt(residual.square() + c * c) - c)
+    """The pseudo-Huber loss (smooth everywhere), 2c·(√(r² + c²) − c): ≈ r² for |r| ≪ c, ≈ 2c·|r| for |r| ≫ c.
+    Computed as 2c·r² / (√(r² + c²) + c), the same value without the cancellation of a large c."""
+    square = residual.square()
+    return 2 * c * square / (torch.sqrt(square + c * c) + c)
 
 
 LOSS_FUNCTIONS = {"mse": mse, "l1": l1, "huber": huber, "pseudo_huber": pseudo_huber}
