@@ -275,7 +275,7 @@ def test_training_settings_plug_into_train(host):
     ({"optimizer": "adamw_schedulefree"}, "set lr_schedule to constant"),
 ])
 def test_bad_training_settings_are_named_and_write_nothing(host, change, message):
-    prompt = train_prompt(lr_schedule="cosine", settings=["6", 0])
+    prompt = train_prompt(lr_schedule="cosine", timestep_sampling="sigmoid", settings=["6", 0])
     prompt["6"] = {"class_type": "FluxDreamBoothTrainingSettings", "inputs": {**SETTINGS, **change}}
     existing = loras(host)
     with pytest.raises(RuntimeError) as e:
