@@ -16,6 +16,7 @@ from .dataset import (
 from .layers import LoraLayerGroup
 from .lora_io import ApplyFluxLora, SaveFluxLora, TinyFluxLoader
 from .runs import LoadCheckpointLora, RunSettingsNode
+from .settings import TrainingSettingsNode
 from .train import TrainFluxLora
 from .validation import ValidationSamples
 
@@ -25,7 +26,7 @@ NODES = [
     DatasetFromFolder, DatasetFromMfluxConfig, DatasetFromImages, DatasetAugmentation, RegularisationSet,
     ClassImages, CaptionImages, DatasetReport,
     # training
-    LoraLayerGroup, ValidationSamples, RunSettingsNode, TrainFluxLora,
+    LoraLayerGroup, ValidationSamples, RunSettingsNode, TrainingSettingsNode, TrainFluxLora,
     # using the LoRA
     LoadCheckpointLora, ApplyFluxLora, SaveFluxLora,
 ]

@@ -9,6 +9,7 @@ LoraLayers = io.Custom("FLUX_LORA_LAYERS")
 Validation = io.Custom("FLUX_DREAMBOOTH_VALIDATION")
 RunSettings = io.Custom("FLUX_DREAMBOOTH_RUN")
 Augment = io.Custom("FLUX_DREAMBOOTH_AUGMENT")
+TrainingSettings = io.Custom("FLUX_DREAMBOOTH_TRAINING_SETTINGS")
 
 
 class Category:

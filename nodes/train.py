@@ -20,6 +20,7 @@ from ..trainer.outputs import export, progress
 from ..trainer.outputs.checkpoints import RunSettings
 from . import ids, session, sockets
 from .host import loras, models, paths
+from .settings import TrainingSettings
 
 log = logger(__name__)
 
@@ -64,11 +65,18 @@ class TrainFluxLora(io.ComfyNode):
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLINGS), default="flux_shift",
                                tooltip="How noise levels are drawn. flux_shift: logit-normal, shifted for image "
                                        "size like FLUX samples (good default). logit_normal: centred on mid "
-                                       "noise. uniform: all levels alike."),
+                                       "noise. uniform: all levels alike. sigmoid: ai-toolkit's `timestep_type: "
+                                       "sigmoid`. weighted: ai-toolkit's `weighted` (uniform, mid noise counts "
+                                       "most). mode, cosmap: diffusers' SD3 --weighting_scheme densities. Shift, "
+                                       "logit and mode settings are on Training Settings."),
                 io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant",
-                               tooltip="constant is the usual choice; cosine or linear decay to 0 at the end."),
+                               tooltip="constant is the usual choice (it warms up when warmup_steps > 0). linear, "
+                                       "cosine: decay to 0 at the end. cosine_with_restarts, polynomial "
+                                       "(SimpleTuner's default): shaped on Training Settings. diffusers' "
+                                       "get_scheduler, as SimpleTuner and kohya use."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000,
-                             tooltip="Steps to ramp the learning rate up from 0 (SimpleTuner uses 100)."),
+                             tooltip="Steps to ramp the learning rate up from 0 (SimpleTuner uses 100; 0–10% of "
+                                     "steps). The first warmup step trains at rate 0, as in diffusers."),
                 io.Float.Input("weight_decay", default=1e-4, min=0.0, max=1.0, step=1e-4, round=False,
                                tooltip="AdamW weight decay on the LoRA: 1e-4 (diffusers' default) to 0.01 (ai-toolkit "
                                        "recipes)."),
@@ -99,6 +107,10 @@ class TrainFluxLora(io.ComfyNode):
                 sockets.RunSettings.Input("run", optional=True,
                                   tooltip="From Checkpoints & Resume. Unconnected: run 'flux_lora', a checkpoint "
                                           "every 250 steps, the last 4 kept."),
+                sockets.TrainingSettings.Input("settings", optional=True,
+                                               tooltip="From Training Settings: optimizer (adamw8bit, prodigy, "
+                                                       "lion…), gradient accumulation, schedule shape, shift, "
+                                                       "loss. Unconnected: AdamW, MSE, max_grad_norm 1.0."),
             ],
             hidden=[io.Hidden.unique_id],
             outputs=[
@@ -117,12 +129,14 @@ class TrainFluxLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps, learning_rate, batch_size, seed, guidance,
                 timestep_sampling, lr_schedule, warmup_steps, weight_decay, checkpointing, swap_blocks, compile,
-                lora_dtype, ema_decay, cache, lora_layers=None, validation=None, run=None) -> io.NodeOutput:
+                lora_dtype, ema_decay, cache, lora_layers=None, validation=None, run=None,
+                settings=None) -> io.NodeOutput:
+        knobs = settings or TrainingSettings()
         config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
                              weight_decay=weight_decay, guidance=guidance,
-                             timesteps=TimestepSampling(timestep_sampling), lr_schedule=lr_schedule,
+                             timesteps=TimestepSampling(timestep_sampling, **knobs.timesteps), lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, ema_decay=ema_decay,
-                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile))
+                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile), **knobs.train)
         backend, patcher = models.flux_backend(model)
         memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
@@ -140,7 +154,8 @@ class TrainFluxLora(io.ComfyNode):
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.triggers, base, {
-            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name})
+            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name,
+            "optimizer": config.optimizer, "lr_schedule": config.lr_schedule})
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],

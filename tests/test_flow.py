@@ -71,3 +71,54 @@ def test_sampling_sigmas_run_from_noise_to_image():
     assert s[0] == pytest.approx(1.0) and s[-1] == 0.0 and len(s) == 21
     assert torch.all(s[1:] < s[:-1])
     assert flow.image_seq_len(128, 128) == 4096 and not math.isnan(float(s.sum()))
+
+
+def _draw(n=20000, seq=256, **settings):
+    return flow.TimestepSampling(**settings).sample(n, seq, torch.Generator().manual_seed(0))
+
+
+def test_sigmoid_is_ai_toolkits_logit_normal_at_zero_one():
+    sigmoid = _draw(mode="sigmoid", logit_mean=2.0)  # ai-toolkit's sigmoid ignores the logit settings
+    assert abs(sigmoid.median() - 0.5) < 0.02 and torch.equal(sigmoid, _draw(mode="logit_normal"))
+    shifted = _draw(mode="logit_normal", logit_mean=1.0)
+    assert shifted.median() == pytest.approx(1 / (1 + math.exp(-1.0)), abs=0.02)  # sigmoid(mean)
+
+
+def test_fixed_shift_moves_mass_to_high_sigma():
+    assert flow.fixed_shift(3.0, torch.tensor([0.5])).item() == pytest.approx(0.75)  # 3·½ / (1 + 2·½)
+    plain, shifted = _draw(mode="sigmoid"), _draw(mode="sigmoid", shift=3.0)
+    assert shifted.median() == pytest.approx(0.75, abs=0.02) and shifted.mean() > plain.mean() + 0.15
+    assert torch.all(shifted >= plain)  # the same draws, each moved up
+
+
+def test_mode_and_cosmap_densities():
+    uniform, mode = _draw(mode="uniform"), _draw(mode="mode", mode_scale=1.29)
+    assert mode.std() < uniform.std() - 0.03 and abs(mode.mean() - 0.5) < 0.01  # mass at mid σ, symmetric
+    assert torch.allclose(_draw(mode="mode", mode_scale=0.0), 1 - uniform)  # scale 0: uniform
+    cosmap = _draw(n=200000, mode="cosmap")
+    counts = torch.histc(cosmap, bins=10, min=0, max=1) / len(cosmap)
+    centres = torch.linspace(0.05, 0.95, 10)
+    density = 2 / (math.pi * (1 - 2 * centres + 2 * centres**2))  # SD3 paper's π_CosMap
+    assert torch.allclose(counts * 10, density, rtol=0.03)
+
+
+def test_weighted_is_uniform_with_a_bell_loss_weight():
+    sampling = flow.TimestepSampling("weighted")
+    sigmas = _draw(mode="weighted")
+    assert torch.equal(sigmas, _draw(mode="uniform"))
+    weights = sampling.loss_weights(sigmas)
+    assert weights.mean() == pytest.approx(1.0, abs=0.01)
+    ends = sampling.loss_weights(torch.tensor([0.0, 0.5, 1.0]))
+    assert ends[0] == pytest.approx(0.0, abs=1e-6) and ends[2] == pytest.approx(0.0, abs=1e-6)
+    assert ends[1] == pytest.approx((1 - math.exp(-0.5)) / 0.24908, rel=1e-3)
+    assert torch.equal(flow.TimestepSampling("sigmoid").loss_weights(sigmas[:5]), torch.ones(5))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"mode": "flux_shift", "shift": 3.0}, "already shifts by image size"),
+    ({"mode": "sigmoid", "shift": 0.0}, "shift is 0.0"),
+    ({"mode": "mode", "mode_scale": 5.0}, "mode_scale is 5.0"),
+])
+def test_bad_timestep_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        flow.TimestepSampling(**settings)

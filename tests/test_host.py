@@ -18,6 +18,7 @@ NODES = sorted(["FluxDreamBoothTinyFlux", "FluxDreamBoothDatasetFolder", "FluxDr
                 "FluxDreamBoothDatasetImages", "FluxDreamBoothAugment", "FluxDreamBoothRegularisation",
                 "FluxDreamBoothClassImages", "FluxDreamBoothCaption", "FluxDreamBoothDatasetReport",
                 "FluxDreamBoothLayers", "FluxDreamBoothValidation", "FluxDreamBoothRun", "FluxDreamBoothTrain",
+                "FluxDreamBoothTrainingSettings",
                 "FluxDreamBoothLoadCheckpoint", "FluxDreamBoothApply", "FluxDreamBoothSave"])
 
 
@@ -242,6 +243,40 @@ def test_trains_on_bf16_fp16_and_fp8_weights(host, weight_dtype):
 def test_bad_input_is_named_and_writes_nothing(host, change, message):
     prompt = train_prompt()
     change(prompt)
+    existing = loras(host)
+    with pytest.raises(RuntimeError) as e:
+        host.run(prompt)
+    assert message in str(e.value)
+    assert loras(host) == existing
+
+
+SETTINGS = {"optimizer": "prodigy", "optimizer_args": "d_coef=2", "gradient_accumulation_steps": 2,
+            "max_grad_norm": 1.0, "lr_num_cycles": 1, "lr_power": 1.0, "lr_end": 4e-7, "shift": 3.0,
+            "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "loss": "pseudo_huber", "huber_c": 0.1,
+            "loss_weighting": "cosmap"}
+
+
+def test_training_settings_plug_into_train(host):
+    prompt = train_prompt(learning_rate=1.0, timestep_sampling="sigmoid", lr_schedule="cosine", settings=["6", 0])
+    prompt["6"] = {"class_type": "FluxDreamBoothTrainingSettings", "inputs": dict(SETTINGS)}
+    prompt["5"]["inputs"]["filename_prefix"] = "checks/settings"
+    outputs = host.run(prompt)
+    before, after = outputs["4"]["fixed_noise_loss"]
+    assert after < before, (before, after)
+    from safetensors import safe_open
+
+    with safe_open(str(host.root / "loras" / outputs["5"]["text"][0]), "pt") as f:
+        meta = f.metadata()
+    assert meta["dreambooth.optimizer"] == "prodigy" and meta["dreambooth.lr_schedule"] == "cosine"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optimizer_args": "no_such_arg=1"}, "optimizer_args has 'no_such_arg', which Prodigy does not take"),
+    ({"optimizer": "adamw_schedulefree"}, "set lr_schedule to constant"),
+])
+def test_bad_training_settings_are_named_and_write_nothing(host, change, message):
+    prompt = train_prompt(lr_schedule="cosine", timestep_sampling="sigmoid", settings=["6", 0])
+    prompt["6"] = {"class_type": "FluxDreamBoothTrainingSettings", "inputs": {**SETTINGS, **change}}
     existing = loras(host)
     with pytest.raises(RuntimeError) as e:
         host.run(prompt)

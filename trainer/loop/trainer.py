@@ -18,13 +18,14 @@ from ..data.encode import Example
 from ..families.backend import FluxBackend
 from ..log import logger
 from ..lora.weights import LoraSet
-from . import flow
+from . import flow, optimizers, schedules
+from .losses import LossSettings
 from .memory import MemoryConfig
 from .resume import dataset_change, example_key
 
 log = logger(__name__)
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
+LR_SCHEDULES = schedules.LR_SCHEDULES
 FINITE_CHECK_EVERY = 4  # steps between reads of the loss and gradient norm (a device sync): a NaN stops the run
 # within this many steps, and always before a segment ends (before any checkpoint is written)
 
@@ -51,6 +52,13 @@ class TrainConfig:
     warmup_steps: int = 0
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # checkpointing, block swap, compile
     ema_decay: float = 0.0  # 0 = off; 0.999 in ai-toolkit recipes: the saved LoRA is the average
+    optimizer: str = "adamw"  # a name of optimizers.OPTIMIZERS (other tools' spellings are accepted)
+    optimizer_args: dict = field(default_factory=dict)  # extra keyword arguments (kohya's --optimizer_args)
+    gradient_accumulation_steps: int = 1  # batches whose gradients add up to one optimizer step
+    lr_num_cycles: int = 1  # hard restarts of cosine_with_restarts (diffusers' --lr_num_cycles)
+    lr_power: float = 1.0  # exponent of the polynomial schedule (diffusers' --lr_power)
+    lr_end: float = 4e-7  # learning rate the polynomial schedule ends at (SimpleTuner's --lr_end)
+    loss: LossSettings = field(default_factory=LossSettings)  # mse, l1, huber…, and its weighting over σ
 
     def __post_init__(self):
         checks = [  # each a whole number or finite value first (inf, NaN and 2.5 steps compare silently)
@@ -75,21 +83,40 @@ class TrainConfig:
             (_finite_number(self.ema_decay) and 0 <= self.ema_decay < 1,
              f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._optimisation_checks():
             if not ok:
                 raise ValueError(message)
         self.steps, self.batch_size, self.seed = int(self.steps), int(self.batch_size), int(self.seed)
+        optimizers.check(self.optimizer, self.optimizer_args)
+
+    def _optimisation_checks(self) -> list[tuple[bool, str]]:
+        """The optimizer, schedule and loss settings; normalises the optimizer's name."""
+        self.optimizer = optimizers.canonical(self.optimizer)
+        schedule_free = optimizers.kind(self.optimizer).own_warmup
+        return [
+            (_whole_number(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1,
+             f"gradient_accumulation_steps is {self.gradient_accumulation_steps}; use 1 (off) or more."),
+            (_whole_number(self.lr_num_cycles) and self.lr_num_cycles >= 1, f"lr_num_cycles is {self.lr_num_cycles}; use 1 or more restarts."),
+            (_finite_number(self.lr_power) and self.lr_power > 0, f"lr_power is {self.lr_power}; use a value above 0 (1.0 decays linearly)."),
+            (_finite_number(self.lr_end) and (self.lr_schedule != "polynomial" or 0 <= self.lr_end < self.learning_rate),
+             f"lr_end is {self.lr_end:g} with learning_rate {self.learning_rate:g}; the polynomial schedule decays "
+             "from learning_rate down to lr_end, so lr_end must be lower (4e-7 is SimpleTuner's)."),
+            (not schedule_free or self.lr_schedule in ("constant", "constant_with_warmup"),
+             f"lr_schedule is {self.lr_schedule!r} with optimizer {self.optimizer}, which replaces the decay "
+             "schedule; set lr_schedule to constant (warmup_steps still warm it up)."),
+            (self.timesteps.mode != "weighted" or self.loss.weighting == "none",
+             f"loss_weighting is {self.loss.weighting!r} with timestep_sampling weighted, which weights the loss "
+             "already (ai-toolkit's bell curve); set loss_weighting to none, or pick another timestep_sampling."),
+        ]
+
+    def schedule_warmup(self) -> int:
+        """Warmup steps of the learning-rate schedule: none when the optimizer warms up itself."""
+        return 0 if optimizers.kind(self.optimizer).own_warmup else self.warmup_steps
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the learning rate before optimizer step `step` (0-based)."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        if self.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if self.lr_schedule == "linear":
-            return 1.0 - progress
-        return 1.0
+        """Multiplier of the learning rate before optimizer step `step` (0-based), by diffusers' schedules."""
+        return schedules.factor(self.lr_schedule, step, self.learning_rate, self.steps, self.schedule_warmup(),
+                                self.lr_num_cycles, self.lr_power, self.lr_end)
 
 
 def ema_decay_at(decay: float, step: int) -> float:
@@ -185,7 +212,8 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
             _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
         v_pred = backend.velocity(flow.noisy_latents(latents, noise, sigmas), sigmas, context, pooled,
                                   config.guidance)
-        per_sample = flow.flow_matching_loss(v_pred, flow.velocity_target(latents, noise))
+        per_sample = (config.loss.per_sample(v_pred, flow.velocity_target(latents, noise), sigmas)
+                      * config.timesteps.loss_weights(sigmas).to(v_pred.device))
         loss = (per_sample * weights).sum() / len(batch)
         scale(loss).backward()
         total += loss.detach()
@@ -209,9 +237,10 @@ class Trainer:
         self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
                                     [tuple(e.latents.shape) for e in examples])
         self.params = lora.trainable()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                           fused=all(p.is_cuda for p in self.params) or None)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        self.optimizer = optimizers.build(config.optimizer, self.params, config.learning_rate, config.weight_decay,
+                                          config.optimizer_args, config.warmup_steps)
+        self.schedule = schedules.build(self.optimizer, config.lr_schedule, config.steps, config.schedule_warmup(),
+                                        config.lr_num_cycles, config.lr_power, config.lr_end)
         # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
         self.scaler = torch.amp.GradScaler(backend.device.type, enabled=backend.compute_dtype == torch.float16)
         self.ema = [p.detach().clone() for p in self.params] if config.ema_decay else None
@@ -259,9 +288,13 @@ class Trainer:
 
     def _step(self) -> None:
         rng, queue = self.generator.get_state(), [list(b) for b in self.sampler.queue]
+        accumulate = self.config.gradient_accumulation_steps
         try:
-            batch = [self.examples[i] for i in self.sampler.next_batch()]
-            loss = step_loss(self.backend, batch, self.config, self.generator, self.scaler.scale)
+            loss = torch.zeros((), device=self.backend.device)
+            for _ in range(accumulate):  # gradients of `accumulate` batches add up to one step
+                batch = [self.examples[i] for i in self.sampler.next_batch()]
+                loss += step_loss(self.backend, batch, self.config, self.generator,
+                                  lambda part: self.scaler.scale(part / accumulate)) / accumulate
         except BaseException:  # interrupted mid-step (the host may raise from inside the model):
             self.generator.set_state(rng)  # leave the state as after the last whole step, so a
             self.sampler.queue = queue  # checkpoint saved now resumes exactly
@@ -287,10 +320,14 @@ class Trainer:
         self._pending_norms.append(norm.detach().float().reshape(()))
 
     def result_lora(self) -> LoraSet:
-        """The weights to save and sample: the EMA when it is on, else the trained ones."""
-        if self.ema is None:
-            return self.lora
-        return copy.deepcopy(self.lora).copy_from(self.ema)
+        """The weights to save and sample: the EMA when it is on, a schedule-free optimizer's
+        average, else the trained ones."""
+        if self.ema is not None:
+            return copy.deepcopy(self.lora).copy_from(self.ema)
+        if optimizers.has_modes(self.optimizer):
+            with optimizers.evaluation_weights(self.optimizer, self.params):
+                return copy.deepcopy(self.lora)
+        return self.lora
 
     def state(self) -> dict:
         """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
@@ -298,7 +335,14 @@ class Trainer:
                 "queue": [list(b) for b in self.sampler.queue], "examples": [example_key(e) for e in self.examples],
                 "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else []}
+                "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else [],
+                "eval_weights": self._eval_weights()}
+
+    def _eval_weights(self) -> list[torch.Tensor]:
+        """A schedule-free optimizer's averaged weights (what its checkpoint's LoRA file holds), else []."""
+        if not optimizers.has_modes(self.optimizer):
+            return []
+        return [p.detach().cpu() for p in self.result_lora().trainable()] if self.ema is None else []
 
     def load_state(self, state: dict) -> None:
         if state["step"] > self.config.steps:
@@ -360,8 +404,9 @@ def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: 
     """
     trainer = Trainer(backend, lora, examples, config)
     stopped = trainer.run(on_step=on_step, should_stop=should_stop)
-    if trainer.ema is not None:
-        lora.load_state_dict(trainer.result_lora().state_dict())
+    final = trainer.result_lora()
+    if final is not lora:  # the EMA, or a schedule-free optimizer's average
+        lora.load_state_dict(final.state_dict())
     return TrainResult(trainer.losses, trainer.step, stopped)
 
 

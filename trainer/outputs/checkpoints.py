@@ -229,12 +229,13 @@ def describe(spec: LayerSpec, dims: FluxDims) -> dict:
 
 
 def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
-    """A checkpoint's LoRA (its EMA when the run kept one), ready to apply or save in any format."""
+    """A checkpoint's LoRA (its EMA or schedule-free average when the run kept one), ready to apply
+    or save in any format."""
     state = load_state(checkpoint)
     targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
     dtype = next(iter(state["lora"].values())).dtype
     lora = LoraSet(targets, dtype)
     lora.load_state_dict(state["lora"])
-    if state.get("ema"):
-        lora.copy_from(state["ema"])
+    if state.get("ema") or state.get("eval_weights"):  # the EMA, or a schedule-free optimizer's average
+        lora.copy_from(state.get("ema") or state["eval_weights"])
     return export.TrainedLora(lora, export.read_metadata(Path(checkpoint) / LORA_FILE))

@@ -1,6 +1,7 @@
 // The pack's public names, as nodes/ids.py defines them (a test checks that the two agree).
 export const NODE = {
   TRAIN: "FluxDreamBoothTrain",
+  TRAINING_SETTINGS: "FluxDreamBoothTrainingSettings",
   CAPTION: "FluxDreamBoothCaption",
   SAVE: "FluxDreamBoothSave",
 };
