@@ -1,0 +1,74 @@
+"""`config` (what a config file sets) and `keys` (every key of our format)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .. import files
+from ..log import logger
+from ..recipe import formats, text
+from ..recipe.fields import type_name
+from ..recipe.schema import ALIASES, all_keys
+
+log = logger(__name__)
+
+
+def add_config(sub) -> None:
+    p = sub.add_parser("config", help="print what a config file sets, what it can't, and paths missing here",
+                       description="Read a config file (format detected from its content) and print the resolved "
+                                   "settings, the keys that took effect and the ones that can't.")
+    p.add_argument("file", type=Path, help="the config file (our YAML/JSON recipe)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object: {"format", "settings", "honoured", "unsupported", "notes"}')
+    p.add_argument("--write", type=Path, metavar="OUT",
+                   help="also write the resolved recipe in our format (OUT.yaml, commented; or OUT.json)")
+    p.set_defaults(run=run_config)
+
+
+def run_config(args) -> int:
+    imported = formats.load(args.file)
+    if args.write:
+        files.write_text(args.write, text.dump(imported.recipe, args.write))
+        imported.notes.append(f"Wrote the resolved recipe to {args.write}.")
+    if args.json:
+        sys.stdout.write(json.dumps(imported.as_json(), indent=1) + "\n")
+        return 0
+    lines = [f"{args.file}: {imported.format} format", "", "Settings:",
+             *("  " + line for line in text.to_yaml(imported.recipe, comments=False).splitlines()), "",
+             f"Honoured ({len(imported.honoured)}): {', '.join(imported.honoured) or 'none'}"]
+    lines.append(f"Unsupported ({len(imported.unsupported)}):" if imported.unsupported else "Unsupported: none")
+    lines += [f"  {u.key}: {u.why}" for u in imported.unsupported]
+    if imported.notes:
+        lines += ["Notes:", *(f"  {n}" for n in imported.notes)]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="list every key of our recipe format (what --set takes)")
+    p.add_argument("--markdown", action="store_true", help="as the README's table")
+    p.set_defaults(run=run_keys)
+
+
+def markdown_table() -> str:
+    short = {v: k for k, v in reversed(list(ALIASES.items()))}
+    rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for k in all_keys():
+        alias = f" (`--set {short[k.path]}`)" if k.path in short else ""
+        rows.append(f"| `{k.path}`{alias} | {type_name(k.hint)} | `{json.dumps(k.default)}` | "
+                    f"{k.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+def run_keys(args) -> int:
+    if args.markdown:
+        sys.stdout.write(markdown_table())
+        return 0
+    width = max(len(k.path) for k in all_keys())
+    short = {v: k for k, v in ALIASES.items()}
+    for k in all_keys():
+        alias = f" [{short[k.path]}]" if k.path in short else ""
+        sys.stdout.write(f"{k.path:<{width}}  {json.dumps(k.default):<14} {k.help}{alias}\n")
+    return 0
