@@ -19,7 +19,7 @@ import torch
 
 from .. import quickstart
 from ..data.datasets import DatasetError
-from ..log import logger
+from ..log import ROOT, logger
 from ..recipe.fields import RecipeError
 from ..recipe.text import UnreadableConfig
 from . import commands, train
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2)
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if logging.getLogger(ROOT).level == logging.NOTSET:  # progress lines show when the root logger is set up
+        logging.getLogger(ROOT).setLevel(logging.INFO)   # elsewhere too
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         return args.run(args)

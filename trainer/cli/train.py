@@ -4,6 +4,7 @@ the console shows progress, Ctrl-C is Cancel, and samples render with the librar
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -60,11 +61,17 @@ def add_arguments(sub) -> None:
     p.set_defaults(run=run)
 
 
+@functools.cache
+def tiny_model():
+    """The embedded tiny FLUX, built once per process (training leaves its weights as they are)."""
+    return tiny.build(0)
+
+
 def load_model(name: str):
     if name not in MODELS:
         raise RecipeError(f"--model {name!r}: only 'tiny' (the embedded tiny FLUX) can be trained in this version; "
                           "training on FLUX files from disk comes later. Use --model tiny.")
-    return tiny.build(0)
+    return tiny_model()
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -107,6 +114,7 @@ class ConsoleHost:
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
+        self.first_step: int | None = None
 
     def on_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -125,7 +133,9 @@ class ConsoleHost:
             log.info("%s: %s", state.value, message)
 
     def on_progress(self, progress: Progress, latest: bool) -> None:
-        if progress.step % self.log_every == 0 or progress.step in (1, progress.total):
+        first = self.first_step is None  # the first step of this run (after a checkpoint when resuming)
+        self.first_step = progress.step if first else self.first_step
+        if first or progress.step % self.log_every == 0 or progress.step == progress.total:
             log.info("%s", progress.line())
 
     def on_checkpoint(self, step: int, path: Path) -> None:

@@ -211,8 +211,10 @@ class Reader:
                 continue
             hint = hints(cls)[name]
             if is_section(hint):
-                before = len(self.invalid)
+                before, honoured = len(self.invalid), len(self.honoured)
                 values[name] = self.build(hint, raw, f"{path}.")
+                taken += self.honoured[honoured:]  # in the order written
+                del self.honoured[honoured:]
                 if len(self.invalid) > before:
                     values.pop(name)
                 continue
