@@ -52,8 +52,13 @@ def add_keys(sub) -> None:
     p.set_defaults(run=run_keys)
 
 
+def short_names() -> dict[str, str]:
+    """Dotted key -> its first short name for --set."""
+    return {v: k for k, v in reversed(list(ALIASES.items()))}
+
+
 def markdown_table() -> str:
-    short = {v: k for k, v in reversed(list(ALIASES.items()))}
+    short = short_names()
     rows = ["| key | type | default | what it does |", "| --- | --- | --- | --- |"]
     for k in all_keys():
         alias = f" (`--set {short[k.path]}`)" if k.path in short else ""
@@ -67,7 +72,7 @@ def run_keys(args) -> int:
         sys.stdout.write(markdown_table())
         return 0
     width = max(len(k.path) for k in all_keys())
-    short = {v: k for k, v in ALIASES.items()}
+    short = short_names()
     for k in all_keys():
         alias = f" [{short[k.path]}]" if k.path in short else ""
         sys.stdout.write(f"{k.path:<{width}}  {json.dumps(k.default):<14} {k.help}{alias}\n")
