@@ -111,11 +111,12 @@ def test_train_writes_checkpoints_lora_and_history_then_resume_latest_continues(
 
     caplog.clear()
     assert cli.main(["train", "--config", str(recipe), "--model", "tiny", "--set", "steps=9",
-                     "--resume", "latest"]) == 0
+                     "--resume", "latest", "--log-format", "json"]) == 0
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["steps"] == 9 and resumed["resumed_from"].endswith("step_000006")
     assert resumed["losses"][:6] == summary["losses"]  # continued from the checkpoint, not retrained
-    assert "step 7/9" in caplog.text and "step 1/9" not in caplog.text
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
+    assert [line["step"] for line in lines] == [7, 9] and all(line["total"] == 9 for line in lines)
     assert checkpoints.load_state(RunFolder(run).latest())["step"] == 9
     assert not (tmp_path / "runs" / "toy_002").exists()
 
@@ -142,7 +143,8 @@ def test_bad_input_fails_by_name_before_anything_is_written(recipe, tmp_path, ca
              (["--set", "dataset.folders=elsewhere"], f"dataset.folders is 'elsewhere': {tmp_path / 'elsewhere'}"),
              (["--set", "steps=many"], "train.steps is 'many'"),
              (["--set", "rnak=4"], "did you mean 'rank'"),
-             (["--set", "dataset.folders=photos", "--model", "flux-dev"], "--model 'flux-dev'")]
+             (["--set", "dataset.folders=photos", "--model", "flux-dev"], "--model 'flux-dev'"),
+             (["--set", "dataset.folders=photos", "--resume", str(tmp_path / "photos")], "no checkpoint there")]
     for extra, message in cases:
         caplog.clear()
         argv = ["train", "--config", str(recipe), "--model", "tiny", *extra]
@@ -154,10 +156,26 @@ def test_bad_input_fails_by_name_before_anything_is_written(recipe, tmp_path, ca
     assert "save.colour" in caplog.text and not (tmp_path / "runs").exists()
 
 
+def test_init_writes_a_commented_recipe_that_config_reads(tmp_path, capsys):
+    path = tmp_path / "new.yaml"
+    assert cli.main(["init", str(path), "--set", "steps=5"]) == 0
+    assert "# LoRA rank" in path.read_text()
+    report = config_json(path, capsys)
+    assert report["settings"]["train"]["steps"] == 5 and report["unsupported"] == []
+    assert any("dataset.folders is empty" in n for n in report["notes"])
+    assert cli.main(["init", str(path)]) == 1  # never replaces a recipe unasked
+
+
+def test_the_bundled_quickstart_recipe_reads_whole(capsys):
+    report = config_json(Path(cli_train.__file__).parents[1] / "assets" / "quickstart_recipe.yaml", capsys)
+    assert report["unsupported"] == [] and report["notes"] == []
+    assert report["settings"]["train"]["steps"] == quickstart.DEFAULTS["steps"]
+
+
 def test_help_lists_the_subcommands_and_no_subcommand_is_the_quickstart(monkeypatch, capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("config", "train", "keys", "--steps", "--out"))
+    assert all(name in out for name in ("config", "train", "init", "keys", "--steps", "--out"))
     seen = []
     monkeypatch.setattr(quickstart, "main", seen.append)
     assert cli.main(["--steps", "3", "--out", "x"]) == 0 and cli.main([]) == 0

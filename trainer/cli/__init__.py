@@ -3,6 +3,7 @@
     python -m trainer                      the quickstart (tiny FLUX, bundled photos); --help lists its flags
     python -m trainer config FILE [--json] what a config file sets, what it can't, what is missing
     python -m trainer train --config FILE --model tiny [--set key=value …] [--resume latest]
+    python -m trainer init OUT.yaml        a new recipe: every key with its default and help
     python -m trainer keys [--markdown]    every key of our recipe format
 
 Exit codes: 0 done, 1 failed (the message says why), 2 an unreadable or unsupported config file
@@ -26,7 +27,8 @@ from . import commands, train
 
 log = logger(__name__)
 
-SUBCOMMANDS = {"config": commands.add_config, "train": train.add_arguments, "keys": commands.add_keys}
+SUBCOMMANDS = {"config": commands.add_config, "train": train.add_arguments, "init": commands.add_init,
+               "keys": commands.add_keys}
 EXIT_OK, EXIT_FAILED, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -39,7 +41,7 @@ def make_parser() -> argparse.ArgumentParser:
             f"  {a.option_strings[0]:<18} default {a.default}" for a in quickstart.make_parser()._actions
             if a.option_strings and a.dest != "help")
         + "\n\nexit codes: 0 done, 1 failed, 2 unreadable config or bad command line, 130 Ctrl-C")
-    sub = parser.add_subparsers(dest="command", metavar="{config,train,keys}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, add in SUBCOMMANDS.items():
         add(sub)
     return parser

@@ -10,7 +10,7 @@ from .. import files
 from ..log import logger
 from ..recipe import formats, text
 from ..recipe.fields import type_name
-from ..recipe.schema import ALIASES, all_keys
+from ..recipe.schema import ALIASES, Recipe, all_keys
 
 log = logger(__name__)
 
@@ -43,6 +43,25 @@ def run_config(args) -> int:
     if imported.notes:
         lines += ["Notes:", *(f"  {n}" for n in imported.notes)]
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def add_init(sub) -> None:
+    p = sub.add_parser("init", help="write a new recipe with every key, its default and its help",
+                       description="Write a commented recipe to start from (YAML; JSON for a .json name).")
+    p.add_argument("out", type=Path, help="the file to write, e.g. my_recipe.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings to write changed")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
+    p.set_defaults(run=run_init)
+
+
+def run_init(args) -> int:
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"{args.out} exists; choose another name, or --force to replace it.")
+    recipe = Recipe().with_settings(args.set)
+    files.write_text(args.out, text.dump(recipe, args.out))
+    log.info("Wrote %s. Set dataset.folders, then: python -m trainer train --config %s --model tiny", args.out,
+             args.out)
     return 0
 
 

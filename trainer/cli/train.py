@@ -5,6 +5,7 @@ the console shows progress, Ctrl-C is Cancel, and samples render with the librar
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,9 @@ def add_arguments(sub) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: the recipe's save.output, else "
                                             f"./{DEFAULT_OUTPUT})")
     p.add_argument("--log-every", type=int, default=10, metavar="N", help="a progress line every N steps")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="progress lines as text, or as one JSON object per line (step, total, loss, loss_smooth, "
+                        "lr, seconds_per_step, eta_seconds, peak_memory_gib) for scripts")
     p.set_defaults(run=run)
 
 
@@ -107,8 +111,9 @@ class ConsoleHost:
     """A job's JobHost on the command line: progress lines, Ctrl-C as Cancel, samples rendered by
     the library's Euler sampler with the LoRA as it is at that step."""
 
-    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int):
+    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False):
         self.model, self.recipe, self.folder, self.log_every = model, recipe, folder, max(1, log_every)
+        self.log_json = log_json
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
         self.size = (v.size or recipe.dataset.resolution[0]) // 8
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
@@ -136,7 +141,7 @@ class ConsoleHost:
         first = self.first_step is None  # the first step of this run (after a checkpoint when resuming)
         self.first_step = progress.step if first else self.first_step
         if first or progress.step % self.log_every == 0 or progress.step == progress.total:
-            log.info("%s", progress.line())
+            log.info("%s", json.dumps(vars(progress)) if self.log_json else progress.line())
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         pass  # the job logs it
@@ -194,7 +199,7 @@ def run(args) -> int:
         "run": folder.path.name, "recipe": text.to_json(recipe)})
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
-    host = ConsoleHost(model, recipe, folder.path, args.log_every)
+    host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     files.write_text(folder.path / "recipe.yaml", text.to_yaml(recipe))
@@ -204,6 +209,10 @@ def run(args) -> int:
     previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
     try:
         outcome = job.run(host)
+    except Interrupted:
+        latest = RunFolder(folder.path).latest()
+        raise Interrupted(f"Stopped by Ctrl-C; the newest checkpoint is {latest}. Continue it with the same command "
+                          "and --resume latest.") from None
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)

@@ -95,6 +95,8 @@ def type_name(hint) -> str:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (list, tuple):
         return f"list of {type_name(args[0])}"
+    if typing.get_origin(hint) is typing.Literal:
+        return " / ".join(map(str, args))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in args if a is not type(None))
     return getattr(hint, "__name__", str(hint))
@@ -104,6 +106,11 @@ def coerce(value: Any, hint, key: str) -> Any:
     """`value` (from YAML, JSON, or text on the command line) as the field's type; a clear error
     naming `key` otherwise. Text is accepted for numbers (PyYAML reads `1e-4` as text)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        match = next((a for a in args if str(a) == str(value).strip()), None)
+        if match is None:
+            raise RecipeError(f"{key} is {value!r}; choose {', '.join(map(str, args))}.")
+        return match
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             if type(None) in args:

@@ -139,5 +139,6 @@ def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
 
 
 def missing_paths(recipe: Recipe, base: Path) -> list[str]:
-    return [f"{key}: {value!r} ({path}) does not exist here; change {key.split('[')[0]}."
-            for key, value, path in paths_of(recipe, base) if not path.is_dir()]
+    notes = [] if recipe.dataset.folders else ["dataset.folders is empty: name the folder of your photos to train."]
+    return notes + [f"{key}: {value!r} ({path}) does not exist here; change {key.split('[')[0]}."
+                    for key, value, path in paths_of(recipe, base) if not path.is_dir()]
