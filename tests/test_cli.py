@@ -115,6 +115,7 @@ def test_train_writes_checkpoints_lora_and_history_then_resume_latest_continues(
     resumed = json.loads((run / "summary.json").read_text())
     assert resumed["steps"] == 9 and resumed["resumed_from"].endswith("step_000006")
     assert resumed["losses"][:6] == summary["losses"]  # continued from the checkpoint, not retrained
+    assert "Resuming with changed settings: train.steps 6 -> 9." in caplog.text
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.getMessage().startswith("{")]
     assert [line["step"] for line in lines] == [7, 9] and all(line["total"] == 9 for line in lines)
     assert checkpoints.load_state(RunFolder(run).latest())["step"] == 9

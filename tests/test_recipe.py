@@ -62,7 +62,7 @@ def test_unknown_keys_name_the_close_matches_and_bad_values_name_the_key():
     assert reader.honoured == ["train.learning_rate", "train.timesteps"]
     with pytest.raises(RecipeError, match="train.stpes"):
         Recipe.from_dict({"train": {"stpes": 5}})
-    with pytest.raises(RecipeError, match="train: steps is 0"):
+    with pytest.raises(RecipeError, match="train: steps"):
         Recipe.from_dict({"train": {"steps": 0}})
 
 
@@ -74,7 +74,7 @@ def test_set_takes_dotted_keys_and_short_ones_parsed_by_type():
     assert recipe.dataset.flip is True and recipe.train.lr_schedule == "cosine"
     for bad, match in [("steps=ten", "train.steps is 'ten'"), ("stesp=3", "did you mean 'steps'"),
                        ("learning_rate=nan", "train.learning_rate"), ("steps", "key=value"),
-                       ("lr_schedule=wavy", "lr_schedule is 'wavy'"), ("save.dtype=fp8", "save.dtype")]:
+                       ("lr_schedule=wavy", "train: lr_schedule"), ("save.dtype=fp8", "save.dtype")]:
         with pytest.raises(RecipeError, match=match):
             Recipe().with_settings([bad])
 

@@ -173,6 +173,25 @@ class ConsoleHost:
         pass
 
 
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def note_changes(previous: Path, recipe: Recipe) -> None:
+    """Say which settings differ from the run's recipe when it is resumed (more steps, a lower rate…)."""
+    try:
+        before = _flat(text.loads(previous.read_text(encoding="utf-8")).to_dict())
+    except (OSError, ValueError):
+        return
+    after = _flat(recipe.to_dict())
+    changed = [f"{k} {before[k]!r} -> {after[k]!r}" for k in after if k in before and before[k] != after[k]]
+    if changed:
+        log.info("Resuming with changed settings: %s.", "; ".join(changed))
+
+
 def run(args) -> int:
     started = time.perf_counter()
     imported = formats.load(args.config)
@@ -202,6 +221,8 @@ def run(args) -> int:
     host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
+    if resume is not None:
+        note_changes(folder.path / "recipe.yaml", recipe)
     files.write_text(folder.path / "recipe.yaml", text.to_yaml(recipe))
     job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
                       resume=resume, validation=schedule), key="cli")
