@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from trainer.families.flux1.layers import FluxDims
 from trainer.loop.trainer import TrainConfig
-from trainer.recipe import formats, text
+from trainer.recipe import build, formats, text
 from trainer.recipe.fields import Reader, RecipeError
 from trainer.recipe.schema import Recipe, all_keys
 
@@ -27,6 +28,8 @@ def changed_recipe() -> Recipe:
         "rank=32", "alpha=16", "steps=750", "learning_rate=5e-5", "train.timesteps.mode=uniform",
         "train.memory.swap_blocks=3", "ema_decay=0.999", "save.dtype=bf16", "save_every=50",
         'validation.prompts=["a photo of [trigger]: \\"smiling\\", outdoors", "[trigger] on a beach"]',
+        "layers.groups=[{blocks: transformer_blocks, end: 10, layer_types: [attention], rank: 8},"
+        " {blocks: single_transformer_blocks, start: 10, layer_types: [proj_out], rank: 4, alpha: 2}]",
     ])
 
 
@@ -49,6 +52,19 @@ def test_a_recipe_reads_back_from_its_yaml_and_json_to_the_same_settings():
     assert text.loads(written) == recipe
     assert text.loads(text.to_yaml(recipe, comments=False)) == recipe
     assert text.loads(text.to_json(recipe)) == recipe
+
+
+def test_layer_groups_each_train_their_blocks_at_their_rank():
+    spec = build.layer_spec(changed_recipe(), FluxDims())
+    targets = spec.targets(FluxDims())
+    double = [t for t in targets if t.bfl_module.startswith("double_blocks")]
+    single = [t for t in targets if t.bfl_module.startswith("single_blocks")]
+    assert len(double) == 10 * 8 and {t.rank for t in double} == {8}  # the attention preset: 8 layers a block
+    assert len(single) == 28 and {(t.rank, t.scale) for t in single} == {(4, 0.5)}
+    without_groups = Recipe().with_settings(["layers.layer_types=[proj_out]", "layers.start=30", "rank=2"])
+    assert len(build.layer_spec(without_groups, FluxDims()).targets(FluxDims())) == 8  # single 30–37
+    with pytest.raises(RecipeError, match="block_range"):
+        build.layer_spec(Recipe().with_settings(["layers.layer_types=[proj_out]", "layers.start=40"]), FluxDims())
 
 
 def test_unknown_keys_name_the_close_matches_and_bad_values_name_the_key():
@@ -112,6 +128,6 @@ def test_the_readme_lists_every_key_of_the_format():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- recipe-keys:start -->(.*)<!-- recipe-keys:end -->", readme, re.S)
     assert block, "README.md needs the recipe keys table between <!-- recipe-keys:start/end --> markers"
-    listed = set(re.findall(r"^\| `([\w.]+)`", block.group(1), re.M))
+    listed = set(re.findall(r"^\| `([\w.\[\]]+)`", block.group(1), re.M))
     missing = [k.path for k in all_keys() if k.path not in listed]
     assert missing == [], f"README lacks {missing}: paste `python -m trainer keys --markdown` between the markers"

@@ -50,6 +50,12 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
     layers = recipe.layers
     alpha = layers.alpha or None
     try:
+        if layers.groups:
+            spec = LayerSpec(tuple(LayerGroup(g.blocks, g.start, g.end or layout.depth(g.blocks),
+                                              parse_layer_types(" ".join(g.layer_types), g.blocks), g.rank,
+                                              g.alpha or None) for g in layers.groups))
+            spec.targets(layout)
+            return spec
         if not layers.layer_types:
             if layers.blocks or layers.start or layers.end:
                 raise RecipeError("layers.blocks/start/end need layers.layer_types (e.g. [attn.to_q, proj_out]); "

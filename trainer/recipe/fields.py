@@ -71,8 +71,15 @@ def is_section(hint) -> bool:
     return isinstance(hint, type) and dataclasses.is_dataclass(hint)
 
 
+def item_section(hint):
+    """The dataclass of a `list[SomeSection]` field (a list of sections), else None."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is list and args and is_section(args[0]) else None
+
+
 def keys(cls, prefix: str = "", extra_help: dict[str, dict[str, str]] | None = None) -> list[Key]:
-    """Every leaf key of a (nested) dataclass, dotted, in field order."""
+    """Every leaf key of a (nested) dataclass, dotted, in field order; a list of sections is its
+    own key and its items' keys as `name[].key`."""
     out = []
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -80,9 +87,11 @@ def keys(cls, prefix: str = "", extra_help: dict[str, dict[str, str]] | None = N
         hint, path = hints(cls)[f.name], f"{prefix}{f.name}"
         if is_section(hint):
             out += keys(hint, f"{path}.", extra_help)
-        else:
-            table = (extra_help or {}).get(cls.__name__, {})
-            out.append(Key(path, hint, to_plain(default_of(f)), field_help(cls, f.name, table)))
+            continue
+        table = (extra_help or {}).get(cls.__name__, {})
+        out.append(Key(path, hint, to_plain(default_of(f)), field_help(cls, f.name, table)))
+        if item_section(hint):
+            out += keys(item_section(hint), f"{path}[].", extra_help)
     return out
 
 
@@ -93,6 +102,8 @@ def suggest(name: str, choices) -> str:
 
 def type_name(hint) -> str:
     args = typing.get_args(hint)
+    if item_section(hint):
+        return "list of groups"
     if typing.get_origin(hint) in (list, tuple):
         return f"list of {type_name(args[0])}"
     if typing.get_origin(hint) is typing.Literal:
@@ -225,6 +236,9 @@ class Reader:
                 if len(self.invalid) > before:
                     values.pop(name)
                 continue
+            if item_section(hint):
+                values[name] = self.build_list(item_section(hint), raw, path, taken)
+                continue
             try:
                 values[name] = coerce(raw, hint, path)
                 taken.append(path)
@@ -238,3 +252,28 @@ class Reader:
             return cls()
         self.honoured += taken
         return built
+
+    def build_list(self, cls, raw: Any, path: str, taken: list[str]) -> list:
+        """A list of sections (`layers.groups`); text is read as YAML (`--set 'layers.groups=[{…}]'`)."""
+        if isinstance(raw, str):
+            try:
+                raw = yaml.safe_load(raw) if raw.strip() else []
+            except yaml.YAMLError as e:
+                self.invalid.append((path, f"{path} is not a YAML list: {str(e).splitlines()[0]}."))
+                return []
+        if isinstance(raw, dict):
+            raw = [raw]
+        if not isinstance(raw, list):
+            self.invalid.append((path, f"{path} is {raw!r}; give a list of groups ({{key: value, …}} each)."))
+            return []
+        items = []
+        for i, item in enumerate(raw):
+            before, honoured = len(self.invalid), len(self.honoured)
+            built = self.build(cls, item if isinstance(item, dict) else {}, f"{path}[{i}].")
+            if not isinstance(item, dict):
+                self.invalid.append((f"{path}[{i}]", f"{path}[{i}] is {item!r}; give {{key: value, …}}."))
+            taken += self.honoured[honoured:]
+            del self.honoured[honoured:]
+            if len(self.invalid) == before:
+                items.append(built)
+        return items

@@ -64,6 +64,22 @@ class DatasetSection:
 
 
 @dataclass
+class LayerGroupSection:
+    blocks: str = field(default="single_transformer_blocks", **_help(
+        "transformer_blocks (double) or single_transformer_blocks (mflux's lora_layers keys)."))
+    start: int = field(default=0, **_help("First block (block_range.start)."))
+    end: int = field(default=0, **_help("End block, exclusive (block_range.end); 0: the last block."))
+    layer_types: list[str] = field(default_factory=list, **_help("diffusers layer names or preset names."))
+    rank: int = field(default=16, **_help("LoRA rank of this group (mflux's lora_rank)."))
+    alpha: float = field(default=0.0, **_help("LoRA alpha of this group; 0: alpha = rank."))
+
+    def __post_init__(self):
+        check("layers.groups[]", [(self.rank >= 1, f"rank is {self.rank}; it must be at least 1."),
+                                  (bool(self.layer_types), "layer_types is empty; name the layers, e.g. [proj_out]."),
+                                  (self.alpha >= 0, f"alpha is {self.alpha}; use 0 (= rank) or a positive value.")])
+
+
+@dataclass
 class LayersSection:
     preset: str = field(default="attention+mlp", **_help(
         "Which layers get a LoRA when layer_types is empty: attention, or attention+mlp."))
@@ -75,6 +91,9 @@ class LayersSection:
         "diffusers layer names (attn.to_q, proj_out, …) or preset names; empty: the preset."))
     rank: int = field(default=16, **_help("LoRA rank: 4–8 object, 8–16 face, 16–32 style (ai-toolkit's linear)."))
     alpha: float = field(default=0.0, **_help("LoRA alpha; the update is scaled by alpha/rank. 0: alpha = rank."))
+    groups: list[LayerGroupSection] = field(default_factory=list, **_help(
+        "Several groups, each with its own blocks, range, layer types, rank and alpha (mflux's lora_layers, "
+        "ai-toolkit's per-layer ranks); when given, the keys above are not used."))
 
     def __post_init__(self):
         check("layers", [(self.rank >= 1, f"rank is {self.rank}; it must be at least 1 (4–32 is usual)."),

@@ -98,6 +98,11 @@ def _section(obj: Any, indent: str, comments: bool, pending: dict[str, str]) -> 
             lines += _comment(fields.field_help(cls, f.name, EXTRA_HELP.get(cls.__name__)), indent)
         if dataclasses.is_dataclass(value):
             lines += [f"{indent}{f.name}:", *_section(value, indent + "  ", comments, {})]
+        elif fields.item_section(fields.hints(cls)[f.name]) and value:
+            lines.append(f"{indent}{f.name}:")
+            for item in value:
+                item_lines = _section(item, indent + "    ", False, {})
+                lines += [f"{indent}  - {item_lines[0].strip()}", *item_lines[1:]]
         else:
             lines.append(f"{indent}{f.name}: {_scalar(fields.to_plain(value))}")
     for name, value in pending.items():
