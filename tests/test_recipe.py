@@ -130,4 +130,4 @@ def test_the_readme_lists_every_key_of_the_format():
     assert block, "README.md needs the recipe keys table between <!-- recipe-keys:start/end --> markers"
     listed = set(re.findall(r"^\| `([\w.\[\]]+)`", block.group(1), re.M))
     missing = [k.path for k in all_keys() if k.path not in listed]
-    assert missing == [], f"README lacks {missing}: paste `python -m trainer keys --markdown` between the markers"
+    assert missing == [], f"README lacks {missing}: run `python -m trainer keys --readme README.md`"

@@ -68,6 +68,8 @@ def run_init(args) -> int:
 def add_keys(sub) -> None:
     p = sub.add_parser("keys", help="list every key of our recipe format (what --set takes)")
     p.add_argument("--markdown", action="store_true", help="as the README's table")
+    p.add_argument("--readme", type=Path, metavar="README.md",
+                   help="rewrite the table between the file's <!-- recipe-keys:start/end --> markers")
     p.set_defaults(run=run_keys)
 
 
@@ -86,7 +88,20 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def update_readme(path: Path) -> None:
+    readme = path.read_text(encoding="utf-8")
+    start, end = "<!-- recipe-keys:start -->\n", "<!-- recipe-keys:end -->"
+    if start not in readme or end not in readme:
+        raise ValueError(f"{path} has no {start.strip()} … {end} markers to put the table between.")
+    head, rest = readme.split(start, 1)
+    files.write_text(path, head + start + markdown_table() + end + rest.split(end, 1)[1])
+    log.info("Wrote the recipe keys table into %s.", path)
+
+
 def run_keys(args) -> int:
+    if args.readme:
+        update_readme(args.readme)
+        return 0
     if args.markdown:
         sys.stdout.write(markdown_table())
         return 0
