@@ -131,3 +131,16 @@ def test_the_readme_lists_every_key_of_the_format():
     listed = set(re.findall(r"^\| `([\w.\[\]]+)`", block.group(1), re.M))
     missing = [k.path for k in all_keys() if k.path not in listed]
     assert missing == [], f"README lacks {missing}: run `python -m trainer keys --readme README.md`"
+
+
+def test_keys_readme_rewrites_only_the_table_between_the_markers(tmp_path):
+    from trainer import cli
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n<!-- recipe-keys:start -->\n| `train.old` | stale |\n<!-- recipe-keys:end -->\nEnd.\n")
+    assert cli.main(["keys", "--readme", str(readme)]) == 0
+    written = readme.read_text()
+    assert written.startswith("# Title\n") and written.endswith("<!-- recipe-keys:end -->\nEnd.\n")
+    assert "train.old" not in written and all(f"| `{k.path}`" in written for k in all_keys())
+    (tmp_path / "other.md").write_text("no markers")
+    assert cli.main(["keys", "--readme", str(tmp_path / "other.md")]) == 1
