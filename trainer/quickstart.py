@@ -88,12 +88,16 @@ def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int,
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("quickstart_output"), help="where to write results")
     for name, value in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run(args.out, args.steps, args.learning_rate, args.rank, args.resolution, args.seed)

@@ -1,0 +1,146 @@
+"""Our recipe format: keys from the dataclasses, unknown keys with close matches, values by the
+field's type, round trips through YAML and JSON, and the README listing every key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from trainer.families.flux1.layers import FluxDims
+from trainer.loop.trainer import TrainConfig
+from trainer.recipe import build, formats, text
+from trainer.recipe.fields import Reader, RecipeError
+from trainer.recipe.schema import Recipe, all_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def changed_recipe() -> Recipe:
+    """A recipe with a value of every kind changed from its default (text with quotes and a colon,
+    lists, a float in e-notation, nested sections)."""
+    return Recipe().with_settings([
+        "dataset.folders=[photos, '~/more photos']", "dataset.trigger=ohwx", "dataset.class_word=person",
+        "dataset.resolution=512,1024", "dataset.bucketing=false", "dataset.caption_dropout=0.2",
+        "layers.layer_types=[attn.to_q, proj_out]", "layers.blocks=single_transformer_blocks", "layers.start=10",
+        "rank=32", "alpha=16", "steps=750", "learning_rate=5e-5", "train.timesteps.mode=uniform",
+        "train.memory.swap_blocks=3", "ema_decay=0.999", "save.dtype=bf16", "save_every=50",
+        'validation.prompts=["a photo of [trigger]: \\"smiling\\", outdoors", "[trigger] on a beach"]',
+        "layers.groups=[{blocks: transformer_blocks, end: 10, layer_types: [attention], rank: 8},"
+        " {blocks: single_transformer_blocks, start: 10, layer_types: [proj_out], rank: 4, alpha: 2}]",
+    ])
+
+
+def test_keys_come_from_the_dataclasses_so_new_train_fields_need_no_change():
+    paths = [k.path for k in all_keys()]
+    for f in dataclasses.fields(TrainConfig):
+        assert any(p == f"train.{f.name}" or p.startswith(f"train.{f.name}.") for p in paths), f.name
+    assert "train.timesteps.mode" in paths and "train.memory.swap_blocks" in paths
+    ours = [k for k in all_keys() if not k.path.startswith("train.")]  # TrainConfig's help is its comments
+    assert all(k.help for k in ours), [k.path for k in ours if not k.help]
+
+
+def test_a_recipe_reads_back_from_its_yaml_and_json_to_the_same_settings():
+    recipe = changed_recipe()
+    assert recipe != Recipe()
+    assert recipe.train.learning_rate == 5e-5 and recipe.dataset.resolution == [512, 1024]
+    assert recipe.validation.prompts[0] == 'a photo of [trigger]: "smiling", outdoors'
+    written = text.to_yaml(recipe)
+    assert "# LoRA rank" in written  # the help travels with the file
+    assert text.loads(written) == recipe
+    assert text.loads(text.to_yaml(recipe, comments=False)) == recipe
+    assert text.loads(text.to_json(recipe)) == recipe
+
+
+def test_layer_groups_each_train_their_blocks_at_their_rank():
+    spec = build.layer_spec(changed_recipe(), FluxDims())
+    targets = spec.targets(FluxDims())
+    double = [t for t in targets if t.bfl_module.startswith("double_blocks")]
+    single = [t for t in targets if t.bfl_module.startswith("single_blocks")]
+    assert len(double) == 10 * 8 and {t.rank for t in double} == {8}  # the attention preset: 8 layers a block
+    assert len(single) == 28 and {(t.rank, t.scale) for t in single} == {(4, 0.5)}
+    without_groups = Recipe().with_settings(["layers.layer_types=[proj_out]", "layers.start=30", "rank=2"])
+    assert len(build.layer_spec(without_groups, FluxDims()).targets(FluxDims())) == 8  # single 30–37
+    with pytest.raises(RecipeError, match="block_range"):
+        build.layer_spec(Recipe().with_settings(["layers.layer_types=[proj_out]", "layers.start=40"]), FluxDims())
+
+
+def test_unknown_keys_name_the_close_matches_and_bad_values_name_the_key():
+    reader = Reader()
+    recipe = Recipe.from_dict({"train": {"stpes": 5, "learning_rate": "1e-4", "timesteps": "uniform"},
+                               "datset": {}, "save": {"keep_last": "many"}}, reader)
+    unknown = dict(reader.unknown)
+    assert "train.steps" in unknown["train.stpes"] and "'dataset'" in unknown["datset"]
+    assert reader.invalid[0][0] == "save.keep_last" and "whole number" in reader.invalid[0][1]
+    assert recipe.train.learning_rate == 1e-4 and recipe.train.timesteps.mode == "uniform"
+    assert reader.honoured == ["train.learning_rate", "train.timesteps"]
+    with pytest.raises(RecipeError, match="train.stpes"):
+        Recipe.from_dict({"train": {"stpes": 5}})
+    with pytest.raises(RecipeError, match="train: steps"):
+        Recipe.from_dict({"train": {"steps": 0}})
+
+
+def test_set_takes_dotted_keys_and_short_ones_parsed_by_type():
+    recipe = Recipe().with_settings(["steps=10", "resolution=128", "save.keep_last=0", "train.seed=7",
+                                     "dataset.flip=yes", "lr_schedule=cosine"])
+    assert recipe.train.steps == 10 and recipe.dataset.resolution == [128]
+    assert recipe.save.keep_last == 0 and recipe.train.seed == 7
+    assert recipe.dataset.flip is True and recipe.train.lr_schedule == "cosine"
+    for bad, match in [("steps=ten", "train.steps is 'ten'"), ("stesp=3", "did you mean 'steps'"),
+                       ("learning_rate=nan", "train.learning_rate"), ("steps", "key=value"),
+                       ("lr_schedule=wavy", "train: lr_schedule"), ("save.dtype=fp8", "save.dtype")]:
+        with pytest.raises(RecipeError, match=match):
+            Recipe().with_settings([bad])
+
+
+def test_optimizer_is_a_key_even_before_the_library_has_a_choice():
+    if "optimizer" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        assert Recipe().with_settings(["optimizer=adamw"]).train.optimizer == "adamw"
+        return
+    assert Recipe().with_settings(["optimizer=adamw"]) == Recipe()
+    with pytest.raises(RecipeError, match="train.optimizer is 'lion'.*only optimizer"):
+        Recipe().with_settings(["optimizer=lion"])
+    assert "optimizer: \"adamw\"" in text.to_yaml(Recipe())
+
+
+def test_the_format_is_told_by_content_and_others_are_named_not_yet_supported(tmp_path):
+    cases = {"mflux.json": '{"model": "dev", "training_loop": {"num_epochs": 10}, "lora_layers": {}}',
+             "job.yaml": "job: extension\nconfig:\n  name: x\n  process:\n    - type: sd_trainer\n",
+             "config.json": '{"--model_family": "flux", "--lora_rank": 16}',
+             "args.txt": "accelerate launch train_dreambooth_lora_flux.py \\\n  --pretrained_model_name_or_path=x \\\n"
+                         "  --instance_data_dir=dog\n"}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(text.UnreadableConfig, match="not yet supported"):
+            formats.load(tmp_path / name)
+    (tmp_path / "ours.txt").write_text("train:\n  steps: 5\n")  # any file name
+    assert formats.load(tmp_path / "ours.txt").format == "ours"
+    for content, match in [("{not json", "not valid JSON"), ("a: [b", "not valid YAML"), ("just words", "no settings"),
+                           ("food: pizza", "not a training config")]:
+        (tmp_path / "bad.yaml").write_text(content)
+        with pytest.raises(text.UnreadableConfig, match=match):
+            formats.load(tmp_path / "bad.yaml")
+
+
+def test_the_readme_lists_every_key_of_the_format():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- recipe-keys:start -->(.*)<!-- recipe-keys:end -->", readme, re.S)
+    assert block, "README.md needs the recipe keys table between <!-- recipe-keys:start/end --> markers"
+    listed = set(re.findall(r"^\| `([\w.\[\]]+)`", block.group(1), re.M))
+    missing = [k.path for k in all_keys() if k.path not in listed]
+    assert missing == [], f"README lacks {missing}: run `python -m trainer keys --readme README.md`"
+
+
+def test_keys_readme_rewrites_only_the_table_between_the_markers(tmp_path):
+    from trainer import cli
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n<!-- recipe-keys:start -->\n| `train.old` | stale |\n<!-- recipe-keys:end -->\nEnd.\n")
+    assert cli.main(["keys", "--readme", str(readme)]) == 0
+    written = readme.read_text()
+    assert written.startswith("# Title\n") and written.endswith("<!-- recipe-keys:end -->\nEnd.\n")
+    assert "train.old" not in written and all(f"| `{k.path}`" in written for k in all_keys())
+    (tmp_path / "other.md").write_text("no markers")
+    assert cli.main(["keys", "--readme", str(tmp_path / "other.md")]) == 1

@@ -1,0 +1,252 @@
+"""`python -m trainer train`: a recipe trained as a job (../loop/job.py), the same machinery as the
+Train node: checkpoints, resume, validation renders, loss history. Only the host differs: here
+the console shows progress, Ctrl-C is Cancel, and samples render with the library's sampler."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .. import files
+from ..data.captions import TRIGGER_PLACEHOLDER
+from ..data.encode import encode_dataset
+from ..families.flux1 import tiny
+from ..log import logger
+from ..loop.job import Job, JobSpec, JobState, ValidationSchedule
+from ..lora.weights import LoraSet
+from ..outputs import checkpoints, export
+from ..outputs.checkpoints import RunFolder
+from ..outputs.progress import Progress, Sample
+from ..outputs.sample import sample
+from ..recipe import build, formats, text
+from ..recipe.fields import RecipeError
+from ..recipe.schema import Recipe
+
+log = logger(__name__)
+
+MODELS = ("tiny",)
+DEFAULT_OUTPUT = Path("flux_dreambooth_output")
+MIN_FREE_BYTES = 64 << 20
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the job ends within a step and keeps a checkpoint."""
+
+
+def add_arguments(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe (our config format) on a model",
+                       description="Train the recipe of a config file: checkpoints, samples and loss history in "
+                                   "a run folder, the LoRA beside it.")
+    p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
+    p.add_argument("--model", required=True, help="the model to train on: 'tiny' (the embedded tiny FLUX, random "
+                                                  "weights); FLUX files from disk come in a later version")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
+                        "learning_rate, batch_size, seed, rank, alpha, resolution, save_every, keep_last, "
+                        "ema_decay, optimizer, lr_schedule); `python -m trainer keys` lists them all")
+    p.add_argument("--resume", default="", metavar="latest|PATH",
+                   help="continue the newest checkpoint of this run name ('latest'), or a run or checkpoint folder")
+    p.add_argument("--out", type=Path, help="output folder (default: the recipe's save.output, else "
+                                            f"./{DEFAULT_OUTPUT})")
+    p.add_argument("--log-every", type=int, default=10, metavar="N", help="a progress line every N steps")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="progress lines as text, or as one JSON object per line (step, total, loss, loss_smooth, "
+                        "lr, seconds_per_step, eta_seconds, peak_memory_gib) for scripts")
+    p.set_defaults(run=run)
+
+
+@functools.cache
+def tiny_model():
+    """The embedded tiny FLUX, built once per process (training leaves its weights as they are)."""
+    return tiny.build(0)
+
+
+def load_model(name: str):
+    if name not in MODELS:
+        raise RecipeError(f"--model {name!r}: only 'tiny' (the embedded tiny FLUX) can be trained in this version; "
+                          "training on FLUX files from disk comes later. Use --model tiny.")
+    return tiny_model()
+
+
+def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
+    """Where run folders go, checked writable with room to spare before anything is written."""
+    root = out.expanduser() if out else formats.resolve(recipe.save.output, base) if recipe.save.output \
+        else DEFAULT_OUTPUT
+    where = "--out" if out else "save.output" if recipe.save.output else "the default output folder"
+    if root.exists() and not root.is_dir():
+        raise RecipeError(f"{where} {root} is a file; give a folder.")
+    existing = next(p for p in [root, *root.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"{where} {root}: {existing} is not a writable folder; choose another output folder.")
+    if shutil.disk_usage(existing).free < MIN_FREE_BYTES:
+        raise RecipeError(f"{where} {root}: the disk is full ({existing}); free some space or choose another folder.")
+    return root
+
+
+def run_and_checkpoint(recipe: Recipe, root: Path, resume: str) -> tuple[RunFolder, Path | None]:
+    settings = build.run_settings(recipe)
+    if not resume:
+        return checkpoints.next_run_folder(root, settings.name), None
+    given = Path(resume).expanduser()
+    if resume != checkpoints.LATEST and given.exists():
+        found = RunFolder(given).latest() if (given / "checkpoints").is_dir() else given
+        if found is None or not (found / checkpoints.STATE_FILE).is_file():
+            raise RecipeError(f"--resume {resume}: no checkpoint there; give a run folder or "
+                              ".../checkpoints/step_000250, or 'latest'.")
+        return RunFolder(found.parent.parent), found
+    return build.run_settings(recipe, resume).folder_and_checkpoint(root)
+
+
+class ConsoleHost:
+    """A job's JobHost on the command line: progress lines, Ctrl-C as Cancel, samples rendered by
+    the library's Euler sampler with the LoRA as it is at that step."""
+
+    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False):
+        self.model, self.recipe, self.folder, self.log_every = model, recipe, folder, max(1, log_every)
+        self.log_json = log_json
+        v, trigger = recipe.validation, recipe.dataset.trigger.strip()
+        self.size = (v.size or recipe.dataset.resolution[0]) // 8
+        self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
+        self.encoded = [model.encode_text(p) for p in self.prompts]
+        self.interrupted = False
+        self.first_step: int | None = None
+
+    def on_interrupt(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        log.warning("Ctrl-C: stopping within a step and writing a checkpoint (Ctrl-C again to quit at once).")
+
+    def check_cancel(self) -> None:
+        if self.interrupted:
+            raise Interrupted("Stopped by Ctrl-C.")
+
+    def is_cancel(self, error: BaseException) -> bool:
+        return isinstance(error, (Interrupted, KeyboardInterrupt))
+
+    def on_status(self, state: JobState, message: str) -> None:
+        if message:
+            log.info("%s: %s", state.value, message)
+
+    def on_progress(self, progress: Progress, latest: bool) -> None:
+        first = self.first_step is None  # the first step of this run (after a checkpoint when resuming)
+        self.first_step = progress.step if first else self.first_step
+        if first or progress.step % self.log_every == 0 or progress.step == progress.total:
+            log.info("%s", json.dumps(vars(progress)) if self.log_json else progress.line())
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass  # the job logs it
+
+    def on_rendering(self, step: int, count: int) -> None:
+        log.info("Rendering %d validation sample(s) at step %d.", count, step)
+
+    def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
+               ) -> tuple[list[Sample], torch.Tensor] | None:
+        v, backend = self.recipe.validation, self.model.backend()
+        samples, images = [], []
+        for i, (prompt, (context, pooled)) in enumerate(zip(self.prompts, self.encoded)):
+            if should_stop():
+                return None
+            with backend.lora_applied(lora):
+                latents = sample(backend, context.to(backend.device), pooled.to(backend.device), self.size,
+                                 self.size, v.steps, v.guidance, v.seed)
+            pixels = self.model.decode(latents.cpu()).cpu()
+            image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+            path = files.write_image(self.folder / "samples" / f"step_{step:06d}_{i:02d}.png", image)
+            samples.append(Sample(step, i, f"{prompt} · seed {v.seed} · g {v.guidance:g}", path))
+            images.append(pixels)
+        return samples, torch.cat(images)
+
+    def on_samples(self, step: int, samples: list[Sample]) -> None:
+        log.info("Samples of step %d in %s", step, self.folder / "samples")
+
+    def release_memory(self) -> None:
+        pass
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def note_changes(previous: Path, recipe: Recipe) -> None:
+    """Say which settings differ from the run's recipe when it is resumed (more steps, a lower rate…)."""
+    try:
+        before = _flat(text.loads(previous.read_text(encoding="utf-8")).to_dict())
+    except (OSError, ValueError):
+        return
+    after = _flat(recipe.to_dict())
+    changed = [f"{k} {before[k]!r} -> {after[k]!r}" for k in after if k in before and before[k] != after[k]]
+    if changed:
+        log.info("Resuming with changed settings: %s.", "; ".join(changed))
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    imported = formats.load(args.config)
+    if imported.unsupported:
+        raise RecipeError(f"{args.config} has settings that can't be used (`python -m trainer config` shows all):\n  "
+                          + "\n  ".join(f"{u.key}: {u.why}" for u in imported.unsupported))
+    recipe = imported.recipe.with_settings(args.set)
+    base = Path(args.config).expanduser().absolute().parent
+    # everything that can be checked before anything is loaded or written
+    build.check_paths(recipe, base)
+    root = output_root(args.out, recipe, base)
+    folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
+    model = load_model(args.model)
+    backend = model.backend()
+    spec = build.layer_spec(recipe, backend.dims)
+    dataset = build.dataset(recipe, base)
+    examples, skipped = encode_dataset(dataset, model, None, recipe.train.seed)
+    for problem in skipped:
+        log.warning("Left out: %s", problem)
+    targets = spec.targets(backend.dims)
+    resolution = ",".join(map(str, recipe.dataset.resolution))
+    metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
+        "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
+        "run": folder.path.name, "recipe": text.to_json(recipe)})
+    v = recipe.validation
+    schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
+    host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
+    log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
+             resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
+    if resume is not None:
+        note_changes(folder.path / "recipe.yaml", recipe)
+    files.write_text(folder.path / "recipe.yaml", text.to_yaml(recipe))
+    job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
+                      resume=resume, validation=schedule), key="cli")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
+    try:
+        outcome = job.run(host)
+    except Interrupted:
+        latest = RunFolder(folder.path).latest()
+        raise Interrupted(f"Stopped by Ctrl-C; the newest checkpoint is {latest}. Continue it with the same command "
+                          "and --resume latest.") from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    fmt = recipe.save.format
+    lora_path = files.write_safetensors(
+        root / f"{folder.path.name}.safetensors",
+        export.state_dict(outcome.lora, fmt, export.SAVE_DTYPES[recipe.save.dtype]),
+        metadata.header(outcome.steps_done, fmt))
+    seconds = time.perf_counter() - started
+    summary = {"steps": outcome.steps_done, "fixed_noise_loss_before": outcome.loss_before,
+               "fixed_noise_loss_after": outcome.loss_after, "seconds": seconds, "lora": str(lora_path),
+               "run": str(folder.path), "resumed_from": str(resume) if resume else None, "losses": outcome.losses}
+    files.write_json(folder.path / "summary.json", summary, indent=1)
+    log.info("Done: %d steps in %.1f s; fixed-noise loss %.4f -> %.4f. LoRA %s; run folder %s.",
+             outcome.steps_done, seconds, outcome.loss_before, outcome.loss_after, lora_path, folder.path)
+    return 0

@@ -1,0 +1,87 @@
+"""A recipe made into what the library trains with: the dataset, the layer selection, the run
+settings. Paths are read relative to the recipe's folder (`base`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import datasets
+from ..data.augment import Augmentation
+from ..data.images import Shaping
+from ..lora.targets import LayerGroup, LayerSpec, ModelLayout, parse_layer_types
+from ..outputs.checkpoints import RunSettings
+from .fields import RecipeError
+from .formats import paths_of
+from .schema import Recipe
+
+
+def check_paths(recipe: Recipe, base: Path) -> None:
+    """Every folder the recipe names exists: else an error naming the key and the path."""
+    if not recipe.dataset.folders:
+        raise RecipeError("dataset.folders is empty; name the folder of your photos, e.g. `folders: [photos]`.")
+    for key, value, path in paths_of(recipe, base):
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            raise RecipeError(f"{key} is {value!r}: {path} {what}. Change {key.split('[')[0]} in the config "
+                              "(relative paths are read from the config's folder) or --set it.")
+
+
+def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
+    """The subject's photos at each resolution, then the regularisation photos (no trigger)."""
+    d = recipe.dataset
+    parts = []
+    for resolution in d.resolution:
+        shaping = Shaping(resolution, d.bucketing, d.crop)
+        augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout)
+        subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
+                                   shaping, augment, d.problems)
+        parts += [datasets.from_folder(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
+        regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions,
+                                          d.default_caption or d.class_word.strip(), shaping, Augmentation(),
+                                          d.problems)
+        parts += [datasets.from_folder(base / Path(f).expanduser(), regularisation).with_items(
+                  regularisation=True, loss_weight=d.regularisation_weight) for f in d.regularisation]
+    return sum(parts[1:], parts[0])
+
+
+def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
+    """`layers.layer_types` on `layers.blocks` (both groups when empty) from start to end, or the
+    preset on every block."""
+    layers = recipe.layers
+    alpha = layers.alpha or None
+    try:
+        if layers.groups:
+            spec = LayerSpec(tuple(LayerGroup(g.blocks, g.start, g.end or layout.depth(g.blocks),
+                                              parse_layer_types(" ".join(g.layer_types), g.blocks), g.rank,
+                                              g.alpha or None) for g in layers.groups))
+            spec.targets(layout)
+            return spec
+        if not layers.layer_types:
+            if layers.blocks or layers.start or layers.end:
+                raise RecipeError("layers.blocks/start/end need layers.layer_types (e.g. [attn.to_q, proj_out]); "
+                                  "or clear them to use layers.preset on every block.")
+            return LayerSpec.preset(layers.preset, layout, layers.rank, alpha)
+        groups = [layers.blocks] if layers.blocks else list(layout.vocabulary.layers)
+        built = []
+        for blocks in groups:
+            types = parse_layer_types(" ".join(layers.layer_types), blocks)
+            if not layers.blocks:  # both groups: each takes the names it has
+                types = tuple(t for t in types if t in layout.vocabulary.layers.get(blocks, {}))
+                if not types:
+                    continue
+            end = layers.end or layout.depth(blocks)
+            built.append(LayerGroup(blocks, layers.start, end, types, layers.rank, alpha))
+        if not built:
+            raise RecipeError(f"layers.layer_types {layers.layer_types} names no layer of this model.")
+        spec = LayerSpec(tuple(built))
+        spec.targets(layout)  # checked against the model's depth and names
+        return spec
+    except RecipeError:
+        raise
+    except ValueError as e:
+        raise RecipeError(f"layers: {e}") from None
+
+
+def run_settings(recipe: Recipe, resume: str = "") -> RunSettings:
+    save = recipe.save
+    return RunSettings(save.name.strip(), save.every, save.keep_last, resume)
