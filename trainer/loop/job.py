@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -166,9 +167,10 @@ class Job:
     def _work(self) -> None:
         spec = self.spec
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # the caller may be in inference mode
+            with torch.inference_mode(False), torch.enable_grad(), ExitStack() as job:  # caller: inference mode
                 owned = [e.copied() for e in spec.examples]
                 lora = LoraSet(spec.targets, spec.lora_dtype, spec.config.seed).to(spec.backend.device)
+                job.enter_context(spec.backend.resident(lora, spec.config.memory))  # swapped blocks stay off
                 trainer = Trainer(spec.backend, lora, owned, spec.config)
                 if spec.resume is not None:
                     trainer.load_state(checkpoints.load_state(spec.resume))
