@@ -133,7 +133,8 @@ class TrainFluxLora(io.ComfyNode):
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
         renderer = validation and validation.renderer(clip, vae, dataset.trigger_word, folder.path / "samples")
-        models.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
+        # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
+        models.load_for_training(patcher, backend.swapped_blocks(config.memory))
         base = getattr(model.model, "flux_dreambooth_name",
                        "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
