@@ -100,7 +100,7 @@ class TrainFluxLora(io.ComfyNode):
                                   tooltip="From Checkpoints & Resume. Unconnected: run 'flux_lora', a checkpoint "
                                           "every 250 steps, the last 4 kept."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA, for Save FLUX LoRA or Apply FLUX LoRA."),
@@ -135,11 +135,13 @@ class TrainFluxLora(io.ComfyNode):
         renderer = validation and validation.renderer(clip, vae, dataset.trigger_word, folder.path / "samples")
         # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
         models.load_for_training(patcher, backend.swapped_blocks(config.memory))
-        base = getattr(model.model, "flux_dreambooth_name",
-                       "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
+        base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
+        base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.trigger_word, base, {
-            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name})
+            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name,
+            **({"base_model_loras": ", ".join(base_loras)} if base_loras else {})},
+            family=backend.family, variant=backend.variant)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],

@@ -168,3 +168,27 @@ def weight_dtype_name(model) -> str:
     """How the model's weights are stored ('fp8_e4m3fn' from the UNET loader's fp8 setting)."""
     dtype = model.model.get_dtype()
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+MODEL_FILE_INPUTS = ("unet_name", "ckpt_name", "model_name")  # UNETLoader, CheckpointLoaderSimple, GGUF / NF4 loaders
+LORA_FILE_INPUTS = ("lora_name",)
+
+
+def loaded_from(prompt: dict | None, node_id: str, input_name: str = "model") -> tuple[str, list[str]]:
+    """The model file behind input `input_name` of node `node_id` in the running prompt (ComfyUI's
+    hidden PROMPT), followed up its MODEL links through LoRA loaders and patches; and the LoRA files
+    applied on the way. ("", []) when the chain ends at no file (a model made in memory)."""
+    loras, node, seen = [], (prompt or {}).get(str(node_id)), set()
+    link = node and node.get("inputs", {}).get(input_name)
+    while isinstance(link, list) and link and str(link[0]) not in seen:
+        seen.add(str(link[0]))
+        node = (prompt or {}).get(str(link[0]))
+        if not isinstance(node, dict):
+            break
+        inputs = node.get("inputs", {})
+        loras += [inputs[k] for k in LORA_FILE_INPUTS if isinstance(inputs.get(k), str)]
+        for key in MODEL_FILE_INPUTS:
+            if isinstance(inputs.get(key), str):
+                return inputs[key], loras[::-1]
+        link = inputs.get("model")
+    return "", loras[::-1]

@@ -19,11 +19,18 @@ from ..lora.weights import LoraSet, LoraWeight, attach, detach_all
 
 
 class FluxBackend:
+    family = "flux1"
     dims: ModelLayout
     guidance_embed: bool
     split_layers: bool  # one Linear per diffusers name (True) or BFL's fused layers (False)
     compute_dtype: torch.dtype
     device: torch.device
+
+    @property
+    def variant(self) -> str:
+        """The architecture, read from the weights: dev (and its fine-tunes, Krea among them) has a
+        guidance embedding, schnell has none."""
+        return "dev" if self.guidance_embed else "schnell"
 
     def layer(self, w: LoraWeight) -> nn.Module:
         raise NotImplementedError
