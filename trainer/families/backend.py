@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..loop.blocks import BlockRunner
-from ..loop.memory import MemoryConfig, swapped_indices
+from ..loop.memory import BlockSwap, MemoryConfig, swapped_indices
 from ..lora.targets import ModelLayout
 from ..lora.weights import LoraSet, LoraWeight, attach, detach_all
 
@@ -73,6 +73,12 @@ class FluxBackend:
         finally:
             self._resident = None
             runner.restore()
+
+    @property
+    def block_swap(self) -> BlockSwap | None:
+        """The block swap `resident()` holds (to count what is on the device), or None."""
+        resident = getattr(self, "_resident", None)
+        return resident[0].swap if resident is not None else None
 
     def swapped_blocks(self, memory: MemoryConfig) -> list[str]:
         """BFL names of the blocks `memory` keeps in CPU memory: a host loading the model for
