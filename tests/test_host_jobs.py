@@ -314,3 +314,25 @@ def test_block_swap_keeps_swapped_blocks_off_and_trains_and_renders_alike(host, 
     assert np.array_equal(image("swapped_001", 0), image("job_001", 0))  # LoRA still zero: the very same
     lora_effect = np.abs(image("job_001", 6) - image("job_001", 0)).mean()
     assert np.abs(image("swapped_001", 6) - image("job_001", 6)).mean() < 0.05 * lora_effect
+
+
+def test_block_swap_trains_on_the_loras_already_on_the_model(host, job):
+    """A LoRA loaded onto the MODEL before training reaches the swapped blocks too (applied in CPU
+    memory): the same LoRA as without swapping, and not the one trained on the bare model. The
+    header names the model file chain's LoRA."""
+    shutil.copy(run_dir(host, "job_001") / "checkpoints" / "step_000003" / "lora.safetensors",
+                host.root / "loras" / "upstream.safetensors")
+    trained = {}
+    for swap in (0, 3):
+        prompt = job_prompt(f"upstream{swap}", validation=False, swap_blocks=swap)
+        prompt["30"] = {"class_type": "LoraLoaderModelOnly",
+                        "inputs": {"model": ["1", 0], "lora_name": "upstream.safetensors", "strength_model": 1.0}}
+        prompt["4"]["inputs"]["model"] = ["30", 0]
+        host.run(prompt)
+        trained[swap] = checkpoint_lora(host, f"upstream{swap}_001", 6)
+    assert all(torch.allclose(trained[3][k], trained[0][k], rtol=1e-5, atol=1e-7) for k in trained[0])
+    bare = checkpoint_lora(host, "job_001", 6)
+    assert not all(torch.allclose(trained[3][k], bare[k], rtol=1e-3, atol=1e-5) for k in bare)
+    meta = host.pack.trainer.outputs.export.read_metadata(
+        run_dir(host, "upstream3_001") / "checkpoints" / "step_000006" / "lora.safetensors")
+    assert meta["dreambooth.base_model_loras"] == "upstream.safetensors"
