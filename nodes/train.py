@@ -78,9 +78,11 @@ class TrainFluxLora(io.ComfyNode):
                                        "and needs more; 'offload to CPU' needs least; 'off' keeps every block's "
                                        "activations: only with plenty of memory to spare."),
                 io.Int.Input("swap_blocks", default=0, min=0, max=57,
-                             tooltip="Keep the last N blocks' weights in CPU memory and stream each in while the one "
-                                     "before it computes: each frees a single block's weights (FLUX.1: 141M "
-                                     "parameters, 141 MB in fp8), a little slower. 0 keeps the model on the GPU."),
+                             tooltip="Keep the last N blocks' weights in CPU memory, never loaded onto the GPU, and "
+                                     "stream each in while the one before it computes (two are on the GPU at a "
+                                     "time): N frees N-2 blocks' weights (FLUX.1: 141M parameters each, 141 MB in "
+                                     "fp8), a little slower. For a model larger than the card. 0 keeps the model "
+                                     "on the GPU."),
                 io.Boolean.Input("compile", default=False,
                                  tooltip="torch.compile each block: faster steps on recent GPUs after a minute or "
                                          "two of compiling. Needs a working Triton (Linux) and is off by default."),
