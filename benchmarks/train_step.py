@@ -186,14 +186,35 @@ class Clock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) -> tuple[float, LoraSet]:
+def weights_on_device(backend, step) -> tuple[int, int]:
+    """(bytes of the model's weights, the most of them on the device at once during `step()`),
+    counted as each layer runs: with block swap, only what is not one of its CPU copies."""
+    module = getattr(backend, "dit", None) or backend.transformer
+    tensors = [*module.parameters(), *module.buffers()]
+    swap, peak = backend.block_swap, [0]
+
+    def count(*_):
+        on_host = {h.untyped_storage().data_ptr() for pairs in (swap.host.values() if swap else ()) for _, h in pairs}
+        peak[0] = max(peak[0], sum(t.nbytes for t in tensors if t.untyped_storage().data_ptr() not in on_host))
+
+    handles = [m.register_forward_pre_hook(count) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        step()
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(t.nbytes for t in tensors), peak[0]
+
+
+def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) -> tuple[float, LoraSet, int, int]:
     """Median seconds per step after `warmup` steps, in one run (so block swapping is set up
-    once, and the peak memory counted from the warm-up on is the training's)."""
+    once, and the peak memory counted from the warm-up on is the training's); then one more step
+    counting the weights on the device (weights_on_device)."""
     backend = backend_for(model, device)
     backend.prepare()
     lora = LoraSet(LayerSpec.preset("attention+mlp", backend.dims, rank=rank).targets(backend.dims), seed=0).to(device)
     example = Example(*data)
-    trainer = Trainer(backend, lora, [example], TrainConfig(steps=warmup + steps, memory=mode.memory))
+    trainer = Trainer(backend, lora, [example], TrainConfig(steps=warmup + steps + 1, memory=mode.memory))
     clock = Clock(device)
 
     def on_step(info):
@@ -202,8 +223,10 @@ def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) ->
         if info.step >= warmup:
             clock.mark()
 
-    trainer.run(on_step=on_step)
-    return statistics.median(clock.seconds()), lora
+    with backend.resident(lora, mode.memory):  # as a job: the swap set up once
+        trainer.run(warmup + steps, on_step=on_step)
+        whole, on_device = weights_on_device(backend, lambda: trainer.run(warmup + steps + 1))
+    return statistics.median(clock.seconds()), lora, whole, on_device
 
 
 def native(model, data, device, warmup: int, steps: int, rank: int) -> tuple[float, str]:
@@ -294,7 +317,7 @@ def main(argv=None) -> None:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, lora = ours(model, device, data, mode, args.rank, args.warmup, args.steps)
+            seconds, lora, weights, on_device = ours(model, device, data, mode, args.rank, args.warmup, args.steps)
             # cuda: the peak of tensors allocated during the run; cpu: the process's peak RSS
             peak_gib = (torch.cuda.max_memory_allocated(device) if cuda else
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
@@ -309,13 +332,14 @@ def main(argv=None) -> None:
             native_s, settings = float("nan"), "not run"
             if host and not args.no_native and mode.memory.swap_blocks == 0:
                 native_s, settings = native(model, data, device, args.warmup, args.steps, args.rank)
-            log.info("%s %d²: %.3f s/step, peak %.2f GiB, %.3g TFLOP/s (%.3g TFLOP per step), MFU %.1f%%; "
-                     "ComfyUI TrainLoraNode (%s): %.3f s/step, ours %.2f× faster",
-                     mode.name, resolution, seconds, peak_gib, tflops, flops / 1e12, 100 * mfu, settings,
-                     native_s, native_s / seconds)
+            log.info("%s %d²: %.3f s/step, peak %.2f GiB, weights on the device at most %.3f of %.3f GiB, "
+                     "%.3g TFLOP/s (%.3g TFLOP per step), MFU %.1f%%; ComfyUI TrainLoraNode (%s): %.3f s/step, "
+                     "ours %.2f× faster", mode.name, resolution, seconds, peak_gib, on_device / 2**30,
+                     weights / 2**30, tflops, flops / 1e12, 100 * mfu, settings, native_s, native_s / seconds)
             result = (f"RESULT device={args.device} resolution={resolution} mode={mode.name} s_per_step={seconds:.4f} "
                       f"peak_mem_gib={peak_gib:.2f} tflops={tflops:.4g} mfu={mfu:.3f} native_s_per_step={native_s:.4f} "
-                      f"speedup_vs_native={native_s / seconds:.2f}")
+                      f"speedup_vs_native={native_s / seconds:.2f} weights_gib={weights / 2**30:.4f} "
+                      f"weights_on_device_gib={on_device / 2**30:.4f}")
             print(result, flush=True)  # noqa: T201 - the machine-readable line belongs on stdout
         del model
     return result

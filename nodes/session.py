@@ -4,12 +4,14 @@ ComfyUI's sampler, Cancel, and ComfyUI's model memory. Everything here runs on t
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..trainer.families.backend import FluxBackend
 from ..trainer.log import logger
 from ..trainer.loop.job import Job, JobSpec, JobState, Outcome
 from ..trainer.lora.weights import LoraSet
@@ -25,9 +27,12 @@ log = logger(__name__)
 class ComfyJobHost:
     """A job's JobHost inside the Train node: `node_id` routes the events to its panel."""
 
-    def __init__(self, node_id: str, run_name: str, total: int, patcher, renderer: Renderer | None):
+    def __init__(self, node_id: str, run_name: str, total: int, patcher, renderer: Renderer | None,
+                 backend: FluxBackend | None = None, keep_off: Sequence[str] = ()):
+        """`keep_off`: the blocks a block-swap run keeps off the device (`backend` renders with them)."""
         self.node_id, self.run_name, self.patcher, self.renderer = node_id, run_name, patcher, renderer
         self.total, self.bar, self.console = total, None, None
+        self.backend, self.keep_off = backend, list(keep_off)
 
     def _send(self, event: str, **data) -> None:
         events.send_event(event, {"node": self.node_id, **data})
@@ -65,13 +70,17 @@ class ComfyJobHost:
 
     def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
                ) -> tuple[list[Sample], torch.Tensor] | None:
-        with_lora = loras.apply_lora(self.patcher, export.kohya_state_dict(lora), 1.0)
+        if self.keep_off:  # block swap: rendered as it trains, swapped blocks streamed in, LoRA on activations
+            model, lora_on = models.sampling_as_loaded(self.patcher), self.backend.lora_applied(lora)
+        else:  # as a workflow renders it: the LoRA merged into the weights by ComfyUI's loader
+            model, lora_on = loras.apply_lora(self.patcher, export.kohya_state_dict(lora), 1.0), nullcontext()
         try:
-            return self.renderer.render(with_lora, step, should_stop)
+            with lora_on:
+                return self.renderer.render(model, step, should_stop)
         except RenderStopped:
             return None
-        finally:
-            models.load_for_training(self.patcher)  # the LoRA's patches come off before training goes on
+        finally:  # the LoRA's patches come off, and what ComfyUI moved off to render goes back on
+            models.load_for_training(self.patcher, self.keep_off, again=True)
 
     def on_samples(self, step: int, samples: list[Sample]) -> None:
         self._send(ids.EVENT_SAMPLES, step=step, labels=[s.label for s in samples],
@@ -80,10 +89,13 @@ class ComfyJobHost:
     def release_memory(self) -> None:
         if self.console is not None:
             self.console.close()
+        if self.keep_off:  # ComfyUI loads it whole when next needed
+            models.unload(self.patcher)
         models.release_memory()
 
 
 def train(spec: JobSpec, node_id: str, patcher, renderer: Renderer | None) -> Outcome:
     """Run `spec` as the Train node's job: one at a time in this ComfyUI, Stop through the panel."""
-    host = ComfyJobHost(node_id, spec.run.path.name, spec.config.steps, patcher, renderer)
+    host = ComfyJobHost(node_id, spec.run.path.name, spec.config.steps, patcher, renderer, spec.backend,
+                        spec.backend.swapped_blocks(spec.config.memory))
     return Job(spec, key=node_id).run(host)

@@ -86,9 +86,11 @@ class TrainFluxLora(io.ComfyNode):
                                        "and needs more; 'offload to CPU' needs least; 'off' keeps every block's "
                                        "activations: only with plenty of memory to spare."),
                 io.Int.Input("swap_blocks", default=0, min=0, max=57,
-                             tooltip="Keep the last N blocks' weights in CPU memory and stream each in while the one "
-                                     "before it computes: each frees a single block's weights (FLUX.1: 141M "
-                                     "parameters, 141 MB in fp8), a little slower. 0 keeps the model on the GPU."),
+                             tooltip="Keep the last N blocks' weights in CPU memory, never loaded onto the GPU, and "
+                                     "stream each in while the one before it computes (two are on the GPU at a "
+                                     "time): N frees N-2 blocks' weights (FLUX.1: 141M parameters each, 141 MB in "
+                                     "fp8), a little slower. For a model larger than the card. 0 keeps the model "
+                                     "on the GPU."),
                 io.Boolean.Input("compile", default=False,
                                  tooltip="torch.compile each block: faster steps on recent GPUs after a minute or "
                                          "two of compiling. Needs a working Triton (Linux) and is off by default."),
@@ -112,7 +114,7 @@ class TrainFluxLora(io.ComfyNode):
                                                        "lion…), gradient accumulation, schedule shape, shift, "
                                                        "loss. Unconnected: AdamW, MSE, max_grad_norm 1.0."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The MODEL with the trained LoRA applied."),
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA, for Save FLUX LoRA or Apply FLUX LoRA."),
@@ -149,13 +151,16 @@ class TrainFluxLora(io.ComfyNode):
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
-        models.load_for_training(patcher)  # after encoding, so loading the encoders can't push it out
-        base = getattr(model.model, "flux_dreambooth_name",
-                       "FLUX.1-dev" if backend.guidance_embed else "FLUX.1-schnell")
+        # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
+        models.load_for_training(patcher, backend.swapped_blocks(config.memory))
+        base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
+        base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.triggers, base, {
             "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name,
-            "optimizer": config.optimizer, "lr_schedule": config.lr_schedule})
+            "optimizer": config.optimizer, "lr_schedule": config.lr_schedule,
+            **({"base_model_loras": ", ".join(base_loras)} if base_loras else {})},
+            family=backend.family, variant=backend.variant)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],

@@ -45,3 +45,13 @@ def test_cpu_run_ends_with_a_result_line(bench, capsys, monkeypatch):
     assert last.startswith("RESULT ") and fields["device"] == "cpu" and fields["mode"] == "fp32"
     assert float(fields["s_per_step"]) > 0 and float(fields["tflops"]) > 0
     assert set(fields) >= {"resolution", "peak_mem_gib", "mfu", "native_s_per_step", "speedup_vs_native"}
+
+
+def test_swap_mode_reports_fewer_weights_on_the_device(bench, capsys, monkeypatch):
+    """Four of the tiny FLUX's six blocks swapped: at most two of them on the device at once."""
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    bench.main(["--device", "cpu", "--resolution", "64", "--steps", "1", "--warmup", "1", "--no-native",
+                "--mode", "fp32+swap4"])
+    fields = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
+    assert fields["mode"] == "fp32+swap4"
+    assert 0 < float(fields["weights_on_device_gib"]) < float(fields["weights_gib"])

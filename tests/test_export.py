@@ -156,3 +156,13 @@ def test_fp16_overflow_is_refused_rather_than_written_as_inf():
         export.state_dict(lora, "kohya", torch.float16)
     bf16 = export.state_dict(lora, "kohya", torch.bfloat16)
     assert torch.isfinite(bf16["lora_unet_single_blocks_0_linear2.lora_up.weight"]).all()
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_metadata_names_the_architecture_and_the_file(variant):
+    """modelspec's architecture follows the model (not always dev); the base model is the file."""
+    meta = export.LoraMetadata(MIXED, "sks", f"flux1-{variant}.safetensors", variant=variant).header(steps=10)
+    assert meta["modelspec.architecture"] == f"flux-1-{variant}/lora"
+    assert meta["dreambooth.base_model"] == meta["ss_sd_model_name"] == f"flux1-{variant}.safetensors"
+    assert meta["dreambooth.family"] == meta["ss_base_model_version"] == "flux1"
+    assert meta["dreambooth.variant"] == variant

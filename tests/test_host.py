@@ -282,3 +282,26 @@ def test_bad_training_settings_are_named_and_write_nothing(host, change, message
         host.run(prompt)
     assert message in str(e.value)
     assert loras(host) == existing
+
+
+def test_metadata_names_the_file_comfyui_loaded_and_the_family(host, quickstart):
+    """The base model is the file the MODEL came from, traced up the workflow through LoRA loaders
+    and patches (a model made in memory, like the tiny FLUX, keeps its own name); the architecture
+    is read from the weights."""
+    loaded_from = host.pack.nodes.host.models.loaded_from
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux1-krea-dev.safetensors"}},
+              "2": {"class_type": "LoraLoaderModelOnly",
+                    "inputs": {"model": ["1", 0], "lora_name": "style.safetensors"}},
+              "3": {"class_type": "ModelSamplingFlux", "inputs": {"model": ["2", 0], "max_shift": 1.15}},
+              "4": {"class_type": "FluxDreamBoothTrain", "inputs": {"model": ["3", 0]}},
+              "5": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-schnell-fp8.safetensors"}},
+              "6": {"class_type": "FluxDreamBoothTrain", "inputs": {"model": ["5", 0]}},
+              "7": {"class_type": "FluxDreamBoothTrain", "inputs": {"model": ["8", 0]}},
+              "8": {"class_type": "FluxDreamBoothTinyFlux", "inputs": {"seed": 0}}}
+    assert loaded_from(prompt, "4") == ("flux1-krea-dev.safetensors", ["style.safetensors"])
+    assert loaded_from(prompt, 6) == ("flux1-schnell-fp8.safetensors", [])
+    assert loaded_from(prompt, "7") == ("", []) and loaded_from(None, "4") == ("", [])
+    name = next(n for n in loras(host) if n.startswith("flux_dreambooth/exact"))
+    meta = host.pack.trainer.outputs.export.read_metadata(host.root / "loras" / name)
+    assert meta["dreambooth.base_model"] == meta["ss_sd_model_name"] == "tiny-flux (random weights, seed 0)"
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["dreambooth.family"] == "flux1"

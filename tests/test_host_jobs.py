@@ -263,3 +263,76 @@ def test_resuming_an_earlier_checkpoint_with_samples_on(host, job):
     assert same_lora(checkpoint_lora(host, "job_001", 6), first)
     listed = [(s["step"], s["entry"]) for s in json.loads((run_dir(host, "job_001") / "samples.json").read_text())]
     assert sorted(listed) == sorted(set(listed)) == [(s, e) for s in (0, 3, 6) for e in (0, 1)]
+
+
+def test_block_swap_keeps_swapped_blocks_off_and_trains_and_renders_alike(host, job, monkeypatch):
+    """swap_blocks 3: ComfyUI's loader never moves the swapped blocks (not at the start, nor in any
+    load around a render), while it does move the others; the LoRA is the unswapped run's, and the
+    samples (rendered through ComfyUI's sampler with the blocks streamed in) match its samples."""
+    import comfy.model_management
+
+    models = host.pack.nodes.host.models
+    real_load, real_gpu, real_apply = models.load_for_training, comfy.model_management.load_models_gpu, \
+        torch.nn.Module._apply
+    blocks, keep_offs, loading, moved = {}, [], [], set()
+
+    def load_for_training(patcher, keep_off=(), again=False):
+        dit = patcher.model.diffusion_model
+        for name, block in [*dit.double_blocks.named_children(), *dit.single_blocks.named_children()]:
+            kind = "double_blocks" if block in list(dit.double_blocks) else "single_blocks"
+            blocks.update({id(m): f"{kind}.{name}" for m in block.modules()})
+        keep_offs.append(list(keep_off))
+        return real_load(patcher, keep_off, again)
+
+    def load_models_gpu(*args, **kwargs):
+        loading.append(1)
+        try:
+            return real_gpu(*args, **kwargs)
+        finally:
+            loading.pop()
+
+    def _apply(module, *args, **kwargs):
+        if loading and id(module) in blocks:
+            moved.add(blocks[id(module)])
+        return real_apply(module, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_for_training", load_for_training)
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", load_models_gpu)
+    monkeypatch.setattr(torch.nn.Module, "_apply", _apply)
+    host.run(job_prompt("swapped", swap_blocks=3))
+    monkeypatch.undo()
+
+    swapped = ["single_blocks.1", "single_blocks.2", "single_blocks.3"]
+    assert keep_offs[0] == swapped and len(keep_offs) == 1 + 3  # the start, then after each render
+    assert moved == {"double_blocks.0", "double_blocks.1", "single_blocks.0"}
+    a, b = checkpoint_lora(host, "swapped_001", 6), checkpoint_lora(host, "job_001", 6)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+    def image(run, step):
+        return np.asarray(Image.open(run_dir(host, run) / "samples" / f"step_{step:06d}_01.png"), dtype=np.float32)
+
+    assert np.array_equal(image("swapped_001", 0), image("job_001", 0))  # LoRA still zero: the very same
+    lora_effect = np.abs(image("job_001", 6) - image("job_001", 0)).mean()
+    assert np.abs(image("swapped_001", 6) - image("job_001", 6)).mean() < 0.05 * lora_effect
+
+
+def test_block_swap_trains_on_the_loras_already_on_the_model(host, job):
+    """A LoRA loaded onto the MODEL before training reaches the swapped blocks too (applied in CPU
+    memory): the same LoRA as without swapping, and not the one trained on the bare model. The
+    header names the model file chain's LoRA."""
+    shutil.copy(run_dir(host, "job_001") / "checkpoints" / "step_000003" / "lora.safetensors",
+                host.root / "loras" / "upstream.safetensors")
+    trained = {}
+    for swap in (0, 3):
+        prompt = job_prompt(f"upstream{swap}", validation=False, swap_blocks=swap)
+        prompt["30"] = {"class_type": "LoraLoaderModelOnly",
+                        "inputs": {"model": ["1", 0], "lora_name": "upstream.safetensors", "strength_model": 1.0}}
+        prompt["4"]["inputs"]["model"] = ["30", 0]
+        host.run(prompt)
+        trained[swap] = checkpoint_lora(host, f"upstream{swap}_001", 6)
+    assert all(torch.allclose(trained[3][k], trained[0][k], rtol=1e-5, atol=1e-7) for k in trained[0])
+    bare = checkpoint_lora(host, "job_001", 6)
+    assert not all(torch.allclose(trained[3][k], bare[k], rtol=1e-3, atol=1e-5) for k in bare)
+    meta = host.pack.trainer.outputs.export.read_metadata(
+        run_dir(host, "upstream3_001") / "checkpoints" / "step_000006" / "lora.safetensors")
+    assert meta["dreambooth.base_model_loras"] == "upstream.safetensors"

@@ -4,9 +4,12 @@ encoding with the CLIP and VAE, ComfyUI's model memory, and its Cancel."""
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
+from typing import Sequence
 
 import comfy.model_base
 import comfy.model_management
+import comfy.patcher_extension
 import torch
 
 from ...trainer.data.encode import weights_fingerprint
@@ -31,9 +34,69 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
     return ComfyFlux(patcher.model, patcher.load_device, training_flag=set_training_kernels), patcher
 
 
-def load_for_training(patcher) -> None:
-    """Put the whole model, with any LoRAs already applied to it, on its device."""
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+def load_for_training(patcher, keep_off: Sequence[str] = (), again: bool = False) -> None:
+    """Put the model, with any LoRAs already applied to it, on its device, all but the blocks in
+    `keep_off` (block swap's, e.g. 'single_blocks.37'): those stay in CPU memory, with the same
+    LoRAs applied there, and never reach the device, so a model larger than the card can train.
+    `again`: after a render, put back what ComfyUI may have moved off meanwhile."""
+    if not keep_off:
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        return
+    dit = patcher.model.diffusion_model
+    kept = {name: dit.get_submodule(name) for name in keep_off}
+    patcher.model_size()  # measured (and remembered by ComfyUI) with every block in place
+    if not again:
+        _unload_model(patcher.model)  # loaded whole earlier: everything back to the CPU first
+        for name, block in kept.items():
+            if any(t.device != patcher.offload_device for t in [*block.parameters(), *block.buffers()]):
+                block.to(patcher.offload_device)
+            for key in [k for k in patcher.patches if k.startswith(f"diffusion_model.{name}.")]:
+                patcher.patch_weight_to_device(key, device_to=patcher.offload_device)  # undone at unload
+    with _out_of_sight(dit, keep_off):
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    # ComfyUI counts a whole load as the whole model: tell it what is on the device
+    on = patcher.model_size() - sum(t.nbytes for block in kept.values() for t in block.state_dict().values())
+    patcher.model.model_loaded_weight_memory = min(patcher.model.model_loaded_weight_memory, on)
+
+
+@contextmanager
+def _out_of_sight(dit, names: Sequence[str]):
+    """The named blocks out of the model's tree (an empty module in each one's place) while
+    ComfyUI loads it: its loader moves and patches only what it finds."""
+    taken = []
+    try:
+        for name in names:
+            kind, index = name.rsplit(".", 1)
+            blocks = dit.get_submodule(kind)
+            taken.append((blocks, int(index), blocks[int(index)]))
+            blocks[int(index)] = torch.nn.Module()
+        yield
+    finally:
+        for blocks, index, block in taken:
+            blocks[index] = block
+
+
+def _unload_model(base_model) -> None:
+    """Unload every patcher of `base_model` ComfyUI has loaded (its weights go back to the CPU)."""
+    mm = comfy.model_management
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is not None and loaded.model.model is base_model and loaded.model_unload():
+            mm.current_loaded_models.pop(i)
+
+
+def sampling_as_loaded(patcher):
+    """A clone of `patcher` that ComfyUI's sampler runs as it is, without loading it: for renders
+    during a block-swap run, whose swapped blocks stream in from the CPU as they do in training
+    (the LoRA is on the activations meanwhile, not merged into the weights)."""
+    clone = patcher.clone()
+
+    def loaded_already(_executor, model, _noise_shape, conds, *args, **kwargs):
+        return model.model, conds, []
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "flux_dreambooth",
+                               loaded_already)
+    return clone
 
 
 class ComfyEncoders:
@@ -105,3 +168,27 @@ def weight_dtype_name(model) -> str:
     """How the model's weights are stored ('fp8_e4m3fn' from the UNET loader's fp8 setting)."""
     dtype = model.model.get_dtype()
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+MODEL_FILE_INPUTS = ("unet_name", "ckpt_name", "model_name")  # UNETLoader, CheckpointLoaderSimple, GGUF / NF4 loaders
+LORA_FILE_INPUTS = ("lora_name",)
+
+
+def loaded_from(prompt: dict | None, node_id: str, input_name: str = "model") -> tuple[str, list[str]]:
+    """The model file behind input `input_name` of node `node_id` in the running prompt (ComfyUI's
+    hidden PROMPT), followed up its MODEL links through LoRA loaders and patches; and the LoRA files
+    applied on the way. ("", []) when the chain ends at no file (a model made in memory)."""
+    loras, node, seen = [], (prompt or {}).get(str(node_id)), set()
+    link = node and node.get("inputs", {}).get(input_name)
+    while isinstance(link, list) and link and str(link[0]) not in seen:
+        seen.add(str(link[0]))
+        node = (prompt or {}).get(str(link[0]))
+        if not isinstance(node, dict):
+            break
+        inputs = node.get("inputs", {})
+        loras += [inputs[k] for k in LORA_FILE_INPUTS if isinstance(inputs.get(k), str)]
+        for key in MODEL_FILE_INPUTS:
+            if isinstance(inputs.get(key), str):
+                return inputs[key], loras[::-1]
+        link = inputs.get("model")
+    return "", loras[::-1]

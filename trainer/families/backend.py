@@ -13,17 +13,24 @@ import torch
 from torch import nn
 
 from ..loop.blocks import BlockRunner
-from ..loop.memory import MemoryConfig
+from ..loop.memory import BlockSwap, MemoryConfig, swapped_indices
 from ..lora.targets import ModelLayout
 from ..lora.weights import LoraSet, LoraWeight, attach, detach_all
 
 
 class FluxBackend:
+    family = "flux1"
     dims: ModelLayout
     guidance_embed: bool
     split_layers: bool  # one Linear per diffusers name (True) or BFL's fused layers (False)
     compute_dtype: torch.dtype
     device: torch.device
+
+    @property
+    def variant(self) -> str:
+        """The architecture, read from the weights: dev (and its fine-tunes, Krea among them) has a
+        guidance embedding, schnell has none."""
+        return "dev" if self.guidance_embed else "schnell"
 
     def layer(self, w: LoraWeight) -> nn.Module:
         raise NotImplementedError
@@ -50,17 +57,60 @@ class FluxBackend:
             detach_all(handles)
 
     @contextmanager
-    def training(self, lora: LoraSet, memory: MemoryConfig):
-        """LoRA attached and blocks wrapped for backward (see blocks.py, memory.py) while inside."""
+    def resident(self, lora: LoraSet, memory: MemoryConfig):
+        """For a whole job: with blocks swapped, their weights stay off the device from the first
+        step to the last, through every pause, render and fixed-noise loss in between (each pass
+        streams them in as training does). Without swapping there is nothing to keep: each
+        `training()` segment wraps the blocks on its own."""
+        if not memory.swap_blocks or getattr(self, "_resident", None) is not None:
+            yield
+            return
         self.prepare()
-        with_lora = {w.target.block for w in lora}
-        names, modules, streams = zip(*self.blocks())
+        runner = self._runner(lora, memory)
+        self._resident = (runner, memory)
+        try:
+            yield
+        finally:
+            self._resident = None
+            runner.restore()
+
+    @property
+    def block_swap(self) -> BlockSwap | None:
+        """The block swap `resident()` holds (to count what is on the device), or None."""
+        resident = getattr(self, "_resident", None)
+        return resident[0].swap if resident is not None else None
+
+    def swapped_blocks(self, memory: MemoryConfig) -> list[str]:
+        """BFL names of the blocks `memory` keeps in CPU memory: a host loading the model for
+        training leaves these off the device."""
+        names = [name for name, _, _ in self.blocks()]
+        return [names[i] for i in swapped_indices(len(names), memory.swap_blocks)] if memory.swap_blocks else []
+
+    @contextmanager
+    def training(self, lora: LoraSet, memory: MemoryConfig):
+        """LoRA attached and blocks wrapped for backward (see blocks.py, memory.py) while inside;
+        inside `resident()`, its blocks are used as they are."""
+        resident = getattr(self, "_resident", None)
+        if resident is not None and resident[1] != memory:
+            raise ValueError(f"Training with memory {memory.describe()!r} inside a job set up for "
+                             f"{resident[1].describe()!r}.")
+        if resident is None:
+            self.prepare()
         with self.lora_applied(lora):
-            runner = BlockRunner(list(modules), [n in with_lora for n in names], list(streams), memory, self.device)
+            if resident is not None:
+                resident[0].swap.drop_loaded()  # nothing a render left behind is used for backward
+                yield
+                return
+            runner = self._runner(lora, memory)
             try:
                 yield
             finally:
                 runner.restore()
+
+    def _runner(self, lora: LoraSet, memory: MemoryConfig) -> BlockRunner:
+        with_lora = {w.target.block for w in lora}
+        names, modules, streams = zip(*self.blocks())
+        return BlockRunner(list(modules), [n in with_lora for n in names], list(streams), memory, self.device)
 
     def guidance_tensor(self, guidance: float, batch: int) -> torch.Tensor | None:
         if not self.guidance_embed:

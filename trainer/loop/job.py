@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -38,6 +39,7 @@ from ..outputs.progress import Progress, Sample
 from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
+_FINAL = "final"  # the worker's last pause, before it lets go of the model
 PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on this many
 
 
@@ -151,8 +153,9 @@ class Job:
         self.spec, self.key = spec, key
         self._state = JobState.TRAINING
         self._state_lock = threading.Lock()
-        self._messages: queue.Queue[StepInfo | None] = queue.Queue()  # None: the worker is pausing
+        self._messages: queue.Queue[StepInfo | None | str] = queue.Queue()  # None, _FINAL: pausing
         self._resume = threading.Event()
+        self.finished = False  # the final checkpoint and render are done
         self.trainer: Trainer | None = None
         self.error: BaseException | None = None
         self.loss_before = self.loss_after = float("nan")
@@ -183,9 +186,10 @@ class Job:
     def _work(self) -> None:
         spec = self.spec
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # the caller may be in inference mode
+            with torch.inference_mode(False), torch.enable_grad(), ExitStack() as job:  # caller: inference mode
                 owned = [e.copied() for e in spec.examples]
                 lora = LoraSet(spec.targets, spec.lora_dtype, spec.config.seed).to(spec.backend.device)
+                job.enter_context(spec.backend.resident(lora, spec.config.memory))  # swapped blocks stay off
                 trainer = Trainer(spec.backend, lora, owned, spec.config)
                 if spec.resume is not None:
                     trainer.load_state(checkpoints.load_state(spec.resume))
@@ -202,15 +206,16 @@ class Job:
                 if self._state != JobState.CANCELLING:
                     self.loss_after = fixed_noise_loss(spec.backend, trainer.result_lora(), probe,
                                                        spec.config.guidance)
+                    self._pause(final=True)  # the last checkpoint and samples, the blocks still as they trained
         except BaseException as e:  # raised again on the caller's thread
             self.error = e
 
-    def _pause(self) -> None:
+    def _pause(self, final: bool = False) -> None:
         """Hand the caller's thread a quiet moment (samples, checkpoint) and wait for it to finish."""
         self._resume.clear()
-        if self._ending():  # the caller serves no more pauses
+        if self._state == JobState.CANCELLING if final else self._ending():  # the caller serves no more
             return
-        self._messages.put(None)
+        self._messages.put(_FINAL if final else None)
         self._resume.wait()
 
     def _next_pause(self, step: int) -> int:
@@ -252,7 +257,8 @@ class Job:
             self._serve(worker, host)
             if self.error is not None:
                 raise self.error
-            self._finish_files(host, render=True)
+            if not self.finished:
+                self._finish_files(host, render=True)
         except BaseException as e:
             self._abort(worker, host, e)
             raise
@@ -271,9 +277,13 @@ class Job:
             except queue.Empty:
                 host.check_cancel()
                 continue
-            if info is None:
+            if info is None or info is _FINAL:
                 try:
-                    self._at_pause(host)
+                    if info is None:
+                        self._at_pause(host)
+                    else:
+                        self._finish_files(host, render=True)
+                        self.finished = True
                 finally:
                     self._resume.set()
             else:

@@ -103,7 +103,11 @@ class BlockSwap:
     """Keeps the frozen weights of `swapped` blocks in (pinned) CPU memory. `load(i)` puts block
     i's weights on the device, waiting for a prefetch when there was one, and starts copying the
     next swapped block in `direction` (+1 forward, -1 while backward recomputes); `release(i)`
-    lets them go. LoRA weights are not the block's parameters and stay where they are."""
+    lets them go. LoRA weights are not the block's parameters and stay where they are.
+
+    A swapped block may come on the CPU already (a host that never loaded it onto the GPU):
+    `restore()` puts each weight back where it was found, not on the device. On a CPU-only run
+    a load is a real copy too, so what sits "on the device" can be counted (`on_host`)."""
 
     def __init__(self, blocks: list[nn.Module], swapped: list[int], device: torch.device):
         self.blocks, self.device = blocks, device
@@ -111,13 +115,15 @@ class BlockSwap:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.host: dict[int, list[tuple[nn.Parameter | torch.Tensor, torch.Tensor]]] = {}
+        self.found: dict[int, list[torch.device]] = {}  # where each weight was before
         self.ready: dict[int, torch.cuda.Event | None] = {}
         self.to_recompute: set[int] = set()  # swapped blocks whose backward is still to come
         self.loads = self.prefetched = self.copies = 0
         try:
             for i in self.swapped:
-                self.host[i] = pairs = []
+                pairs, found = self.host.setdefault(i, []), self.found.setdefault(i, [])
                 for t in _tensors(blocks[i]):
+                    found.append(t.device)
                     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
                     host.copy_(t.data)
                     pairs.append((t, host))
@@ -135,14 +141,17 @@ class BlockSwap:
         if i in self.ready:
             return
         self.copies += 1
-        if not self.cuda:
-            self.ready[i] = None
-            return
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            for t, host in self.host[i]:
-                t.data = host.to(self.device, non_blocking=True)
-        self.ready[i] = self.stream.record_event()
+        with torch.inference_mode(False):  # a render may load it: the copy must still train
+            if not self.cuda:
+                for t, host in self.host[i]:
+                    t.data = host.clone()
+                self.ready[i] = None
+                return
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                for t, host in self.host[i]:
+                    t.data = host.to(self.device, non_blocking=True)
+            self.ready[i] = self.stream.record_event()
 
     def load(self, i: int, direction: int = 1, recomputed: bool = False) -> None:
         """`recomputed`: the block will run again in backward (a checkpoint)."""
@@ -176,12 +185,34 @@ class BlockSwap:
         for t, host in self.host[i]:
             t.data = host
 
+    def drop_loaded(self) -> None:
+        """Let go of every copy still on the device (a prefetch a cut-short pass left behind)."""
+        if self.cuda and self.ready:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        for i in list(self.ready):
+            self.ready.pop(i)
+            for t, host in self.host[i]:
+                t.data = host
+        self.to_recompute = set()
+
+    def on_host(self, t: torch.Tensor) -> bool:
+        """Whether `t` is one of the CPU copies this swap keeps (not on the device)."""
+        ptr = t.untyped_storage().data_ptr()
+        return any(ptr == h.untyped_storage().data_ptr() for pairs in self.host.values() for _, h in pairs)
+
     def restore(self) -> None:
-        """Every weight back on the device, as it was before."""
-        for i, pairs in self.host.items():
-            for t, host in pairs:
-                t.data = host.to(self.device)
-        self.host, self.ready, self.to_recompute = {}, {}, set()
+        """Every weight back where it was before: the device, or the CPU where a host left it."""
+        self.drop_loaded()
+        with torch.inference_mode(False):
+            for i, pairs in self.host.items():
+                for (t, host), device in zip(pairs, self.found.get(i, [])):
+                    if device.type != "cpu":
+                        t.data = host.to(device)
+                    elif host.is_pinned():  # back to pageable memory: the pinned pages are returned
+                        t.data = torch.empty(host.shape, dtype=host.dtype).copy_(host)
+                    else:
+                        t.data = host
+        self.host, self.found, self.ready, self.to_recompute = {}, {}, {}, set()
         if self.cuda:
             release_pinned(self.device)
 

@@ -21,6 +21,7 @@ from ..lora.weights import LoraSet, fused_up
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = ("kohya", "diffusers")
+MODELSPEC_FAMILIES = {"flux1": "flux-1"}  # modelspec.architecture's names: flux-1-dev/lora, flux-1-schnell/lora
 
 
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -74,8 +75,10 @@ class LoraMetadata:
 
     spec: LayerSpec
     trigger_word: str | tuple[str, ...] = ""  # one subject's trigger word, or one per subject (Dataset.triggers)
-    base_model: str = ""
+    base_model: str = ""  # what it was trained on: the file the host loaded (flux1-krea-dev.safetensors)
     extra: dict[str, str] = field(default_factory=dict)  # resolution, learning rate, seed, run…
+    family: str = "flux1"  # the model family (FluxBackend.family)
+    variant: str = "dev"  # its architecture: "dev" (guidance-distilled: dev, Krea…) or "schnell"
 
     @property
     def triggers(self) -> tuple[str, ...]:
@@ -94,6 +97,8 @@ class LoraMetadata:
             "dreambooth.trigger_word": next(iter(self.triggers), ""),
             "dreambooth.trigger_words": json.dumps(list(self.triggers)),
             "dreambooth.base_model": self.base_model,
+            "dreambooth.family": self.family,
+            "dreambooth.variant": self.variant,
             "dreambooth.rank": ",".join(map(str, ranks)),
             "dreambooth.alpha": ",".join(f"{a:g}" for a in alphas),
             "dreambooth.steps": str(steps),
@@ -101,9 +106,10 @@ class LoraMetadata:
             "ss_network_module": "networks.lora_flux",
             "ss_network_dim": str(max(ranks)),
             "ss_network_alpha": f"{alphas[-1]:g}",
-            "ss_base_model_version": "flux1",
+            "ss_base_model_version": self.family,
+            "ss_sd_model_name": self.base_model,
             "ss_steps": str(steps),
-            "modelspec.architecture": "flux-1-dev/lora",
+            "modelspec.architecture": f"{MODELSPEC_FAMILIES.get(self.family, self.family)}-{self.variant}/lora",
             "modelspec.trigger_phrase": ", ".join(self.triggers),
         }
         md.update({f"dreambooth.{k}": str(v) for k, v in self.extra.items()})
