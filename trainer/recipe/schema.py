@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.datasets import CAPTION_SOURCES, PROBLEMS
-from ..loop.trainer import TrainConfig
+from ..loop.config import TrainConfig
 from ..outputs.export import FORMATS, SAVE_DTYPES
 from . import fields
 from .fields import Key, Reader, RecipeError, check
