@@ -10,10 +10,10 @@ from comfy_api.latest import io
 
 from ..trainer.data.encode import EncodeCache, encode_dataset
 from ..trainer.log import logger
+from ..trainer.loop.config import LR_SCHEDULES, TrainConfig
 from ..trainer.loop.flow import TIMESTEP_SAMPLINGS, TimestepSampling
 from ..trainer.loop.job import JobSpec
 from ..trainer.loop.memory import MemoryConfig
-from ..trainer.loop.config import LR_SCHEDULES, TrainConfig
 from ..trainer.lora.targets import LayerSpec
 from ..trainer.lora.weights import LORA_DTYPES
 from ..trainer.outputs import export, progress
