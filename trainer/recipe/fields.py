@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from ..loop.optimizers import parse_args  # kohya's key=value text, as the node reads it
+
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -134,6 +136,8 @@ def coerce(value: Any, hint, key: str) -> Any:
             value = [value]
         items = [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if hint is dict or origin is dict:
+        return _mapping(value, key)
     bad = RecipeError(f"{key} is {value!r}; it must be {'a' if hint is not int else 'a whole'} "
                       f"{type_name(hint) if hint is not int else 'number'}.")
     if hint is bool:
@@ -181,6 +185,28 @@ def _text_list(text: str, item) -> list:
     if item is str:
         return [text] if text.strip() else []
     return [v.strip() for v in text.replace(",", " ").split()]
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """A mapping: as written in YAML/JSON, or as text, `{d_coef: 2}` or kohya's `d_coef=2 betas=0.9,0.99`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                pass
+        else:
+            try:
+                value = parse_args(text)
+            except ValueError as e:
+                raise RecipeError(f"{key}: {e}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{key} is {value!r}; write key=value pairs (d_coef=2 betas=0.9,0.99) or a mapping "
+                          "({d_coef: 2}).")
+    return {str(k): v for k, v in value.items()}
 
 
 def _raise(error: Exception):

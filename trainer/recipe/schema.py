@@ -190,7 +190,8 @@ ALIASES = {
 
 # Keys of the format whose field the library does not have yet: only the value it does today is
 # accepted (a TrainConfig that gains the field makes this entry unused, with no change here).
-PENDING = {"train.optimizer": ("adamw", "AdamW is the only optimizer in this version")}
+PENDING: dict[str, tuple[str, str]] = {}  # keys readers know but the library does not take yet: path → (the one value
+# accepted, why)
 
 TRAIN_HELP = {
     "steps": "Optimizer steps. 10–20 photos: 1000–2000 for a subject, more for a style.",
@@ -199,15 +200,33 @@ TRAIN_HELP = {
     "seed": "Seeds LoRA init, image order, noise and σ: same seed, same LoRA.",
     "weight_decay": "AdamW weight decay on the LoRA (1e-4 diffusers, 0.01 ai-toolkit).",
     "max_grad_norm": "Clip the gradient norm to this; 0 turns clipping off.",
-    "lr_schedule": "Learning-rate schedule after warm-up: constant, cosine or linear.",
+    "lr_schedule": "Learning-rate schedule after warm-up (diffusers' get_scheduler): constant, "
+                   "constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial (SimpleTuner's default).",
     "warmup_steps": "Steps to ramp the learning rate up from 0 (SimpleTuner uses 100).",
+    "guidance": "The guidance value a guidance-distilled model (FLUX.1-dev) is told while training; 1.0 is usual.",
+    "ema_decay": "0 = off; 0.999 as in ai-toolkit's ema_config: the saved LoRA is the (warmed-up) average.",
+    "optimizer": "adamw, adamw8bit (bitsandbytes), adafactor, prodigy, lion, adamw_schedulefree; other tools' "
+                 "spellings (AdamW8bit, prodigyopt) are accepted.",
+    "optimizer_args": "Extra optimizer arguments, kohya's --optimizer_args style (d_coef=2 betas=0.9,0.99) or a "
+                      "mapping ({d_coef: 2}).",
+    "gradient_accumulation_steps": "Batches whose gradients add up to one optimizer step (1 = off).",
+    "lr_num_cycles": "Hard restarts of cosine_with_restarts (diffusers' --lr_num_cycles).",
+    "lr_power": "Exponent of the polynomial schedule (diffusers' --lr_power; 1.0 decays linearly).",
+    "lr_end": "Learning rate the polynomial schedule ends at (SimpleTuner's --lr_end, 4e-7).",
 }
 EXTRA_HELP = {
     "TrainConfig": TRAIN_HELP,
-    "TimestepSampling": {"mode": "How σ is drawn: flux_shift (logit-normal shifted for image size), "
-                                 "logit_normal or uniform.",
+    "TimestepSampling": {"mode": "How σ is drawn: flux_shift (logit-normal shifted for image size), logit_normal, "
+                                 "uniform, sigmoid and weighted (ai-toolkit's timestep_type), mode or cosmap "
+                                 "(diffusers' --weighting_scheme).",
                          "logit_mean": "Mean of the logit-normal draw.",
-                         "logit_std": "Spread of the logit-normal draw."},
+                         "logit_std": "Spread of the logit-normal draw.",
+                         "mode_scale": "Scale of the mode scheme (diffusers' --mode_scale, 1.29).",
+                         "shift": "A fixed shift of σ (SD3's 3.0, SimpleTuner's flow_schedule_shift); 1 = none. "
+                                  "Not with flux_shift, which shifts by image size."},
+    "LossSettings": {"kind": "The loss: mse (usual), l1, huber or pseudo_huber (kohya's --loss_type).",
+                     "huber_c": "Where the Huber losses turn from squared to linear (0.1 in kohya and SimpleTuner).",
+                     "weighting": "Loss weighting over σ (diffusers' --weighting_scheme): none, sigma_sqrt, cosmap."},
     "MemoryConfig": {"checkpointing": "Gradient checkpointing: blocks, offload (to CPU) or off.",
                      "checkpoint_every": "With blocks: checkpoint every k-th block.",
                      "swap_blocks": "Keep the last N blocks' weights in CPU memory, streamed in when used.",
