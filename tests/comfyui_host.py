@@ -136,7 +136,7 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
             options = opts[0] if opts else {}
             is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
             if is_widget and not options.get("forceInput"):
-                value = next(values)
+                value = next(values, options.get("default"))  # a workflow saved before an input was added
                 if options.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed")):
                     next(values)  # the 'fixed'/'randomize' companion widget
                 if name not in linked:

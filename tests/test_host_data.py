@@ -55,10 +55,11 @@ def dataset_prompt(folder, **dataset):
 
 def test_a_messy_folder_trains_on_what_is_usable_and_names_the_rest(host):
     folder = messy_folder(host.root)
-    with pytest.raises(RuntimeError) as e:  # problems='stop': every bad file in one error, sizes too
-        host.run(dataset_prompt(folder))
+    with pytest.raises(RuntimeError) as e:  # problems='stop': every bad file in one error, sizes too,
+        host.run(dataset_prompt(folder, resolution="64, 128"))  # of every resolution
     for name in ("no_caption.jpg", "unreadable.jpg", "truncated.jpg", "too_small.png"):
         assert name in str(e.value)
+    assert str(e.value).count("unreadable.jpg") == 1 and "resolution 128" in str(e.value)
     outputs = host.run(dataset_prompt(folder, problems="skip"))
     report = outputs["30"]["text"][0]
     assert report.startswith("7 images")  # the seven good ones; too_small.png is left out by name
