@@ -104,6 +104,8 @@ def type_name(hint) -> str:
     args = typing.get_args(hint)
     if item_section(hint):
         return "list of groups"
+    if hint is dict or typing.get_origin(hint) is dict:
+        return "mapping"
     if typing.get_origin(hint) in (list, tuple):
         return f"list of {type_name(args[0])}"
     if typing.get_origin(hint) is typing.Literal:
@@ -136,6 +138,8 @@ def coerce(value: Any, hint, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     bad = RecipeError(f"{key} is {value!r}; it must be {'a' if hint is not int else 'a whole'} "
                       f"{type_name(hint) if hint is not int else 'number'}.")
+    if hint is dict or origin is dict:
+        return _mapping(value, key)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -181,6 +185,41 @@ def _text_list(text: str, item) -> list:
     if item is str:
         return [text] if text.strip() else []
     return [v.strip() for v in text.replace(",", " ").split()]
+
+
+def _mapping(value: Any, key: str) -> dict:
+    """A mapping: as it is, or text in YAML flow style (`{betas: [0.9, 0.99]}`) or `k=v` pairs
+    (`betas=[0.9,0.99] eps=1e-8`, kohya's --optimizer_args), each value read as YAML."""
+    if isinstance(value, dict):
+        return dict(value)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):
+        value = " ".join(value)
+    if isinstance(value, str):
+        try:
+            if value.strip().startswith("{"):
+                parsed = yaml.safe_load(value)
+            else:
+                pairs = re.findall(r"(\w+)\s*=\s*(\[[^\]]*\]|\{[^}]*\}|[^\s,]+)", value)
+                left = re.sub(r"(\w+)\s*=\s*(\[[^\]]*\]|\{[^}]*\}|[^\s,]+)", "", value).replace(",", "")
+                parsed = {k: yaml.safe_load(v) for k, v in pairs} if pairs and not left.strip() else None
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return {str(k): _number(v) for k, v in parsed.items()}
+    raise RecipeError(f"{key} is {value!r}; give a mapping, e.g. {{betas: [0.9, 0.99], eps: 1.0e-8}} or "
+                      "'betas=[0.9,0.99] eps=1e-8'.")
+
+
+def _number(v: Any) -> Any:
+    """YAML 1.1 reads `1e-8` as text: a value that reads as a number is one."""
+    if isinstance(v, str):
+        try:
+            return float(v) if any(c in v for c in ".eE") else int(v)
+        except ValueError:
+            return v
+    return [_number(x) for x in v] if isinstance(v, list) else v
 
 
 def _raise(error: Exception):

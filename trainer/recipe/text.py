@@ -80,6 +80,8 @@ def _scalar(value: Any) -> str:
         return mantissa + (f"e{exponent}" if e else "")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_scalar(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value))  # a double-quoted YAML scalar
 
 
