@@ -26,7 +26,8 @@ def changed_recipe() -> Recipe:
         "dataset.resolution=512,1024", "dataset.bucketing=false", "dataset.caption_dropout=0.2",
         "layers.layer_types=[attn.to_q, proj_out]", "layers.blocks=single_transformer_blocks", "layers.start=10",
         "rank=32", "alpha=16", "steps=750", "learning_rate=5e-5", "train.timesteps.mode=uniform",
-        "train.memory.swap_blocks=3", "ema_decay=0.999", "save.dtype=bf16", "save_every=50",
+        "train.memory.swap_blocks=3", "ema_decay=0.999", "save.dtype=bf16", "save_every=50", "loss=huber",
+        "optimizer_args=betas=[0.9,0.99], eps=1e-8",
         'validation.prompts=["a photo of [trigger]: \\"smiling\\", outdoors", "[trigger] on a beach"]',
         "layers.groups=[{blocks: transformer_blocks, end: 10, layer_types: [attention], rank: 8},"
         " {blocks: single_transformer_blocks, start: 10, layer_types: [proj_out], rank: 4, alpha: 2}]",
@@ -47,6 +48,8 @@ def test_a_recipe_reads_back_from_its_yaml_and_json_to_the_same_settings():
     assert recipe != Recipe()
     assert recipe.train.learning_rate == 5e-5 and recipe.dataset.resolution == [512, 1024]
     assert recipe.validation.prompts[0] == 'a photo of [trigger]: "smiling", outdoors'
+    assert recipe.train.optimizer_args == {"betas": [0.9, 0.99], "eps": 1e-8}  # kohya's --optimizer_args style
+    assert recipe.train.loss.kind == "huber"  # a section given one value sets its first key
     written = text.to_yaml(recipe)
     assert "# LoRA rank" in written  # the help travels with the file
     assert text.loads(written) == recipe

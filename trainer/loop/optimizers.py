@@ -96,7 +96,7 @@ def parse_args(text: str) -> dict:
     """kohya's `--optimizer_args` style: 'betas=0.9,0.99 d_coef=2 use_bias_correction=True' → a dict."""
     args = {}
     for item in text.replace(";", " ").split():
-        key, sep, value = item.partition("=")
+        key, sep, value = item.rstrip(",").partition("=")  # pairs may be comma-separated too
         if not sep or not key:
             raise ValueError(f"optimizer_args has {item!r}; write key=value pairs separated by spaces, e.g. "
                              "'betas=0.9,0.99 eps=1e-8'.")

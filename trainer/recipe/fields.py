@@ -106,6 +106,8 @@ def type_name(hint) -> str:
     args = typing.get_args(hint)
     if item_section(hint):
         return "list of groups"
+    if hint is dict or typing.get_origin(hint) is dict:
+        return "mapping"
     if typing.get_origin(hint) in (list, tuple):
         return f"list of {type_name(args[0])}"
     if typing.get_origin(hint) is typing.Literal:
@@ -189,6 +191,8 @@ def _text_list(text: str, item) -> list:
 
 def _mapping(value: Any, key: str) -> dict:
     """A mapping: as written in YAML/JSON, or as text, `{d_coef: 2}` or kohya's `d_coef=2 betas=0.9,0.99`."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):
+        value = " ".join(value)  # --set optimizer_args=a=1 --set … or a YAML list of pairs
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("{"):

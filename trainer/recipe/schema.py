@@ -186,6 +186,8 @@ ALIASES = {
     "ema_decay": "train.ema_decay", "optimizer": "train.optimizer", "lr_schedule": "train.lr_schedule",
     "warmup_steps": "train.warmup_steps", "trigger": "dataset.trigger", "caption_dropout": "dataset.caption_dropout",
     "weight_decay": "train.weight_decay", "guidance": "train.guidance", "name": "save.name",
+    "loss": "train.loss", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "optimizer_args": "train.optimizer_args",
 }
 
 # Keys of the format whose field the library does not have yet: only the value it does today is
