@@ -153,8 +153,7 @@ class Recipe:
         """A recipe from a nested dict; with a `reader`, problems are written down there (the
         `config` command); without, the first unknown key or bad value is an error."""
         own = reader or Reader()
-        data = _pending(dict(data), own)
-        recipe = own.build(cls, data)
+        recipe = own.build(cls, dict(data))
         if reader is None and (own.unknown or own.invalid):
             raise RecipeError("\n".join(f"{k}: {why}" for k, why in own.unknown) if own.unknown
                               else own.invalid[0][1])
@@ -192,8 +191,6 @@ ALIASES = {
 
 # Keys of the format whose field the library does not have yet: only the value it does today is
 # accepted (a TrainConfig that gains the field makes this entry unused, with no change here).
-PENDING: dict[str, tuple[str, str]] = {}  # keys readers know but the library does not take yet: path → (the one value
-# accepted, why)
 
 TRAIN_HELP = {
     "steps": "Optimizer steps. 10–20 photos: 1000–2000 for a subject, more for a style.",
@@ -238,11 +235,7 @@ EXTRA_HELP = {
 
 def all_keys() -> list[Key]:
     """Every key of the format, dotted, with type, default and help."""
-    found = fields.keys(Recipe, extra_help=EXTRA_HELP)
-    names = {k.path for k in found}
-    pending = [Key(path, str, default, f"{why}; only {default!r} is accepted.")
-               for path, (default, why) in PENDING.items() if path not in names]
-    return found + pending
+    return fields.keys(Recipe, extra_help=EXTRA_HELP)
 
 
 def resolve_key(name: str) -> str:
@@ -254,22 +247,6 @@ def resolve_key(name: str) -> str:
         raise RecipeError(f"--set {name}: not a key of the recipe format{fields.suggest(name, known + list(ALIASES))} "
                           "(`python -m trainer keys` lists them).")
     return path
-
-
-def _pending(data: dict, reader: Reader) -> dict:
-    """Take the PENDING keys out of `data`: honoured when they ask for what the library does."""
-    names = {k.path for k in fields.keys(Recipe)}
-    for path, (default, why) in PENDING.items():
-        section, _, key = path.partition(".")
-        if path in names or not isinstance(data.get(section), dict) or key not in data[section]:
-            continue
-        data[section] = dict(data[section])
-        value = data[section].pop(key)
-        if str(value).strip().lower() == default:
-            reader.honoured.append(path)
-        else:
-            reader.invalid.append((path, f"{path} is {value!r}: {why}; use {default!r}."))
-    return data
 
 
 def value_of(recipe: Recipe, path: str) -> Any:

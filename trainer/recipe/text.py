@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from . import fields
-from .schema import EXTRA_HELP, PENDING, Recipe
+from .schema import EXTRA_HELP, Recipe
 
 
 class UnreadableConfig(ValueError):
@@ -89,7 +89,7 @@ def _comment(text: str, indent: str) -> list[str]:
     return [f"{indent}# {line}" for line in textwrap.wrap(text, 100 - len(indent))] if text else []
 
 
-def _section(obj: Any, indent: str, comments: bool, pending: dict[str, str]) -> list[str]:
+def _section(obj: Any, indent: str, comments: bool) -> list[str]:
     lines = []
     cls = type(obj)
     for f in dataclasses.fields(obj):
@@ -99,16 +99,14 @@ def _section(obj: Any, indent: str, comments: bool, pending: dict[str, str]) -> 
         if comments:
             lines += _comment(fields.field_help(cls, f.name, EXTRA_HELP.get(cls.__name__)), indent)
         if dataclasses.is_dataclass(value):
-            lines += [f"{indent}{f.name}:", *_section(value, indent + "  ", comments, {})]
+            lines += [f"{indent}{f.name}:", *_section(value, indent + "  ", comments)]
         elif fields.item_section(fields.hints(cls)[f.name]) and value:
             lines.append(f"{indent}{f.name}:")
             for item in value:
-                item_lines = _section(item, indent + "    ", False, {})
+                item_lines = _section(item, indent + "    ", False)
                 lines += [f"{indent}  - {item_lines[0].strip()}", *item_lines[1:]]
         else:
             lines.append(f"{indent}{f.name}: {_scalar(fields.to_plain(value))}")
-    for name, value in pending.items():
-        lines.append(f"{indent}{name}: {_scalar(value)}")
     return lines
 
 
@@ -116,11 +114,8 @@ def to_yaml(recipe: Recipe, comments: bool = True) -> str:
     """The recipe as our YAML format, every key written, each after its help as a comment."""
     lines = ["# FLUX DreamBooth recipe (comfyui-flux-dreambooth). Train it with:",
              "#   python -m trainer train --config THIS_FILE --model tiny", ""] if comments else []
-    names = {k.path for k in fields.keys(Recipe)}
     for f in dataclasses.fields(recipe):
-        pending = {path.split(".", 1)[1]: default for path, (default, _) in PENDING.items()
-                   if path.startswith(f"{f.name}.") and path not in names}
-        lines += [f"{f.name}:", *_section(getattr(recipe, f.name), "  ", comments, pending), ""]
+        lines += [f"{f.name}:", *_section(getattr(recipe, f.name), "  ", comments), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
