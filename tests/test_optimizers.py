@@ -125,8 +125,8 @@ def test_an_optimizer_that_imports_but_cannot_step_is_refused_by_name(monkeypatc
 
 
 def test_other_tools_spellings_and_optimizer_args():
-    assert TrainConfig(optimizer="AdamW8bit").optimizer == "adamw8bit"
-    assert TrainConfig(optimizer="bnb-adamw8bit").optimizer == "adamw8bit"
+    assert optimizers.canonical("AdamW8bit") == optimizers.canonical("bnb-adamw8bit") == "adamw8bit"
+    assert TrainConfig(optimizer="Prodigy").optimizer == "prodigy"  # TrainConfig keeps our spelling
     assert optimizers.parse_args("betas=0.9,0.99 eps=1e-8 decouple=True") == {
         "betas": (0.9, 0.99), "eps": 1e-8, "decouple": True}
     params = [torch.nn.Parameter(torch.zeros(4, 4))]
