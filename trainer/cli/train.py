@@ -134,7 +134,7 @@ class ConsoleHost:
         return isinstance(error, (Interrupted, KeyboardInterrupt))
 
     def on_status(self, state: JobState, message: str) -> None:
-        if message:
+        if message and state is not JobState.FAILED:  # a failure is told once, by main(), with its exit code
             log.info("%s: %s", state.value, message)
 
     def on_progress(self, progress: Progress, latest: bool) -> None:

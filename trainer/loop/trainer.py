@@ -188,9 +188,11 @@ class Trainer:
             bad = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm) if not math.isfinite(norm) \
                 else None
             if bad:
+                fp16 = ", or train on bf16 rather than fp16 weights" if self.backend.compute_dtype == torch.float16 \
+                    else ""
                 raise FloatingPointError(
                     f"The {bad[0]} became {bad[1]} at step {first + k}; lower learning_rate (now "
-                    f"{self.config.learning_rate:g}), or train on bf16 rather than fp16 weights. Checkpoints "
+                    f"{self.config.learning_rate:g}){fp16}. Checkpoints "
                     "saved before this step are intact (no checkpoint is written from non-finite weights).")
             self._losses.append(loss)
 
