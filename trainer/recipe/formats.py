@@ -8,36 +8,16 @@ diffusers' flags plug in here; until theirs exists, their files are recognised a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import text
 from .fields import Reader
+from .importing import Imported, Unsupported
 from .schema import Recipe, value_of
 from .text import UnreadableConfig
-
-
-@dataclass
-class Unsupported:
-    key: str
-    why: str
-
-
-@dataclass
-class Imported:
-    """A config file read as a recipe, and what became of each of its keys."""
-
-    format: str
-    recipe: Recipe
-    source: Path
-    honoured: list[str] = field(default_factory=list)
-    unsupported: list[Unsupported] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict:
-        return {"format": self.format, "settings": self.recipe.to_dict(), "honoured": self.honoured,
-                "unsupported": [vars(u) for u in self.unsupported], "notes": self.notes}
 
 
 @dataclass(frozen=True)
@@ -115,7 +95,7 @@ def load(path: str | Path) -> Imported:
                                "supported. Write the recipe in this pack's format for now "
                                "(`python -m trainer keys` lists its keys).")
     imported = found.read(data, path)
-    imported.notes += missing_paths(imported.recipe, path.parent)
+    imported.notes += missing_paths(imported.recipe, path.parent, imported.origins)
     return imported
 
 
@@ -138,7 +118,18 @@ def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
     return out
 
 
-def missing_paths(recipe: Recipe, base: Path) -> list[str]:
+def is_windows_path(value: str) -> bool:
+    return bool(re.match(r"^[A-Za-z]:[\\/]", value)) or value.startswith("\\\\")
+
+
+def missing_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> list[str]:
+    """A note per folder that does not exist here, naming the setting of the file that gave it
+    (ai-toolkit's `folder_path`, …) when the recipe was imported."""
     notes = [] if recipe.dataset.folders else ["dataset.folders is empty: name the folder of your photos to train."]
-    return notes + [f"{key}: {value!r} ({path}) does not exist here; change {key.split('[')[0]}."
-                    for key, value, path in paths_of(recipe, base) if not path.is_dir()]
+    for key, value, path in paths_of(recipe, base):
+        if path.is_dir():
+            continue
+        setting = (origins or {}).get(key.split("[")[0], key.split("[")[0])
+        where = "a Windows path: the file comes from another machine" if is_windows_path(value) else str(path)
+        notes.append(f"{setting}: {value!r} does not exist here ({where}); change {setting}.")
+    return notes
