@@ -17,6 +17,7 @@ file the reader never mentioned is reported as unsupported too: none is silently
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,28 @@ from typing import Any
 
 from .fields import Reader
 from .schema import Recipe, all_keys
+
+
+def resolve(value: str, base: Path) -> Path:
+    """A path of a config: `~` is the home folder, a relative path is relative to the config."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def is_windows_path(value: str) -> bool:
+    return bool(re.match(r"^[A-Za-z]:[\\/]", value)) or value.startswith("\\\\")
+
+
+def is_examples_file(path: Path) -> bool:
+    """An mflux train config (.json) named as a dataset: its `examples` block lists the photos and
+    their prompts (what an imported mflux config trains on)."""
+    return path.is_file() and path.suffix.lower() == ".json"
+
+
+def missing_note(setting: str, value: str, path: Path) -> str:
+    """What the user reads about a folder of the file that is not here, named by the file's key."""
+    where = "a Windows path: the file comes from another machine" if is_windows_path(value) else str(path)
+    return f"{setting}: {value!r} does not exist here ({where}); change {setting}."
 
 
 @dataclass
@@ -130,7 +153,27 @@ class Mapping:
     def finish(self, fmt: str, source: Path, data: Any = None, groups: list[dict] | None = None) -> Imported:
         """The recipe, built by our format's own reader (so its checks apply); a value it refuses
         makes the file's key that set it unsupported. With `data` (the whole file), each of its
-        leaf keys the reader never mentioned is reported as unsupported."""
+        leaf keys the reader never mentioned is reported as unsupported. A section whose own check
+        refuses one value is built again without what that key set, so its other keys still apply."""
+        while True:
+            recipe, refused = self._build(groups)
+            forgotten = False
+            for ours, why in refused:
+                key = self._origin(ours, why)
+                if key in self.honoured:
+                    self.honoured.remove(key)
+                self.drop(key, why)
+                settings = [o for o, k in self.origins.items() if k == key and o in self.settings]
+                for setting in settings:
+                    del self.settings[setting]
+                forgotten = forgotten or bool(settings)
+            if not forgotten:
+                break
+        if data is not None:
+            self._unmentioned(data)
+        return Imported(fmt, recipe, source, self.honoured, self.unsupported, self.notes, origins=self.origins)
+
+    def _build(self, groups: list[dict] | None) -> tuple[Recipe, list[tuple[str, str]]]:
         nested: dict[str, Any] = {}
         for ours, value in self.settings.items():
             node = nested
@@ -141,15 +184,7 @@ class Mapping:
         if groups:
             nested.setdefault("layers", {})["groups"] = groups
         reader = Reader()
-        recipe = Recipe.from_dict(nested, reader)
-        for ours, why in reader.unknown + reader.invalid:
-            key = self._origin(ours, why)
-            if key in self.honoured:
-                self.honoured.remove(key)
-            self.drop(key, why)
-        if data is not None:
-            self._unmentioned(data)
-        return Imported(fmt, recipe, source, self.honoured, self.unsupported, self.notes, origins=self.origins)
+        return Recipe.from_dict(nested, reader), reader.unknown + reader.invalid
 
     def _origin(self, ours: str, why: str) -> str:
         """The file's key behind one of our keys. A section's own check names the field first
