@@ -316,7 +316,7 @@ def from_mflux_config(config_path: str | Path, options: Options = Options()) -> 
     examples = config.get("examples") if isinstance(config, dict) else None
     if not isinstance(examples, dict) or not isinstance(examples.get("images"), list):
         raise DatasetError(f"mflux config {config_path} has no `examples` block with `path` and `images`.")
-    root = (config_path.parent / examples.get("path", ".")).resolve()
+    root = (config_path.parent / Path(str(examples.get("path") or ".")).expanduser()).resolve()
     items, problems = [], []
     for i, entry in enumerate(examples["images"]):
         if not isinstance(entry, dict) or "image" not in entry or "prompt" not in entry:

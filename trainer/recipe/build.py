@@ -12,6 +12,7 @@ from ..lora.targets import LayerGroup, LayerSpec, ModelLayout, parse_layer_types
 from ..outputs.checkpoints import RunSettings
 from .fields import RecipeError
 from .formats import paths_of
+from .importing import is_examples_file
 from .schema import Recipe
 
 
@@ -20,7 +21,7 @@ def check_paths(recipe: Recipe, base: Path) -> None:
     if not recipe.dataset.folders:
         raise RecipeError("dataset.folders is empty; name the folder of your photos, e.g. `folders: [photos]`.")
     for key, value, path in paths_of(recipe, base):
-        if not path.is_dir():
+        if not (path.is_dir() or is_examples_file(path)):
             what = "is a file, not a folder" if path.exists() else "does not exist"
             raise RecipeError(f"{key} is {value!r}: {path} {what}. Change {key.split('[')[0]} in the config "
                               "(relative paths are read from the config's folder) or --set it.")
@@ -35,13 +36,20 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
         augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout)
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems)
-        parts += [datasets.from_folder(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
-        regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions,
-                                          d.default_caption or d.class_word.strip(), shaping, Augmentation(),
+        parts += [_source(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
+        fallback = d.regularisation_caption.strip() or d.default_caption or d.class_word.strip()
+        regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions, fallback, shaping, Augmentation(),
                                           d.problems)
-        parts += [datasets.from_folder(base / Path(f).expanduser(), regularisation).with_items(
+        parts += [_source(base / Path(f).expanduser(), regularisation).with_items(
                   regularisation=True, loss_weight=d.regularisation_weight) for f in d.regularisation]
     return sum(parts[1:], parts[0])
+
+
+def _source(path: Path, options: datasets.Options, concepts: bool = False) -> datasets.Dataset:
+    """A folder of photos, or an mflux train config whose `examples` block lists them with their prompts."""
+    if is_examples_file(path):
+        return datasets.from_mflux_config(path, options)[0]
+    return datasets.from_folder(path, options, concepts)
 
 
 def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:

@@ -8,14 +8,13 @@ diffusers' flags plug in here; until theirs exists, their files are recognised a
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import text
+from . import diffusers_args, mflux, text
 from .fields import Reader
-from .importing import Imported, Unsupported
+from .importing import Imported, Unsupported, is_examples_file, missing_note, resolve
 from .schema import Recipe, value_of
 from .text import UnreadableConfig
 
@@ -70,9 +69,10 @@ def read_ours(data: dict, source: Path) -> Imported:
 
 FORMATS: list[Format] = [
     Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit),
-    Format("mflux", "an mflux train config", _is_mflux),
+    Format("mflux", "an mflux train config", _is_mflux, mflux.read),
     Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner),
-    Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers),
+    Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers,
+           diffusers_args.read),
     Format("ours", "a recipe of this pack", _is_ours, read_ours),
 ]
 
@@ -102,12 +102,6 @@ def load(path: str | Path) -> Imported:
 PATH_KEYS = ("dataset.folders", "dataset.regularisation")
 
 
-def resolve(value: str, base: Path) -> Path:
-    """A path of a config: `~` is the home folder, a relative path is relative to the config."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else base / path
-
-
 def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
     """(key as written, value, resolved path) of every folder the recipe names."""
     out = []
@@ -118,18 +112,11 @@ def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
     return out
 
 
-def is_windows_path(value: str) -> bool:
-    return bool(re.match(r"^[A-Za-z]:[\\/]", value)) or value.startswith("\\\\")
-
-
 def missing_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> list[str]:
     """A note per folder that does not exist here, naming the setting of the file that gave it
     (ai-toolkit's `folder_path`, …) when the recipe was imported."""
     notes = [] if recipe.dataset.folders else ["dataset.folders is empty: name the folder of your photos to train."]
     for key, value, path in paths_of(recipe, base):
-        if path.is_dir():
-            continue
-        setting = (origins or {}).get(key.split("[")[0], key.split("[")[0])
-        where = "a Windows path: the file comes from another machine" if is_windows_path(value) else str(path)
-        notes.append(f"{setting}: {value!r} does not exist here ({where}); change {setting}.")
+        if not (path.is_dir() or is_examples_file(path)):
+            notes.append(missing_note((origins or {}).get(key.split("[")[0], key.split("[")[0]), value, path))
     return notes

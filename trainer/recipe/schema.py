@@ -23,7 +23,8 @@ def _help(text: str, **kw) -> dict:
 class DatasetSection:
     folders: list[str] = field(**_help(
         "Folder(s) of photos with same-name .txt captions (or a metadata file), relative to this file; "
-        "`~` is your home. ai-toolkit's folder_path, SimpleTuner's instance_data_dir.", default_factory=list))
+        "`~` is your home. ai-toolkit's folder_path, SimpleTuner's instance_data_dir. An mflux train config "
+        "(.json) stands for the photos and prompts of its examples block.", default_factory=list))
     trigger: str = field(default="sks", **_help(
         "A rare word that will mean your subject ('sks', 'ohwx'): put into every caption."))
     class_word: str = field(default="", **_help("What the subject is ('person', 'dog'); kept when captions drop out."))
@@ -49,6 +50,9 @@ class DatasetSection:
         "carry the trigger; photos without a caption get the class word."))
     regularisation_weight: float = field(default=1.0, **_help(
         "Loss weight of the regularisation photos (DreamBooth's prior_loss_weight; 1.0 usual)."))
+    regularisation_caption: str = field(default="", **_help(
+        "Caption of the regularisation photos without one (DreamBooth's class_prompt, 'a photo of a dog'); "
+        "empty: default_caption, else the class word."))
 
     def __post_init__(self):
         check("dataset", [

@@ -57,6 +57,12 @@ VOCABULARY = LayerVocabulary(
 )
 
 
+# mflux's names (its own MLX FLUX.1 modules) where they differ from diffusers': its feed-forward
+# layers are linear1/linear2 and its attention output a one-item list named to_out.
+MFLUX_NAMES = {"attn.to_out": "attn.to_out.0", "ff.linear1": "ff.net.0.proj", "ff.linear2": "ff.net.2",
+               "ff_context.linear1": "ff_context.net.0.proj", "ff_context.linear2": "ff_context.net.2"}
+
+
 @dataclass(frozen=True)
 class FluxDims:
     """The sizes of a loaded FLUX.1, which a layer selection is checked and sliced against."""
