@@ -33,7 +33,7 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
     for resolution in d.resolution:
         shaping = Shaping(resolution, d.bucketing, d.crop, minimum_image_size=d.minimum_image_size,
                           maximum_image_size=d.maximum_image_size, target_downsample_size=d.target_downsample_size)
-        augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout)
+        augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems, d.caption_ext)
         parts += [datasets.from_folder(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]

@@ -34,6 +34,9 @@ class DatasetSection:
         "Caption for photos without one (ai-toolkit's default_caption); empty: a missing caption is an error."))
     caption_dropout: float = field(default=0.0, **_help(
         "How often a step sees only the trigger and class (ai-toolkit's caption_dropout_rate; 0.05–0.25)."))
+    shuffle_tags: bool = field(default=False, **_help(
+        "Shuffle the comma-separated tags after the first each time (ai-toolkit's shuffle_tokens, kohya's "
+        "shuffle_caption)."))
     repeats: int = field(default=1, **_help("How often each photo appears per epoch (SimpleTuner's repeats)."))
     resolution: list[int] = field(default_factory=lambda: [512], **_help(
         "Training size(s) in pixels (bucket area ≈ size²): 512 learns likeness fast, 1024 detail. Several, "
