@@ -48,6 +48,15 @@ def shaping_inputs() -> list:
                              "photo smaller than its bucket is never enlarged: it trains at the largest bucket of "
                              "its shape that it covers, and only photos under this size are reported. 0: half "
                              "the resolution (256 at 512). Raise it to keep small photos out of a 1024 run."),
+        io.Int.Input("maximum_image_size", default=0, min=0, max=65535, step=16, optional=True,
+                     tooltip="SimpleTuner's maximum_image_size: a photo larger than this (√(width·height), in "
+                             "pixels) is first downsampled to target_downsample_size and then cropped to its "
+                             "bucket, so very large photos train as a closer view instead of the whole frame. "
+                             "0: off (every photo is fitted whole to its bucket, the usual choice)."),
+        io.Int.Input("target_downsample_size", default=0, min=0, max=65535, step=16, optional=True,
+                     tooltip="SimpleTuner's target_downsample_size: the size photos above maximum_image_size are "
+                             "downsampled to before the crop (e.g. 1536 and 1024 at resolution 512). 0: the "
+                             "resolution."),
     ]
 
 
@@ -63,7 +72,8 @@ def subject_inputs(trigger_default: str = "sks") -> list:
 
 
 def build(make, previous, augment, trigger_word, class_word, repeats, resolution, bucketing, crop, upscale_small,
-          problems, minimum_image_size=0, **options) -> datasets.Dataset:
+          problems, minimum_image_size=0, maximum_image_size=0, target_downsample_size=0,
+          **options) -> datasets.Dataset:
     """`make(options)` once per resolution, chained after `previous`; the problems of every
     resolution in one error."""
     parts, errors = [], []
@@ -71,7 +81,8 @@ def build(make, previous, augment, trigger_word, class_word, repeats, resolution
         try:
             parts.append(make(datasets.Options(trigger_word.strip(), class_word.strip(), repeats,
                                                augment=augment or Augmentation(), problems=problems,
-                                               shaping=Shaping(r, bucketing, crop, upscale_small, minimum_image_size),
+                                               shaping=Shaping(r, bucketing, crop, upscale_small, minimum_image_size,
+                                                               maximum_image_size, target_downsample_size),
                                                **options)))
         except datasets.DatasetError as e:
             errors.append(e)
@@ -121,6 +132,10 @@ class DatasetFromFolder(io.ComfyNode):
                                  tooltip="Each subfolder is a subject: kohya's '10_sks dog' = 10 repeats, trigger "
                                          "'sks', class 'dog'. Train several subjects at once."),
                 *shaping_inputs(),
+                io.String.Input("caption_ext", default="txt", optional=True,
+                                tooltip="The captions' file extension (ai-toolkit's caption_ext): 'txt' for "
+                                        "photo.txt, 'caption' for photo.caption. Only the captions=auto and txt "
+                                        "choices read these files."),
             ],
             outputs=[sockets.Dataset.Output(display_name="dataset"),
                      io.String.Output(display_name="summary", tooltip="Image count, captions, what was left out.")],

@@ -207,3 +207,19 @@ def test_fingerprint_follows_the_files(tmp_path):
 def test_bundled_quickstart_set_is_valid():
     ds = datasets.from_folder(QUICKSTART, opts(trigger_word="sks"))
     assert len(ds) == 6 and all(i.caption.startswith("a photo of sks toy") for i in ds.items)
+
+
+def test_captions_can_use_another_extension_as_ai_toolkit_caption_ext(tmp_path):
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64)).save(tmp_path / f"{name}.jpg")
+        (tmp_path / f"{name}.caption").write_text(f"photo {name} of sks")
+    (tmp_path / "a.txt").write_text("the txt caption, not used")
+    options = datasets.Options("sks", caption_ext="caption", shaping=Shaping(64))
+    found = datasets.from_folder(tmp_path, options)
+    assert sorted(i.caption for i in found.items) == ["photo a of sks", "photo b of sks"]
+    assert any("a.txt left out" in n for n in found.skipped)
+    with pytest.raises(datasets.DatasetError, match="b.jpg has no caption in b.txt"):
+        (tmp_path / "b.txt").unlink(missing_ok=True)
+        datasets.from_folder(tmp_path, datasets.Options("sks", captions="txt", shaping=Shaping(64)))
+    with pytest.raises(datasets.DatasetError, match="caption_ext is 'jpg'"):
+        datasets.Options(caption_ext="jpg")

@@ -110,3 +110,21 @@ def test_augmentation_is_seeded_and_view_zero_is_untouched():
     assert Augmentation(flip=True, views=4).view_count(random_crop=False) == 2
     with pytest.raises(ValueError, match="caption_dropout is 1.5"):
         Augmentation(caption_dropout=1.5)
+
+
+def test_photos_above_maximum_image_size_are_downsampled_to_the_target_then_cropped():
+    img = Image.new("RGB", (1600, 1600), (0, 0, 255))
+    img.paste((255, 0, 0), (600, 600, 1000, 1000))  # a red square in the middle quarter
+    whole = Shaping(128, bucketing=False).apply(img, (128, 128))
+    closer = Shaping(128, bucketing=False, maximum_image_size=1024, target_downsample_size=512).apply(img, (128, 128))
+    small = Image.new("RGB", (900, 900), (0, 0, 255))
+    untouched = Shaping(128, bucketing=False, maximum_image_size=1024, target_downsample_size=512).apply(small,
+                                                                                                          (128, 128))
+    red = lambda t: float((t[0] > 0.5).float().mean())  # noqa: E731
+    assert red(whole) == pytest.approx(0.0625, abs=0.01)  # the whole frame: the square is 1/16 of it
+    assert red(closer) == pytest.approx(1.0, abs=0.02)  # at 512 px the square is 128 px: the crop is all square
+    assert red(untouched) == 0.0 and untouched.shape == (3, 128, 128)  # under the maximum: fitted whole
+    with pytest.raises(ValueError, match="target_downsample_size"):
+        Shaping(512, maximum_image_size=1024, target_downsample_size=1536)
+    with pytest.raises(ValueError, match="set maximum_image_size"):
+        Shaping(512, target_downsample_size=1024)

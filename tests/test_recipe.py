@@ -153,3 +153,20 @@ def test_keys_readme_rewrites_only_the_table_between_the_markers(tmp_path):
     assert "train.old" not in written and all(f"| `{k.path}`" in written for k in all_keys())
     (tmp_path / "other.md").write_text("no markers")
     assert cli.main(["keys", "--readme", str(tmp_path / "other.md")]) == 1
+
+
+def test_dataset_keys_reach_the_images_and_captions(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        Image.new("RGB", (2000, 1000)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.caption").write_text(f"sks, red, {name}, table")
+    recipe = Recipe().with_settings(["dataset.folders=[.]", "dataset.caption_ext=caption", "resolution=64",
+                                     "dataset.shuffle_tags=true", "dataset.maximum_image_size=1024",
+                                     "dataset.target_downsample_size=512", "dataset.minimum_image_size=100"])
+    item = build.dataset(recipe, tmp_path).items[0]
+    assert item.written == "sks, red, a, table" and item.augment.shuffle_tags
+    assert (item.shaping.maximum_image_size, item.shaping.target_downsample_size, item.shaping.minimum) == \
+        (1024, 512, 100)
+    with pytest.raises(RecipeError, match="target_downsample_size 2048 is above maximum_image_size 1024"):
+        recipe.with_settings(["dataset.target_downsample_size=2048"])

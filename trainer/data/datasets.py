@@ -163,14 +163,23 @@ class Options:
     shaping: Shaping = Shaping()
     augment: Augmentation = Augmentation()
     problems: str = "stop"
+    caption_ext: str = "txt"  # the captions' file extension (ai-toolkit's caption_ext: txt, caption)
 
     def __post_init__(self):
+        if not re.fullmatch(r"\.?[A-Za-z0-9_]+", self.caption_ext) or self.caption_ext.lstrip(".").lower() in \
+                {e.lstrip(".") for e in images.EXTENSIONS}:
+            raise DatasetError(f"caption_ext is {self.caption_ext!r}; give the captions' file extension, e.g. 'txt' "
+                               "or 'caption' (not a photo extension).")
         if self.repeats < 1:
             raise DatasetError(f"repeats is {self.repeats}; it must be at least 1.")
         if self.captions not in CAPTION_SOURCES:
             raise DatasetError(f"captions is {self.captions!r}; choose one of {', '.join(CAPTION_SOURCES)}.")
         if self.problems not in PROBLEMS:
             raise DatasetError(f"problems is {self.problems!r}; choose 'stop' or 'skip'.")
+
+    @property
+    def caption_suffix(self) -> str:
+        return "." + self.caption_ext.lstrip(".")
 
     @property
     def trigger(self) -> str:
@@ -210,7 +219,7 @@ def _named(name: str, problem: str) -> str:
 def _scan(folder: Path, options: Options, listing: folders.Listing | None = None
           ) -> tuple[list[DatasetItem], list[str], list[str]]:
     """(items, problems, notes) of one folder: every problem found, none raised."""
-    listing = listing or folders.list_folder(folder, METADATA_FILES)
+    listing = listing or folders.list_folder(folder, METADATA_FILES, options.caption_suffix)
     items, problems, notes = [], list(listing.problems), list(listing.notes)
     notes += [f"{f.name}/ is a folder and is not read (subfolders_as_concepts trains each as a subject)."
               for f in listing.folders]
@@ -234,8 +243,8 @@ def _scan(folder: Path, options: Options, listing: folders.Listing | None = None
         if problem:
             problems.append(_named(image.name, problem))
         elif caption is None:
-            where = {"txt": f"{image.stem}.txt", "metadata": "the metadata file"}.get(
-                options.captions, f"{image.stem}.txt or a metadata file")
+            txt = f"{image.stem}{options.caption_suffix}"
+            where = {"txt": txt, "metadata": "the metadata file"}.get(options.captions, f"{txt} or a metadata file")
             problems.append(f"{image.name} has no caption in {where}: write one (e.g. \"photo of "
                             f"{options.trigger or 'sks dog'}\"), set default_caption, or use captions='filename'.")
         else:
@@ -278,7 +287,7 @@ def from_folder(folder: str | Path, options: Options = Options(), concepts: bool
     if not concepts:
         items, problems, notes = _scan(folder, options)
         return _finish(items, problems, notes, str(folder), options)
-    root = folders.list_folder(folder, METADATA_FILES)
+    root = folders.list_folder(folder, METADATA_FILES, options.caption_suffix)
     if not root.folders:
         raise DatasetError(f"{folder} has no subfolders to use as concepts (e.g. '10_sks dog'); turn off "
                            "subfolders_as_concepts to use the images in it directly.")

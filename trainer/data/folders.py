@@ -22,7 +22,7 @@ def hidden(name: str) -> bool:
 @dataclass
 class Listing:
     photos: list[Path] = field(default_factory=list)  # regular files with a photo's extension (any case)
-    captions: dict[str, Path] = field(default_factory=dict)  # .txt files by stem
+    captions: dict[str, Path] = field(default_factory=dict)  # caption files (.txt) by stem
     folders: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # entries that look like photos or captions but can't be read
     notes: list[str] = field(default_factory=list)  # entries left out that are not photos (named, not an error)
@@ -40,16 +40,17 @@ class Listing:
         return [p for s, p in sorted(self.captions.items()) if s.lower() not in stems]
 
 
-def list_folder(folder: Path, known: tuple[str, ...] = ()) -> Listing:
+def list_folder(folder: Path, known: tuple[str, ...] = (), caption_suffix: str = CAPTION_SUFFIX) -> Listing:
     """The entries of `folder`, sorted by name; `known` names (metadata files) are neither used
-    nor reported here."""
+    nor reported here. Captions are the files ending in `caption_suffix` (ai-toolkit's caption_ext)."""
     out = Listing()
+    caption_suffix = caption_suffix.lower()
     with os.scandir(folder) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
             if hidden(entry.name):
                 continue
             path, suffix = Path(entry.path), Path(entry.name).suffix.lower()
-            looks_used = suffix in EXTENSIONS or suffix == CAPTION_SUFFIX
+            looks_used = suffix in EXTENSIONS or suffix == caption_suffix
             try:
                 is_dir, is_file = entry.is_dir(), entry.is_file()
             except OSError:
@@ -64,8 +65,9 @@ def list_folder(folder: Path, known: tuple[str, ...] = ()) -> Listing:
                     f"{entry.name} is not a regular file (a pipe, socket or device): only regular files are read.")
             elif suffix in EXTENSIONS:
                 out.photos.append(path)
-            elif suffix == CAPTION_SUFFIX:
+            elif suffix == caption_suffix:
                 out.captions[path.stem] = path
             elif entry.name.lower() not in known:
-                out.notes.append(f"{entry.name} left out: not a photo ({', '.join(EXTENSIONS)}) or a .txt caption.")
+                out.notes.append(f"{entry.name} left out: not a photo ({', '.join(EXTENSIONS)}) or a "
+                                 f"{caption_suffix} caption.")
     return out

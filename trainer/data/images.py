@@ -223,6 +223,8 @@ class Shaping:
     crop: str = "center"  # or "random"
     upscale_small: bool = False  # enlarge a photo smaller than its bucket instead of using a smaller bucket
     minimum_image_size: int = 0  # shorter side a photo needs, in px (SimpleTuner's); 0: half the resolution
+    maximum_image_size: int = 0  # SimpleTuner's: a photo larger than this (√(w·h), px) is first downsampled…
+    target_downsample_size: int = 0  # …to this size (0: the resolution), then cropped to its bucket; 0 0: off
 
     def __post_init__(self):
         if self.resolution % 16 or self.resolution < 64:
@@ -230,6 +232,13 @@ class Shaping:
                              "FLUX).")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop is {self.crop!r}; choose 'center' or 'random'.")
+        if not 0 <= self.target_downsample_size <= self.maximum_image_size <= 65535 and self.maximum_image_size:
+            raise ValueError(f"maximum_image_size {self.maximum_image_size} with target_downsample_size "
+                             f"{self.target_downsample_size}: photos larger than maximum_image_size are downsampled "
+                             "to target_downsample_size, so it must not be larger (SimpleTuner: e.g. 1536 and 1024).")
+        if self.target_downsample_size and not self.maximum_image_size:
+            raise ValueError(f"target_downsample_size is {self.target_downsample_size} but maximum_image_size is 0: "
+                             "set maximum_image_size, the size above which photos are downsampled.")
         if not 0 <= self.minimum_image_size <= 65535:
             raise ValueError(f"minimum_image_size is {self.minimum_image_size}; give the shorter side a photo needs "
                              "in pixels (e.g. 256), or 0 for half the resolution.")
@@ -258,10 +267,14 @@ class Shaping:
 
     def apply(self, image: Image.Image, bucket: tuple[int, int], generator: torch.Generator | None = None
               ) -> torch.Tensor:
-        """Resize to cover the bucket, crop to it: (3, H, W) floats in [0, 1]."""
+        """Resize to cover the bucket, crop to it: (3, H, W) floats in [0, 1]. A photo above
+        maximum_image_size is resized to target_downsample_size instead (when that still covers the
+        bucket), so the crop keeps a closer view of it, as SimpleTuner does."""
         bw, bh = bucket
         w, h = image.size
         scale = max(bw / w, bh / h)
+        if self.maximum_image_size and math.sqrt(w * h) > self.maximum_image_size:
+            scale = max(scale, (self.target_downsample_size or self.resolution) / math.sqrt(w * h))
         rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
         image = image.resize((rw, rh), Image.LANCZOS)
         if self.crop == "random" and generator is not None:

@@ -32,14 +32,15 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
     d = recipe.dataset
     parts = []
     for resolution in d.resolution:
-        shaping = Shaping(resolution, d.bucketing, d.crop)
-        augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout)
+        shaping = Shaping(resolution, d.bucketing, d.crop, minimum_image_size=d.minimum_image_size,
+                          maximum_image_size=d.maximum_image_size, target_downsample_size=d.target_downsample_size)
+        augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
-                                   shaping, augment, d.problems)
+                                   shaping, augment, d.problems, d.caption_ext)
         parts += [_source(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
         fallback = d.regularisation_caption.strip() or d.default_caption or d.class_word.strip()
         regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions, fallback, shaping, Augmentation(),
-                                          d.problems)
+                                          d.problems, d.caption_ext)
         parts += [_source(base / Path(f).expanduser(), regularisation).with_items(
                   regularisation=True, loss_weight=d.regularisation_weight) for f in d.regularisation]
     return sum(parts[1:], parts[0])

@@ -5,6 +5,7 @@ so every field it has is a key here."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +35,24 @@ class DatasetSection:
         "Caption for photos without one (ai-toolkit's default_caption); empty: a missing caption is an error."))
     caption_dropout: float = field(default=0.0, **_help(
         "How often a step sees only the trigger and class (ai-toolkit's caption_dropout_rate; 0.05–0.25)."))
+    shuffle_tags: bool = field(default=False, **_help(
+        "Shuffle the comma-separated tags after the first each time (ai-toolkit's shuffle_tokens, kohya's "
+        "shuffle_caption)."))
     repeats: int = field(default=1, **_help("How often each photo appears per epoch (SimpleTuner's repeats)."))
     resolution: list[int] = field(default_factory=lambda: [512], **_help(
         "Training size(s) in pixels (bucket area ≈ size²): 512 learns likeness fast, 1024 detail. Several, "
         "e.g. [512, 1024], train each photo at each."))
     bucketing: bool = field(default=True, **_help("Keep each photo's aspect ratio (buckets 1:4 to 4:1)."))
     crop: str = field(default="center", **_help("Where to crop what doesn't fit the bucket: center or random."))
+    minimum_image_size: int = field(default=0, **_help(
+        "Shorter side a photo needs, in px (SimpleTuner's minimum_image_size); 0: half the resolution."))
+    maximum_image_size: int = field(default=0, **_help(
+        "Photos larger than this (√(w·h), px) are downsampled to target_downsample_size, then cropped "
+        "(SimpleTuner's maximum_image_size); 0: off."))
+    target_downsample_size: int = field(default=0, **_help(
+        "What photos above maximum_image_size are downsampled to (SimpleTuner's); 0: the resolution."))
+    caption_ext: str = field(default="txt", **_help("The captions' file extension (ai-toolkit's caption_ext): txt, "
+                                                    "caption."))
     flip: bool = field(default=False, **_help("Mirror half the views (objects, styles; not faces)."))
     concepts: bool = field(default=False, **_help(
         "Each subfolder is a subject named like kohya's '10_sks dog' (repeats, trigger, class)."))
@@ -64,6 +77,13 @@ class DatasetSection:
             (self.crop in ("center", "random"), f"crop is {self.crop!r}; choose center or random."),
             (self.problems in PROBLEMS, f"problems is {self.problems!r}; choose stop or skip."),
             (self.regularisation_weight >= 0, f"regularisation_weight is {self.regularisation_weight}; use 0 or more."),
+            (min(self.minimum_image_size, self.maximum_image_size, self.target_downsample_size) >= 0,
+             "minimum_image_size, maximum_image_size and target_downsample_size are pixels: use 0 or more."),
+            (not self.maximum_image_size or self.target_downsample_size <= self.maximum_image_size,
+             f"target_downsample_size {self.target_downsample_size} is above maximum_image_size "
+             f"{self.maximum_image_size}; photos above the maximum are downsampled to the target (e.g. 1536, 1024)."),
+            (bool(re.fullmatch(r"\.?[A-Za-z0-9_]+", self.caption_ext)),
+             f"caption_ext is {self.caption_ext!r}; give an extension like txt or caption."),
         ])
 
 
