@@ -13,6 +13,7 @@ from .dataset import (
     DatasetReport,
     RegularisationSet,
 )
+from .import_config import ImportTrainingConfig
 from .layers import LoraLayerGroup
 from .lora_io import ApplyFluxLora, SaveFluxLora, TinyFluxLoader
 from .runs import LoadCheckpointLora, RunSettingsNode
@@ -26,7 +27,7 @@ NODES = [
     DatasetFromFolder, DatasetFromMfluxConfig, DatasetFromImages, DatasetAugmentation, RegularisationSet,
     ClassImages, CaptionImages, DatasetReport,
     # training
-    LoraLayerGroup, ValidationSamples, RunSettingsNode, TrainingSettingsNode, TrainFluxLora,
+    ImportTrainingConfig, LoraLayerGroup, ValidationSamples, RunSettingsNode, TrainingSettingsNode, TrainFluxLora,
     # using the LoRA
     LoadCheckpointLora, ApplyFluxLora, SaveFluxLora,
 ]

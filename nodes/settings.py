@@ -8,16 +8,20 @@ from dataclasses import dataclass, field
 from comfy_api.latest import io
 
 from ..trainer.loop import optimizers
+from ..trainer.loop.config import TrainConfig
 from ..trainer.loop.losses import LOSS_WEIGHTINGS, LOSSES, LossSettings
 from . import ids, sockets
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What the node sets: TrainConfig fields, and TimestepSampling fields besides its mode."""
+    """What the node sets: TrainConfig fields, and TimestepSampling fields besides its mode. From
+    Import Training Config, `config` is a whole train section instead, used in place of the Train
+    node's widgets (but for the machine's own: memory, lora_dtype, cache)."""
 
     train: dict = field(default_factory=dict)
     timesteps: dict = field(default_factory=dict)
+    config: TrainConfig | None = None
 
 
 class TrainingSettingsNode(io.ComfyNode):

@@ -3,6 +3,7 @@ own FLUX as a job (see session.py), hand back the model with the LoRA applied.""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -112,7 +113,10 @@ class TrainFluxLora(io.ComfyNode):
                 sockets.TrainingSettings.Input("settings", optional=True,
                                                tooltip="From Training Settings: optimizer (adamw8bit, prodigy, "
                                                        "lion…), gradient accumulation, schedule shape, shift, "
-                                                       "loss. Unconnected: AdamW, MSE, max_grad_norm 1.0."),
+                                                       "loss. Unconnected: AdamW, MSE, max_grad_norm 1.0. From "
+                                                       "Import Training Config: the config's whole train section, "
+                                                       "used instead of the widgets above (checkpointing, "
+                                                       "swap_blocks, compile, lora_dtype and cache stay yours)."),
             ],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             outputs=[
@@ -134,14 +138,22 @@ class TrainFluxLora(io.ComfyNode):
                 lora_dtype, ema_decay, cache, lora_layers=None, validation=None, run=None,
                 settings=None) -> io.NodeOutput:
         knobs = settings or TrainingSettings()
-        config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-                             weight_decay=weight_decay, guidance=guidance,
-                             timesteps=TimestepSampling(timestep_sampling, **knobs.timesteps), lr_schedule=lr_schedule,
-                             warmup_steps=warmup_steps, ema_decay=ema_decay,
-                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile), **knobs.train)
+        memory_config = MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile)
+        if knobs.config is not None:  # an imported recipe's whole train section; the machine's memory mode
+            config = dataclasses.replace(knobs.config, memory=memory_config)
+            log.info("Train settings from the imported config (steps %d, learning_rate %g, optimizer %s); the "
+                     "Train node's own steps, learning_rate, … widgets are not used.", config.steps,
+                     config.learning_rate, config.optimizer)
+        else:
+            config = TrainConfig(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
+                                 weight_decay=weight_decay, guidance=guidance,
+                                 timesteps=TimestepSampling(timestep_sampling, **knobs.timesteps),
+                                 lr_schedule=lr_schedule, warmup_steps=warmup_steps, ema_decay=ema_decay,
+                                 memory=memory_config, **knobs.train)
         backend, patcher = models.flux_backend(model)
         memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
-        spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
+        spec = lora_layers.resolved(backend.dims) if lora_layers else LayerSpec.preset(DEFAULT_LAYERS, backend.dims,
+                                                                                         rank=16)
         targets = spec.targets(backend.dims)
         settings = run or RunSettings()
         folder, resume = settings.folder_and_checkpoint(paths.runs_root())
@@ -149,7 +161,7 @@ class TrainFluxLora(io.ComfyNode):
         if validation:
             validation.check(dataset.triggers)  # a prompt naming [trigger2] of a one-subject dataset: now, by name
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
-        examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
+        examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed)
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
         models.load_for_training(patcher, backend.swapped_blocks(config.memory))
@@ -157,12 +169,14 @@ class TrainFluxLora(io.ComfyNode):
         base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.triggers, base, {
-            "resolution": resolution, "learning_rate": learning_rate, "seed": seed, "run": folder.path.name,
+            "resolution": resolution, "learning_rate": config.learning_rate, "seed": config.seed,
+            "run": folder.path.name,
             "optimizer": config.optimizer, "lr_schedule": config.lr_schedule,
             **({"base_model_loras": ", ".join(base_loras)} if base_loras else {})},
             family=backend.family, variant=backend.variant)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
-                 len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
+                 len(examples), resolution, config.steps, folder.path, memory,
+                 f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
                       resume, validation and validation.schedule())
         outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)

@@ -53,6 +53,15 @@ class ValidationPlan:
                                  triggers, folder)
 
 
+def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
+    """A recipe's `validation` section as the plan Validation Samples makes (None without prompts)."""
+    if not section.prompts:
+        return None
+    size = section.size or resolution
+    entries = tuple(EvalEntry(p, section.seed, section.guidance, section.steps) for p in section.prompts)
+    return ValidationPlan(entries, section.every, size, size, "euler", "simple", section.before_training)
+
+
 class ValidationSamples(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -170,3 +170,23 @@ def test_dataset_keys_reach_the_images_and_captions(tmp_path):
         (1024, 512, 100)
     with pytest.raises(RecipeError, match="target_downsample_size 2048 is above maximum_image_size 1024"):
         recipe.with_settings(["dataset.target_downsample_size=2048"])
+
+
+def test_pasted_text_reads_like_a_file_and_its_layers_fit_the_model_when_it_is_known(tmp_path):
+    (tmp_path / "photos").mkdir()
+    pasted = formats.loads("dataset: {folders: [photos, gone]}\nlayers: {preset: attention, rank: 4}\n"
+                           "train: {steps: 7}\n", tmp_path / "pasted config")
+    assert pasted.format == "ours" and pasted.recipe.train.steps == 7
+    assert [n for n in pasted.notes if "gone" in n] and not [n for n in pasted.notes if "'photos'" in n]
+    assert pasted.summary()[0] == "Honoured (4): dataset.folders, layers.preset, layers.rank, train.steps"
+    small, full = FluxDims(double_blocks=2, single_blocks=3), FluxDims()
+    layers = build.RecipeLayers(pasted.recipe)
+    assert {g.end for g in layers.resolved(small).groups} == {2, 3}  # each model's own depths
+    assert {g.end for g in layers.resolved(full).groups} == {19, 38}
+    spec = build.layer_spec(pasted.recipe, small)
+    assert spec.resolved(small) is spec
+    with pytest.raises(RecipeError, match="dataset.folders.* does not exist"):
+        build.check_paths(pasted.recipe, tmp_path)
+    # with the imported file's own key
+    with pytest.raises(RecipeError, match=r"^folder_path\[1\] is 'gone'.*Change folder_path "):
+        build.check_paths(pasted.recipe, tmp_path, {"dataset.folders": "folder_path"})

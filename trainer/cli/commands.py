@@ -37,11 +37,7 @@ def run_config(args) -> int:
         return 0
     lines = [f"{args.file}: {imported.format} format", "", "Settings:",
              *("  " + line for line in text.to_yaml(imported.recipe, comments=False).splitlines()), "",
-             f"Honoured ({len(imported.honoured)}): {', '.join(imported.honoured) or 'none'}"]
-    lines.append(f"Unsupported ({len(imported.unsupported)}):" if imported.unsupported else "Unsupported: none")
-    lines += [f"  {u.key}: {u.why}" for u in imported.unsupported]
-    if imported.notes:
-        lines += ["Notes:", *(f"  {n}" for n in imported.notes)]
+             *imported.summary()]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -195,13 +195,15 @@ def note_changes(previous: Path, recipe: Recipe) -> None:
 def run(args) -> int:
     started = time.perf_counter()
     imported = formats.load(args.config)
-    if imported.unsupported:
+    if imported.unsupported and imported.format == "ours":  # in our own format, a typo: stop
         raise RecipeError(f"{args.config} has settings that can't be used (`python -m trainer config` shows all):\n  "
                           + "\n  ".join(f"{u.key}: {u.why}" for u in imported.unsupported))
+    for u in imported.unsupported:  # another tool's file: train what it sets that we have, and say what not
+        log.warning("%s: %s is not used: %s", args.config, u.key, u.why)
     recipe = imported.recipe.with_settings(args.set)
     base = Path(args.config).expanduser().absolute().parent
     # everything that can be checked before anything is loaded or written
-    build.check_paths(recipe, base)
+    build.check_paths(recipe, base, imported.origins)
     root = output_root(args.out, recipe, base)
     folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
     model = load_model(args.model)

@@ -168,6 +168,11 @@ class LayerSpec:
             raise ValueError("The LoRA layer selection is empty; add at least one layer group.")
         return targets
 
+    def resolved(self, layout: ModelLayout) -> "LayerSpec":
+        """The selection for this model: itself (a recipe's selection is only known once the model's
+        depths are; see recipe.build.RecipeLayers)."""
+        return self
+
     def to_json(self) -> str:
         return json.dumps([asdict(g) for g in self.groups])
 

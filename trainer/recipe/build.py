@@ -3,6 +3,7 @@ settings. Paths are read relative to the recipe's folder (`base`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import datasets
@@ -16,14 +17,18 @@ from .importing import is_examples_file
 from .schema import Recipe
 
 
-def check_paths(recipe: Recipe, base: Path) -> None:
-    """Every folder the recipe names exists: else an error naming the key and the path."""
+def check_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> None:
+    """Every folder the recipe names exists: else an error naming the key (the imported file's own
+    key, such as ai-toolkit's `folder_path`, when `origins` tells it) and the path."""
     if not recipe.dataset.folders:
         raise RecipeError("dataset.folders is empty; name the folder of your photos, e.g. `folders: [photos]`.")
     for key, value, path in paths_of(recipe, base):
         if not (path.is_dir() or is_examples_file(path)):
             what = "is a file, not a folder" if path.exists() else "does not exist"
-            raise RecipeError(f"{key} is {value!r}: {path} {what}. Change {key.split('[')[0]} in the config "
+            ours, _, index = key.partition("[")
+            setting = (origins or {}).get(ours, ours)
+            raise RecipeError(f"{setting}{'[' + index if index else ''} is {value!r}: {path} {what}. Change {setting} "
+                              "in the config "
                               "(relative paths are read from the config's folder) or --set it.")
 
 
@@ -89,6 +94,17 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
         raise
     except ValueError as e:
         raise RecipeError(f"layers: {e}") from None
+
+
+@dataclass(frozen=True)
+class RecipeLayers:
+    """A recipe's layer selection, made into a LayerSpec once the model, and so its depths, is known
+    (a preset, or `end: 0` for the last block)."""
+
+    recipe: Recipe
+
+    def resolved(self, layout: ModelLayout) -> LayerSpec:
+        return layer_spec(self.recipe, layout)
 
 
 def run_settings(recipe: Recipe, resume: str = "") -> RunSettings:

@@ -84,18 +84,24 @@ def detect(data: Any, syntax: str) -> Format | None:
 def load(path: str | Path) -> Imported:
     """Read a config file of any known format; `UnreadableConfig` when it can't be used at all."""
     path = Path(path).expanduser()
-    data, syntax = text.parse(text.read_text(path), str(path))
+    return loads(text.read_text(path), path)
+
+
+def loads(content: str, source: Path) -> Imported:
+    """Read a config given as text (pasted into a node); `source` names it, and its folder is where
+    the config's relative paths start."""
+    data, syntax = text.parse(content, str(source))
     found = detect(data, syntax)
     if found is None:
-        raise UnreadableConfig(f"{path} is not a training config this pack knows: expected a recipe with sections "
+        raise UnreadableConfig(f"{source} is not a training config this pack knows: expected a recipe with sections "
                                f"{', '.join(SECTIONS)} (see `python -m trainer keys`), or "
                                + ", ".join(f.title for f in FORMATS if f.name != "ours") + ".")
     if found.read is None:
-        raise UnreadableConfig(f"{path} looks like {found.title} (format {found.name!r}): reading it is not yet "
+        raise UnreadableConfig(f"{source} looks like {found.title} (format {found.name!r}): reading it is not yet "
                                "supported. Write the recipe in this pack's format for now "
                                "(`python -m trainer keys` lists its keys).")
-    imported = found.read(data, path)
-    imported.notes += missing_paths(imported.recipe, path.parent, imported.origins)
+    imported = found.read(data, source)
+    imported.notes += missing_paths(imported.recipe, source.parent, imported.origins)
     return imported
 
 

@@ -67,6 +67,16 @@ class Imported:
     notes: list[str] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)  # our key -> the file's key that set it
 
+    def summary(self) -> list[str]:
+        """What took effect and what did not, as lines for a person (the `config` command, the
+        Import Training Config node)."""
+        lines = [f"Honoured ({len(self.honoured)}): {', '.join(self.honoured) or 'none'}"]
+        lines.append(f"Unsupported ({len(self.unsupported)}):" if self.unsupported else "Unsupported: none")
+        lines += [f"  {u.key}: {u.why}" for u in self.unsupported]
+        if self.notes:
+            lines += ["Notes:", *(f"  {n}" for n in self.notes)]
+        return lines
+
     def as_json(self) -> dict:
         return {"format": self.format, "settings": self.recipe.to_dict(), "honoured": self.honoured,
                 "unsupported": [vars(u) for u in self.unsupported], "notes": self.notes}
