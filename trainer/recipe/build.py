@@ -36,9 +36,9 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems)
         parts += [datasets.from_folder(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
-        regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions,
-                                          d.default_caption or d.class_word.strip(), shaping, Augmentation(),
-                                          d.problems)
+        # regularisation photos without a caption train on the class word (never the subject's default_caption)
+        regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions, d.class_word.strip(), shaping,
+                                          Augmentation(), d.problems)
         parts += [datasets.from_folder(base / Path(f).expanduser(), regularisation).with_items(
                   regularisation=True, loss_weight=d.regularisation_weight) for f in d.regularisation]
     return sum(parts[1:], parts[0])

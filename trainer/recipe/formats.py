@@ -68,8 +68,14 @@ def read_ours(data: dict, source: Path) -> Imported:
     return Imported("ours", recipe, source, reader.honoured, unsupported)
 
 
+def read_ai_toolkit(data: Any, source: Path) -> Imported:
+    from . import ai_toolkit  # it builds on this module
+
+    return ai_toolkit.read(data, source)
+
+
 FORMATS: list[Format] = [
-    Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit),
+    Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit, read_ai_toolkit),
     Format("mflux", "an mflux train config", _is_mflux),
     Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner),
     Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers),
@@ -129,7 +135,7 @@ def missing_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = N
     for key, value, path in paths_of(recipe, base):
         if path.is_dir():
             continue
-        setting = (origins or {}).get(key.split("[")[0], key.split("[")[0])
+        setting = (origins or {}).get(key) or (origins or {}).get(key.split("[")[0], key.split("[")[0])
         where = "a Windows path: the file comes from another machine" if is_windows_path(value) else str(path)
         notes.append(f"{setting}: {value!r} does not exist here ({where}); change {setting}.")
     return notes
