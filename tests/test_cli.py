@@ -80,9 +80,9 @@ def test_config_exits_2_on_an_unreadable_or_unsupported_file(tmp_path, capsys, c
     (tmp_path / "broken.json").write_text('{"train": {"steps": 5,}')
     assert cli.main(["config", str(tmp_path / "broken.json"), "--json"]) == 2
     assert "not valid JSON" in caplog.text
-    (tmp_path / "job.yaml").write_text("job: extension\nconfig:\n  process:\n    - type: sd_trainer\n")
-    assert cli.main(["config", str(tmp_path / "job.yaml")]) == 2
-    assert "ai-toolkit" in caplog.text and "not yet supported" in caplog.text
+    (tmp_path / "config.json").write_text('{"--model_family": "flux", "--lora_rank": 16}')
+    assert cli.main(["config", str(tmp_path / "config.json")]) == 2
+    assert "SimpleTuner" in caplog.text and "not yet supported" in caplog.text
     assert capsys.readouterr().out == ""
     (tmp_path / "mflux.json").write_text('{"model": "dev", "training_loop": {}, "examples": {}}')
     assert cli.main(["config", str(tmp_path / "mflux.json")]) == 0  # read now

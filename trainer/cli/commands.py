@@ -8,11 +8,12 @@ from pathlib import Path
 
 from .. import files
 from ..log import logger
-from ..recipe import formats, text
+from ..recipe import ai_toolkit, formats, text
 from ..recipe.fields import type_name
 from ..recipe.schema import ALIASES, Recipe, all_keys
 
 log = logger(__name__)
+WRITERS = ("ours", "ai-toolkit")
 
 
 def add_config(sub) -> None:
@@ -24,14 +25,22 @@ def add_config(sub) -> None:
                    help='one JSON object: {"format", "settings", "honoured", "unsupported", "notes"}')
     p.add_argument("--write", type=Path, metavar="OUT",
                    help="also write the resolved recipe in our format (OUT.yaml, commented; or OUT.json)")
+    p.add_argument("--to", choices=WRITERS, default="ours",
+                   help="the format --write writes: ours, or ai-toolkit (a job YAML, with what ai-toolkit can't "
+                        "express in a comment at its top)")
     p.set_defaults(run=run_config)
 
 
 def run_config(args) -> int:
+    if args.to != "ours" and not args.write:
+        log.error("--to %s says the format --write writes: give --write OUT.yaml too.", args.to)
+        return 2
     imported = formats.load(args.file)
     if args.write:
-        files.write_text(args.write, text.dump(imported.recipe, args.write))
-        imported.notes.append(f"Wrote the resolved recipe to {args.write}.")
+        recipe, out = imported.recipe, args.write
+        files.write_text(out, ai_toolkit.write(recipe) if args.to == "ai-toolkit" else text.dump(recipe, out))
+        imported.notes.append(f"Wrote the resolved recipe to {args.write}"
+                              + (" as an ai-toolkit job." if args.to == "ai-toolkit" else "."))
     if args.json:
         sys.stdout.write(json.dumps(imported.as_json(), indent=1) + "\n")
         return 0

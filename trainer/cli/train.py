@@ -28,7 +28,7 @@ from ..outputs import checkpoints, export
 from ..outputs.checkpoints import RunFolder
 from ..outputs.progress import Progress, Sample
 from ..outputs.sample import sample
-from ..recipe import build, formats, text
+from ..recipe import build, formats, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
 
@@ -80,7 +80,7 @@ def load_model(name: str):
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
     """Where run folders go, checked writable with room to spare before anything is written."""
-    root = out.expanduser() if out else formats.resolve(recipe.save.output, base) if recipe.save.output \
+    root = out.expanduser() if out else importing.resolve(recipe.save.output, base) if recipe.save.output \
         else DEFAULT_OUTPUT
     where = "--out" if out else "save.output" if recipe.save.output else "the default output folder"
     if root.exists() and not root.is_dir():

@@ -12,8 +12,7 @@ from ..data.images import Shaping
 from ..lora.targets import LayerGroup, LayerSpec, ModelLayout, parse_layer_types
 from ..outputs.checkpoints import RunSettings
 from .fields import RecipeError
-from .formats import paths_of
-from .importing import is_examples_file
+from .importing import is_examples_file, paths_of
 from .schema import Recipe
 
 
@@ -43,7 +42,9 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems, d.caption_ext)
         parts += [_source(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
-        fallback = d.regularisation_caption.strip() or d.default_caption or d.class_word.strip()
+        # regularisation photos without a caption: the class prompt, else the class word (never the subject's
+        # default_caption)
+        fallback = d.regularisation_caption.strip() or d.class_word.strip()
         regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions, fallback, shaping, Augmentation(),
                                           d.problems, d.caption_ext)
         parts += [_source(base / Path(f).expanduser(), regularisation).with_items(

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import diffusers_args, mflux, text
+from . import ai_toolkit, diffusers_args, mflux, text
 from .fields import Reader
-from .importing import Imported, Unsupported, is_examples_file, missing_note, resolve
-from .schema import Recipe, value_of
+from .importing import Imported, Unsupported, missing_paths
+from .schema import Recipe
 from .text import UnreadableConfig
 
 
@@ -68,7 +68,7 @@ def read_ours(data: dict, source: Path) -> Imported:
 
 
 FORMATS: list[Format] = [
-    Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit),
+    Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit, ai_toolkit.read),
     Format("mflux", "an mflux train config", _is_mflux, mflux.read),
     Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner),
     Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers,
@@ -103,26 +103,3 @@ def loads(content: str, source: Path) -> Imported:
     imported = found.read(data, source)
     imported.notes += missing_paths(imported.recipe, source.parent, imported.origins)
     return imported
-
-
-PATH_KEYS = ("dataset.folders", "dataset.regularisation")
-
-
-def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
-    """(key as written, value, resolved path) of every folder the recipe names."""
-    out = []
-    for key in PATH_KEYS:
-        values = value_of(recipe, key)
-        for i, value in enumerate(values):
-            out.append((key if len(values) == 1 else f"{key}[{i}]", value, resolve(value, base)))
-    return out
-
-
-def missing_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> list[str]:
-    """A note per folder that does not exist here, naming the setting of the file that gave it
-    (ai-toolkit's `folder_path`, …) when the recipe was imported."""
-    notes = [] if recipe.dataset.folders else ["dataset.folders is empty: name the folder of your photos to train."]
-    for key, value, path in paths_of(recipe, base):
-        if not (path.is_dir() or is_examples_file(path)):
-            notes.append(missing_note((origins or {}).get(key.split("[")[0], key.split("[")[0]), value, path))
-    return notes

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .fields import Reader
-from .schema import Recipe, all_keys
+from .schema import Recipe, all_keys, value_of
 
 
 def resolve(value: str, base: Path) -> Path:
@@ -47,6 +47,31 @@ def missing_note(setting: str, value: str, path: Path) -> str:
     """What the user reads about a folder of the file that is not here, named by the file's key."""
     where = "a Windows path: the file comes from another machine" if is_windows_path(value) else str(path)
     return f"{setting}: {value!r} does not exist here ({where}); change {setting}."
+
+
+
+PATH_KEYS = ("dataset.folders", "dataset.regularisation")
+
+
+def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:
+    """(key as written, value, resolved path) of every folder the recipe names."""
+    out = []
+    for key in PATH_KEYS:
+        values = value_of(recipe, key)
+        for i, value in enumerate(values):
+            out.append((key if len(values) == 1 else f"{key}[{i}]", value, resolve(value, base)))
+    return out
+
+
+def missing_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> list[str]:
+    """A note per folder that does not exist here, naming the setting of the file that gave it
+    (ai-toolkit's `folder_path`, …) when the recipe was imported."""
+    notes = [] if recipe.dataset.folders else ["dataset.folders is empty: name the folder of your photos to train."]
+    for key, value, path in paths_of(recipe, base):
+        if not (path.is_dir() or is_examples_file(path)):
+            setting = (origins or {}).get(key) or (origins or {}).get(key.split("[")[0], key.split("[")[0])
+            notes.append(missing_note(setting, value, path))
+    return notes
 
 
 @dataclass
