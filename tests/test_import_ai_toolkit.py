@@ -267,3 +267,11 @@ def test_layer_filters_become_our_layers_and_back_exactly(only, ignore):
     assert trained == chosen and 0 < len(chosen) < len(layers.every_layer())
     filters = layers.to_filters(chosen)
     assert layers.selected(filters.get("only_if_contains"), filters.get("ignore_if_contains")) == chosen
+
+
+def test_a_setting_the_writer_does_not_know_is_named_not_dropped():
+    recipe = Recipe().with_settings(["dataset.folders=[photos]", "dataset.maximum_image_size=1536",
+                                     "dataset.target_downsample_size=1024"])
+    lost = ai_toolkit.export(recipe).lost
+    assert lost["dataset.maximum_image_size"] == "1536: ai-toolkit's job has no such setting"
+    assert "dataset.target_downsample_size" in lost and "dataset.minimum_image_size" not in lost  # at its default
