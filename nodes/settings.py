@@ -1,5 +1,6 @@
-"""Training Settings: the optimizer, schedule, timestep and loss knobs beyond the Train node's own,
-in one small node whose output plugs into Train's `settings` (unconnected: the defaults below)."""
+"""Training Settings: the optimizer, schedule, timestep, loss and preservation (DOP) knobs beyond
+the Train node's own, in one small node whose output plugs into Train's `settings` (unconnected:
+the defaults below)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ class TrainingSettingsNode(io.ComfyNode):
             node_id=ids.TRAINING_SETTINGS,
             display_name="Training Settings",
             category=sockets.Category.TRAINING,
-            description="Optimizer, gradient accumulation, schedule shape, noise-level and loss settings, by the "
-                        "names ai-toolkit, SimpleTuner, kohya and diffusers use. Plug into the Train node's "
-                        "`settings`; without it Train uses AdamW, MSE and the defaults shown here.",
+            description="Optimizer, gradient accumulation, schedule shape, noise-level and loss settings, and "
+                        "differential output preservation, by the names ai-toolkit, SimpleTuner, kohya and "
+                        "diffusers use. Plug into the Train node's `settings`; without it Train uses AdamW, MSE "
+                        "and the defaults shown here.",
             inputs=[
                 io.Combo.Input("optimizer", options=list(optimizers.OPTIMIZERS), default="adamw",
                                tooltip="adamw: the usual choice. adamw8bit: ai-toolkit's `optimizer: adamw8bit`, "
@@ -91,6 +93,18 @@ class TrainingSettingsNode(io.ComfyNode):
                                        "none (usual), cosmap (SD3's, favours mid noise), sigma_sqrt (1/σ², "
                                        "strongly favours low noise, fine detail). Not with timestep_sampling "
                                        "weighted, which weights already."),
+                io.Float.Input("dop_multiplier", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="Differential output preservation (ai-toolkit's diff_output_preservation): "
+                                       "each step also asks about the caption with the trigger replaced by the "
+                                       "class word ('a photo of sks person' -> 'a photo of person') and holds the "
+                                       "LoRA's answer to the model's own, so other people don't start to look "
+                                       "like your subject. The weight of that term: 0 = off, 0.5–1.0 usual (1.0 "
+                                       "is ai-toolkit's diff_output_preservation_multiplier). Costs about 2 more "
+                                       "forward passes per step."),
+                io.String.Input("dop_class", default="", optional=True,
+                                tooltip="The class word DOP puts in place of the trigger word ('person', 'dog'; "
+                                        "ai-toolkit's diff_output_preservation_class). Empty: the dataset's "
+                                        "class word."),
             ],
             outputs=[sockets.TrainingSettings.Output(display_name="settings")],
         )
@@ -98,10 +112,11 @@ class TrainingSettingsNode(io.ComfyNode):
     @classmethod
     def execute(cls, optimizer, optimizer_args, gradient_accumulation_steps, max_grad_norm, lr_num_cycles,
                 lr_power, lr_end, shift, logit_mean, logit_std, mode_scale, loss, huber_c,
-                loss_weighting) -> io.NodeOutput:
+                loss_weighting, dop_multiplier=0.0, dop_class="") -> io.NodeOutput:
         train = dict(optimizer=optimizer, optimizer_args=optimizers.parse_args(optimizer_args),
                      gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
                      lr_num_cycles=lr_num_cycles, lr_power=lr_power, lr_end=lr_end,
-                     loss=LossSettings(loss, huber_c, loss_weighting))
+                     loss=LossSettings(loss, huber_c, loss_weighting), dop_multiplier=dop_multiplier,
+                     dop_class=dop_class)
         timesteps = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
         return io.NodeOutput(TrainingSettings(train, timesteps))

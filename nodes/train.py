@@ -161,7 +161,8 @@ class TrainFluxLora(io.ComfyNode):
         if validation:
             validation.check(dataset.triggers)  # a prompt naming [trigger2] of a one-subject dataset: now, by name
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
-        examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed)
+        examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed,
+                                           dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
         models.load_for_training(patcher, backend.swapped_blocks(config.memory))

@@ -271,9 +271,27 @@ def test_training_settings_plug_into_train(host):
     assert meta["dreambooth.optimizer"] == "prodigy" and meta["dreambooth.lr_schedule"] == "cosine"
 
 
+def test_dop_trains_through_training_settings_on_comfyuis_flux(host):
+    """Differential output preservation on ComfyUI's FLUX (fused q/k/v, in-place residual stream,
+    checkpointing): the LoRA switched off for the frozen target, its term reported apart."""
+    prompt = train_prompt(settings=["6", 0])
+    prompt["6"] = {"class_type": "FluxDreamBoothTrainingSettings",
+                   "inputs": {**SETTINGS, "optimizer": "adamw", "optimizer_args": "", "gradient_accumulation_steps": 1,
+                              "shift": 1.0, "loss": "mse", "loss_weighting": "none", "dop_multiplier": 1.0,
+                              "dop_class": ""}}
+    prompt["5"]["inputs"]["filename_prefix"] = "checks/dop"
+    outputs = host.run(prompt)
+    before, after = outputs["4"]["fixed_noise_loss"]
+    assert after < before, (before, after)
+    progress = [d for e, d in host.server.events if e == "flux_dreambooth.progress"]
+    assert progress and all(d["preservation_loss"] is not None for d in progress)
+    assert progress[-1]["step"] == 4 and progress[-1]["preservation_loss"] > 0  # the LoRA moved the class caption
+
+
 @pytest.mark.parametrize("change, message", [
     ({"optimizer_args": "no_such_arg=1"}, "optimizer_args has 'no_such_arg', which Prodigy does not take"),
     ({"optimizer": "adamw_schedulefree"}, "set lr_schedule to constant"),
+    ({"dop_multiplier": 1.0, "dop_class": "[trigger]"}, "dop_class is '[trigger]'; give the class word itself"),
 ])
 def test_bad_training_settings_are_named_and_write_nothing(host, change, message):
     prompt = train_prompt(lr_schedule="cosine", timestep_sampling="sigmoid", settings=["6", 0])

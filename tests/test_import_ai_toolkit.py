@@ -122,13 +122,12 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
                 f"{p}.network.lokr_factor": "layers.lokr_factor",
                 f"{p}.datasets[1].network_weight": "layers.network_weight",
                 f"{p}.train.train_text_encoder": "train.text_encoder_lr", f"{p}.train.text_encoder_lr":
-                "train.text_encoder_lr", f"{p}.train.diff_output_preservation": "train.dop_multiplier",
-                f"{p}.train.diff_output_preservation_multiplier": "train.dop_multiplier",
-                f"{p}.train.diff_output_preservation_class": "train.dop_class"}
+                "train.text_encoder_lr"}
     others = [f"{p}.datasets[0].flip_y", f"{p}.train.lr_scheduler", f"{p}.train.timestep_type",
               f"{p}.train.loss_type", f"{p}.train.content_or_style"]
     assert set(unsupported) == set(would_be) | set(others)
     assert f"{p}.datasets[0].caption_ext" in imported.honoured and imported.recipe.dataset.caption_ext == "json"
+    assert (imported.recipe.train.dop_multiplier, imported.recipe.train.dop_class) == (0.5, "man")
     for key, ours in would_be.items():
         assert unsupported[key] == f"this pack has no setting for it yet (it would be {ours})", key
     assert "LinearLR" in unsupported[f"{p}.train.lr_scheduler"] and "wavelet" in unsupported[f"{p}.train.loss_type"]
@@ -275,3 +274,13 @@ def test_a_setting_the_writer_does_not_know_is_named_not_dropped():
     lost = ai_toolkit.export(recipe).lost
     assert lost["dataset.maximum_image_size"] == "1536: ai-toolkit's job has no such setting"
     assert "dataset.target_downsample_size" in lost and "dataset.minimum_image_size" not in lost  # at its default
+
+
+def test_differential_output_preservation_reads_back_from_the_written_job():
+    recipe = Recipe().with_settings(["dataset.folders=[photos]", "dataset.class_word=person",
+                                     "train.dop_multiplier=0.75"])
+    result = ai_toolkit.export(recipe)
+    train = result.job["config"]["process"][0]["train"]
+    assert (train["diff_output_preservation"], train["diff_output_preservation_class"]) == (True, "person")
+    back, _, unsupported = round_trip(recipe)
+    assert back.train.dop_multiplier == 0.75 and not [k for k in result.lost if k.startswith("train.dop")]

@@ -210,7 +210,8 @@ def run(args) -> int:
     backend = model.backend()
     spec = build.layer_spec(recipe, backend.dims)
     dataset = build.dataset(recipe, base)
-    examples, skipped = encode_dataset(dataset, model, None, recipe.train.seed)
+    examples, skipped = encode_dataset(dataset, model, None, recipe.train.seed,
+                                       dop_class=recipe.train.preservation_class())
     for problem in skipped:
         log.warning("Left out: %s", problem)
     targets = spec.targets(backend.dims)

@@ -31,6 +31,26 @@ def with_trigger(caption: str, trigger_word: str, class_word: str = "") -> str:
     return f"{prefix}, {caption}" if caption else prefix
 
 
+def preservation_caption(caption: str, trigger_word: str, class_word: str, written_class: str = "") -> str:
+    """The caption differential output preservation (ai-toolkit's diff_output_preservation) asks
+    the frozen model about: every trigger word (as a word) replaced by the class word, 'a photo of
+    sks, smiling' -> 'a photo of person, smiling'. A class word right after the trigger is not
+    doubled: 'sks person' -> 'person', not 'person person'; `written_class` (the dataset's class
+    word, when DOP is told another) counts as one too: 'sks person' with class 'man' -> 'man'."""
+    trigger, word = trigger_word.strip(), class_word.strip()
+    if not trigger or not word:
+        return caption
+    classes = sorted({w for w in (word, written_class.strip()) if w}, key=len, reverse=True)  # longest first
+    follow = "|".join(re.escape(w) for w in classes)
+    pattern = re.compile(rf"(?<!\w){re.escape(trigger)}(?!\w)(?:\s+((?i:{follow}))(?!\w))?")
+
+    def replaced(match: re.Match) -> str:  # a following class word as written ('sks Person' -> 'Person')
+        written = match.group(1)
+        return written if written and written.lower() == word.lower() else word
+
+    return pattern.sub(replaced, caption)
+
+
 def fill_triggers(prompt: str, triggers: Sequence[str]) -> str:
     """A validation prompt with `[trigger]` (or `[trigger1]`) the first subject's trigger word,
     `[trigger2]` the second's, and so on, in the order the subjects were chained."""

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from .. import files
 from ..log import logger
 from . import images
-from .captions import shuffled_tags
+from .captions import preservation_caption, shuffled_tags
 from .datasets import Dataset, DatasetError, DatasetItem
 
 log = logger(__name__)
@@ -30,7 +30,9 @@ log = logger(__name__)
 class Example:
     """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,).
     `views` are extra latents of the same image (augmented), `texts` extra caption variants (tag
-    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`."""
+    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`.
+    `preserve` holds each of these captions with the trigger word replaced by the class word, in the
+    order (caption, *texts, dropout_text), for differential output preservation; empty: none."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -46,13 +48,15 @@ class Example:
     key: str = ""  # the image's content hash (as the encode cache keys it): a checkpoint notices a changed dataset
     regularisation: bool = False  # a regularisation or class image, not the subject's
     subject: str = ""  # the subject's trigger word: which subject this photo shows
+    preserve: list = field(default_factory=list)  # class captions, for differential output preservation
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
         pair = lambda t: (t[0].clone(), t[1].clone())  # noqa: E731
         return replace(self, latents=self.latents.clone(), context=self.context.clone(), pooled=self.pooled.clone(),
                        views=[v.clone() for v in self.views], texts=[pair(t) for t in self.texts],
-                       dropout_text=pair(self.dropout_text) if self.dropout_text else None)
+                       dropout_text=pair(self.dropout_text) if self.dropout_text else None,
+                       preserve=[pair(t) for t in self.preserve])
 
 
 class Encoders(Protocol):
@@ -142,11 +146,31 @@ def plan(dataset: Dataset) -> tuple[list[tuple[DatasetItem, tuple[int, int]]], l
     return planned, skipped
 
 
+def check_preservation(dataset: Dataset, dop_class: str) -> None:
+    """Before anything is encoded: differential output preservation needs, for every subject, a
+    trigger word to replace and a class word to put in its place (`dop_class`, else the subject's)."""
+    subjects = {(i.trigger_word.strip(), i.class_word.strip()) for i in dataset.items if not i.regularisation}
+    if not any(trigger for trigger, _ in subjects):
+        raise DatasetError("dop_multiplier is on, but the dataset has no trigger word: differential output "
+                           "preservation teaches a trigger word without changing what the class word means. Set "
+                           "a trigger word, or set dop_multiplier to 0.")
+    missing = sorted(trigger for trigger, word in subjects if trigger and not (dop_class.strip() or word))
+    if missing:
+        raise DatasetError(f"dop_multiplier is on, but the subject(s) {', '.join(map(repr, missing))} have no class "
+                           "word to put in place of the trigger word; set dop_class (e.g. 'person', ai-toolkit's "
+                           "diff_output_preservation_class) or the dataset's class_word.")
+
+
 def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | None = None, seed: int = 0,
-                   on_progress: Callable[[int, int], None] | None = None) -> tuple[list[Example], list[str]]:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   dop_class: str | None = None) -> tuple[list[Example], list[str]]:
     """Every image, view and caption variant encoded once (or found in the cache). Returns the
-    examples and the problems that were skipped."""
+    examples and the problems that were skipped. With `dop_class` (TrainConfig.preservation_class():
+    '' = each subject's class word, None = no differential output preservation) the subjects' captions
+    are also encoded with the trigger word replaced by the class word."""
     cache = cache or EncodeCache(memory=False)
+    if dop_class is not None:
+        check_preservation(dataset, dop_class)
     planned, skipped = plan(dataset)
     ids = encoders.identity()
 
@@ -177,10 +201,15 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         shuffles = shuffled_tags(item.caption, 1, TAG_SHUFFLES, seed) if item.augment.shuffle_tags else []
         context, pooled = text(item.caption)
         dropout = item.augment.caption_dropout
+        preserve = []
+        if dop_class is not None and not item.regularisation and item.trigger_word.strip():
+            word = dop_class.strip() or item.class_word
+            preserve = [text(preservation_caption(c, item.trigger_word, word, item.class_word))
+                        for c in [item.caption, *shuffles] + ([item.trigger] if dropout else [])]
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
                                 dropout, key=content, regularisation=item.regularisation,
-                                subject="" if item.regularisation else item.trigger_word))
+                                subject="" if item.regularisation else item.trigger_word, preserve=preserve))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

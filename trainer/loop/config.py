@@ -43,6 +43,8 @@ class TrainConfig:
     lr_power: float = 1.0  # exponent of the polynomial schedule (diffusers' --lr_power)
     lr_end: float = 4e-7  # learning rate the polynomial schedule ends at (SimpleTuner's --lr_end)
     loss: LossSettings = field(default_factory=LossSettings)  # mse, l1, huber…, and its weighting over σ
+    dop_multiplier: float = 0.0  # differential output preservation's loss weight (ai-toolkit's 1.0); 0 = off
+    dop_class: str = ""  # the class word DOP puts in place of the trigger; '' = each subject's class word
 
     def __post_init__(self):
         checks = [  # each a whole number or finite value first (inf, NaN and 2.5 steps compare silently)
@@ -66,6 +68,12 @@ class TrainConfig:
              f"warmup_steps is {self.warmup_steps}; keep it between 0 and steps ({self.steps})."),
             (_finite_number(self.ema_decay) and 0 <= self.ema_decay < 1,
              f"ema_decay is {self.ema_decay}; use 0 (off) or a value like 0.999."),
+            (_finite_number(self.dop_multiplier) and self.dop_multiplier >= 0,
+             f"dop_multiplier is {self.dop_multiplier}; use 0 (off) or a positive weight (0.5–1.0 is usual, "
+             "1.0 is ai-toolkit's diff_output_preservation_multiplier)."),
+            (isinstance(self.dop_class, str) and "[trigger" not in self.dop_class,
+             f"dop_class is {self.dop_class!r}; give the class word itself ('person', 'dog'), or leave it empty "
+             "for the dataset's class word."),
         ]
         for ok, message in checks + self._optimisation_checks():
             if not ok:
@@ -95,6 +103,11 @@ class TrainConfig:
              f"loss_weighting is {self.loss.weighting!r} with timestep_sampling weighted, which weights the loss "
              "already (ai-toolkit's bell curve); set loss_weighting to none, or pick another timestep_sampling."),
         ]
+
+    def preservation_class(self) -> str | None:
+        """What differential output preservation puts in place of the trigger word, for
+        encode_dataset: dop_class, '' for each subject's own class word, None when DOP is off."""
+        return self.dop_class.strip() if self.dop_multiplier > 0 else None
 
     def schedule_warmup(self) -> int:
         """Warmup steps of the learning-rate schedule: none when the optimizer warms up itself."""

@@ -305,7 +305,7 @@ class Job:
         host.on_status(self._state, f"Cancelled at step {step}." if cancelled else f"{type(error).__name__}: {error}")
 
     def _show_step(self, info: StepInfo, host: JobHost) -> None:
-        shown = self.tracker.update(info.step, info.loss, info.lr)
+        shown = self.tracker.update(info.step, info.loss, info.lr, info.preservation_loss)
         host.on_progress(shown, latest=self._messages.empty() or info.step == info.total)
         if info.step % self.spec.settings.plot_every == 0:
             self._write_plots()

@@ -19,6 +19,7 @@ from ..log import logger
 from ..lora.weights import LoraSet
 from . import flow, optimizers, schedules
 from .config import LR_SCHEDULES, TrainConfig, check_batch_size  # noqa: F401 (the loop's public names)
+from .preservation import Preservation, check_examples
 from .resume import dataset_change, example_key
 
 log = logger(__name__)
@@ -41,12 +42,18 @@ class StepInfo:
     total: int
     lr: float
     loss_tensor: torch.Tensor = field(repr=False)
+    preservation_tensor: torch.Tensor | None = field(default=None, repr=False)  # with DOP on
 
     @property
     def loss(self) -> float:
         """This step's loss. Reading it waits for the device (do it on another thread, as the
         node does, or not every step); unread, steps queue up on the device without a sync."""
         return self.loss_tensor.item()
+
+    @property
+    def preservation_loss(self) -> float | None:
+        """This step's differential output preservation loss (not part of `loss`); None when off."""
+        return None if self.preservation_tensor is None else self.preservation_tensor.item()
 
 
 @dataclass
@@ -80,18 +87,28 @@ class EpochSampler:
         return self.queue.pop(0)
 
 
-def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This step's view of the image and version of its caption (dropped to the trigger word with
-    probability dropout_rate). Draws from the generator only when there is a choice."""
+def _captions(e: Example) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The versions of an example's caption: itself, its tag shuffles, the trigger-only dropout one."""
+    return [(e.context, e.pooled), *e.texts] + ([e.dropout_text] if e.dropout_text is not None else [])
+
+
+def _pick(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """This step's view of the image and which version of its caption (`_captions`; dropped to
+    the trigger word with probability dropout_rate). Draws from the generator only when there is a choice."""
     latents = e.latents
     if e.views:
         latents = ([e.latents] + e.views)[int(torch.randint(len(e.views) + 1, (1,), generator=generator))]
-    text = (e.context, e.pooled)
     if e.dropout_text is not None and float(torch.rand(1, generator=generator)) < e.dropout_rate:
-        text = e.dropout_text
-    elif e.texts:
-        text = ([text] + e.texts)[int(torch.randint(len(e.texts) + 1, (1,), generator=generator))]
-    return latents, *text
+        return latents, len(e.texts) + 1
+    if e.texts:
+        return latents, int(torch.randint(len(e.texts) + 1, (1,), generator=generator))
+    return latents, 0
+
+
+def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This step's view of the image and version of its caption."""
+    latents, version = _pick(e, generator)
+    return latents, *_captions(e)[version]
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -102,14 +119,19 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
-              scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss) -> torch.Tensor:
+              scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+              preserve: Preservation | None = None) -> torch.Tensor:
     """Forward and backward one batch; returns its mean loss, on the device (reading it is a
-    sync). Gradients accumulate in the LoRA.
+    sync). Gradients accumulate in the LoRA. With `preserve` (DOP), the subjects' class captions
+    add their preservation term on the same noisy latents and σ (into `preserve.total`).
     Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
-    chosen = [(_choose(e, generator), e.loss_weight) for e in batch]
     groups: dict[tuple, list] = {}
-    for (latents, context, pooled), weight in chosen:
-        groups.setdefault((tuple(latents.shape), context.shape[0]), []).append((latents, context, pooled, weight))
+    for e in batch:
+        latents, version = _pick(e, generator)
+        context, pooled = _captions(e)[version]
+        kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
+        key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0])
+        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept))
     total = torch.zeros((), device=backend.device)
     for group in groups.values():
         latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
@@ -118,13 +140,16 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
         sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*latents.shape[-2:]), generator)
         latents, noise, sigmas, context, pooled, weights = (
             _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
-        v_pred = backend.velocity(flow.noisy_latents(latents, noise, sigmas), sigmas, context, pooled,
-                                  config.guidance)
+        noisy = flow.noisy_latents(latents, noise, sigmas)
+        v_pred = backend.velocity(noisy, sigmas, context, pooled, config.guidance)
         per_sample = (config.loss.per_sample(v_pred, flow.velocity_target(latents, noise), sigmas)
                       * config.timesteps.loss_weights(sigmas).to(v_pred.device))
         loss = (per_sample * weights).sum() / len(batch)
         scale(loss).backward()
         total += loss.detach()
+        if group[0][4] is not None:  # DOP, with a backward of its own: the two graphs are never held at once
+            kept = [_to_device(torch.stack([g[4][i] for g in group]), backend.device) for i in range(2)]
+            preserve.backward(backend, noisy, sigmas, *kept, config.guidance, len(batch), scale)
     return total
 
 
@@ -152,6 +177,10 @@ class Trainer:
         # fp16 activations underflow in backward: scale the loss (a no-op for bf16 and fp32)
         self.scaler = torch.amp.GradScaler(backend.device.type, enabled=backend.compute_dtype == torch.float16)
         self.ema = [p.detach().clone() for p in self.params] if config.ema_decay else None
+        check_examples(config.dop_multiplier, examples)
+        self.preservation = Preservation(lora, config.dop_multiplier, backend.device) if config.dop_multiplier \
+            else None
+        self._preserved: torch.Tensor | None = None  # the last step's preservation loss
 
     def run(self, until: int | None = None, on_step: Callable[[StepInfo], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> bool:
@@ -165,7 +194,8 @@ class Trainer:
                     return True
                 self._step()
                 if on_step is not None:
-                    on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1]))
+                    on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1],
+                                     self._preserved))
                 if len(self._pending) >= FINITE_CHECK_EVERY:  # one sync every few steps, not every step
                     self._read_losses()
         self._read_losses()  # a NaN is reported before anyone saves this segment's LoRA
@@ -198,13 +228,15 @@ class Trainer:
 
     def _step(self) -> None:
         rng, queue = self.generator.get_state(), [list(b) for b in self.sampler.queue]
-        accumulate = self.config.gradient_accumulation_steps
+        accumulate, preserve = self.config.gradient_accumulation_steps, self.preservation
         try:
             loss = torch.zeros((), device=self.backend.device)
+            if preserve is not None:
+                preserve.start_step()
             for _ in range(accumulate):  # gradients of `accumulate` batches add up to one step
                 batch = [self.examples[i] for i in self.sampler.next_batch()]
                 loss += step_loss(self.backend, batch, self.config, self.generator,
-                                  lambda part: self.scaler.scale(part / accumulate)) / accumulate
+                                  lambda part: self.scaler.scale(part / accumulate), preserve=preserve) / accumulate
         except BaseException:  # interrupted mid-step (the host may raise from inside the model):
             self.generator.set_state(rng)  # leave the state as after the last whole step, so a
             self.sampler.queue = queue  # checkpoint saved now resumes exactly
@@ -227,6 +259,7 @@ class Trainer:
                 torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
         self.step += 1
         self._pending.append(loss)
+        self._preserved = None if preserve is None else preserve.total / accumulate
         self._pending_norms.append(norm.detach().float().reshape(()))
 
     def result_lora(self) -> LoraSet:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -47,6 +48,17 @@ class LoraSet(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.weights = nn.ModuleDict({_key(t.name): LoraWeight(t, dtype, generator) for t in targets})
+        self.enabled = True  # False: its hooks stay attached and add nothing (the frozen model computes)
+
+    @contextmanager
+    def disabled(self):
+        """While inside, the model computes as if this LoRA weren't there: the frozen model's own
+        prediction (differential output preservation's target) without a second copy of the model."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
 
     def __iter__(self):
         return iter(self.weights.values())
@@ -117,10 +129,12 @@ def fused_up(weights: list[LoraWeight], scale_by: list[float] | None = None) -> 
 
 
 class _LoraHook:
-    def __init__(self, weights: list[LoraWeight], whole: bool):
-        self.weights, self.whole = weights, whole
+    def __init__(self, lora: LoraSet, weights: list[LoraWeight], whole: bool):
+        self.lora, self.weights, self.whole = lora, weights, whole
 
     def __call__(self, module, args, output):
+        if not self.lora.enabled:
+            return output
         return add_lora(args[0], output, self.weights, self.whole)
 
 
@@ -137,7 +151,7 @@ def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bo
                 if (layer.in_features, layer.out_features) != expected:
                     raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
                                      f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
-                handles.append(layer.register_forward_hook(_LoraHook(group, whole=split)))
+                handles.append(layer.register_forward_hook(_LoraHook(lora, group, whole=split)))
     except BaseException:
         detach_all(handles)
         raise

@@ -32,10 +32,12 @@ class Progress:
     eta_seconds: float
     peak_memory_gib: float
     memory_device: str
+    preservation_loss: float | None = None  # differential output preservation's term, not part of loss
 
     def line(self) -> str:
         eta = time.strftime("%H:%M:%S", time.gmtime(self.eta_seconds))
-        return (f"step {self.step}/{self.total}  loss {self.loss:.4f} (avg {self.loss_smooth:.4f})  "
+        dop = "" if self.preservation_loss is None else f"  dop {self.preservation_loss:.4f}"
+        return (f"step {self.step}/{self.total}  loss {self.loss:.4f} (avg {self.loss_smooth:.4f}){dop}  "
                 f"lr {self.lr:.2e}  {self.seconds_per_step:.2f} s/step  ETA {eta}  "
                 f"peak {self.peak_memory_gib:.1f} GiB {self.memory_device}")
 
@@ -72,14 +74,15 @@ class ProgressTracker:
         """Call after a pause (samples, checkpoints) so it does not count as training time."""
         self.last = time.perf_counter()
 
-    def update(self, step: int, loss: float, lr: float) -> Progress:
+    def update(self, step: int, loss: float, lr: float, preservation_loss: float | None = None) -> Progress:
         now = time.perf_counter()
         seconds = self.time_average.add(now - self.last)
         self.last = now
         smooth = self.loss_average.add(loss)
         self.history.append((step, loss, smooth, lr))
         peak, where = peak_memory_gib(self.device)
-        return Progress(step, self.total, loss, smooth, lr, seconds, seconds * (self.total - step), peak, where)
+        return Progress(step, self.total, loss, smooth, lr, seconds, seconds * (self.total - step), peak, where,
+                        preservation_loss)
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:

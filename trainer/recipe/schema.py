@@ -236,6 +236,13 @@ TRAIN_HELP = {
     "lr_num_cycles": "Hard restarts of cosine_with_restarts (diffusers' --lr_num_cycles).",
     "lr_power": "Exponent of the polynomial schedule (diffusers' --lr_power; 1.0 decays linearly).",
     "lr_end": "Learning rate the polynomial schedule ends at (SimpleTuner's --lr_end, 4e-7).",
+    "dop_multiplier": "Differential output preservation (ai-toolkit's diff_output_preservation and "
+                      "diff_output_preservation_multiplier): each step also holds the LoRA's prediction for the "
+                      "caption with the trigger replaced by the class word to the frozen model's, so the class "
+                      "word keeps its meaning. 0 = off; 0.5–1.0 usual (1.0 is ai-toolkit's); about 2 more "
+                      "forward passes per step.",
+    "dop_class": "The class word DOP puts in place of the trigger ('person'; ai-toolkit's "
+                 "diff_output_preservation_class); empty: the dataset's class_word.",
 }
 EXTRA_HELP = {
     "TrainConfig": TRAIN_HELP,

@@ -169,6 +169,12 @@ def _train(recipe: Recipe, out: Export) -> dict:
         if t.timesteps.mode != "logit_normal" or key.endswith(("mode_scale", "shift")):
             _lost_unless_default(recipe, out, key, "ai-toolkit's timestep types have no such setting")
     _optimizer(recipe, out, train)
+    if t.dop_multiplier:
+        train.update(diff_output_preservation=True, diff_output_preservation_multiplier=t.dop_multiplier,
+                     diff_output_preservation_class=t.dop_class or recipe.dataset.class_word.strip())
+        if not t.dop_class:
+            out.caveats.append(f"train.dop_class: empty here (the class word), written as the class word "
+                               f"{recipe.dataset.class_word.strip()!r}.")
     train["max_grad_norm"] = t.max_grad_norm
     train["loss_type"] = LOSSES.get(t.loss.kind, "mse")
     if t.loss.kind not in LOSSES:
