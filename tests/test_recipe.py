@@ -114,7 +114,6 @@ def test_optimizer_and_its_arguments_are_keys_that_read_back_the_same():
 def test_the_format_is_told_by_content_and_others_are_named_not_yet_supported(tmp_path):
     cases = {"mflux.json": '{"model": "dev", "training_loop": {"num_epochs": 10}, "lora_layers": {}}',
              "job.yaml": "job: extension\nconfig:\n  name: x\n  process:\n    - type: sd_trainer\n",
-             "config.json": '{"--model_family": "flux", "--lora_rank": 16}',
              "args.txt": "accelerate launch train_dreambooth_lora_flux.py \\\n  --pretrained_model_name_or_path=x \\\n"
                          "  --instance_data_dir=dog\n"}
     for name, content in cases.items():

@@ -54,6 +54,12 @@ def _is_diffusers(data, syntax) -> bool:
                                                               "--instance_data_dir", "--instance_prompt"))
 
 
+def _read_simpletuner(data, source: Path) -> Imported:
+    from . import simpletuner  # imported when used: it reads paths with this module's helpers
+
+    return simpletuner.read(data, source)
+
+
 SECTIONS = ("dataset", "layers", "train", "save", "validation")
 
 
@@ -71,7 +77,7 @@ def read_ours(data: dict, source: Path) -> Imported:
 FORMATS: list[Format] = [
     Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit),
     Format("mflux", "an mflux train config", _is_mflux),
-    Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner),
+    Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner, _read_simpletuner),
     Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers),
     Format("ours", "a recipe of this pack", _is_ours, read_ours),
 ]

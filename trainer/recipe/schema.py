@@ -33,7 +33,8 @@ class DatasetSection:
         "Caption for photos without one (ai-toolkit's default_caption); empty: a missing caption is an error."))
     caption_dropout: float = field(default=0.0, **_help(
         "How often a step sees only the trigger and class (ai-toolkit's caption_dropout_rate; 0.05–0.25)."))
-    repeats: int = field(default=1, **_help("How often each photo appears per epoch (SimpleTuner's repeats)."))
+    repeats: int = field(default=1, **_help(
+        "How often each photo appears per epoch (kohya's repeats; SimpleTuner's repeats + 1)."))
     resolution: list[int] = field(default_factory=lambda: [512], **_help(
         "Training size(s) in pixels (bucket area ≈ size²): 512 learns likeness fast, 1024 detail. Several, "
         "e.g. [512, 1024], train each photo at each."))
