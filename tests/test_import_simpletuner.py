@@ -46,7 +46,10 @@ def load(tmp_path: Path, flags: dict, backends: list | None = None):
 
 
 def reasons(imported) -> dict[str, str]:
-    return {u.key: u.why for u in imported.unsupported}
+    """The unsupported keys and why; none of them also honoured."""
+    why = {u.key: u.why for u in imported.unsupported}
+    assert not set(why) & set(imported.honoured)
+    return why
 
 
 def test_the_walkthrough_config_sets_our_keys_one_by_one(seed):

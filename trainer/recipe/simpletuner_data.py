@@ -44,8 +44,6 @@ def pixels(value: Any, kind: str) -> tuple[int | None, str | None]:
     if kind == "area":
         px = round(math.sqrt(v * 1e6) / 64) * 64
         return max(64, px), f"{v:g} megapixels is about {px}×{px} here"
-    if kind not in ("pixel", "pixel_area"):
-        return None, f"resolution_type {kind!r}: choose pixel, area or pixel_area"
     px = max(64, round(v / 16) * 16)
     changed = f"; {v:g} is rounded to {px} (a multiple of 16)" if px != v else ""
     if kind == "pixel":
@@ -109,9 +107,13 @@ def _image(get, place: Place, claims: list[Claim], folders: dict, sizes: list) -
         folders["dataset.regularisation" if reg else "dataset.folders"].append((key, place.ours(str(folder))))
     rkey, rvalue = get("resolution")
     tkey, tvalue = get("resolution_type")
-    px, note = pixels(1024 if rvalue is None else rvalue, str(tvalue or "pixel_area"))
+    kind = str(tvalue or "pixel_area")
+    if kind not in ("pixel", "area", "pixel_area"):
+        claims.append(Claim(tkey, None, why=f"{kind!r}: choose pixel, area or pixel_area; read as pixel_area."))
+        kind = "pixel_area"
+    px, note = pixels(1024 if rvalue is None else rvalue, kind)
     if px is None:
-        claims.append(Claim(tkey if "resolution_type" in note else rkey, None, why=note + "."))
+        claims.append(Claim(rkey, None, why=f"{note}; give the training size, e.g. 1024."))
     else:
         sizes.append((rkey, px, str(folder)))
         if tkey:
@@ -210,24 +212,29 @@ def settle(m: Mapping, claims: list[Claim]) -> None:
     is unsupported (our recipe has one value for every folder)."""
     first: dict[str, Claim] = {}
     for c in claims:
-        if c.key is None:
-            continue
+        if c.key is None or (not c.why and any(u.key == c.key for u in m.unsupported)):
+            continue  # SimpleTuner's default, or a key already unsupported
         note = c.note if c.note and not any(n.endswith(f": {c.note}") for n in m.notes) else None
         if c.why:
-            if c.key in m.honoured:
-                m.honoured.remove(c.key)
-            m.drop(c.key, c.why)
+            _refuse(m, c.key, c.why)
         elif c.ours is None or (c.ours in first and c.value == first[c.ours].value):
             m.same(c.key, note)
         elif c.ours not in our_keys():
             m.set(c.key, c.ours, c.value)  # unsupported by itself, naming the key it would be
         elif c.ours in first:
             was = first[c.ours]
-            m.drop(c.key, f"it gives {c.ours} {c.value!r}, {was.key} gives {was.value!r}: this pack has one "
-                          f"{c.ours} for every folder.")
+            _refuse(m, c.key, f"it gives {c.ours} {c.value!r}, {was.key} gives {was.value!r}: this pack has one "
+                              f"{c.ours} for every folder.")
         else:
             first[c.ours] = c
             m.set(c.key, c.ours, c.value, note=note)
+
+
+def _refuse(m: Mapping, key: str, why: str) -> None:
+    """A key unsupported after all (another of its claims may have honoured it)."""
+    if key in m.honoured:
+        m.honoured.remove(key)
+    m.drop(key, why)
 
 
 def _folders_and_sizes(m: Mapping, folders: dict, sizes: list) -> None:
