@@ -80,9 +80,9 @@ def test_config_exits_2_on_an_unreadable_or_unsupported_file(tmp_path, capsys, c
     (tmp_path / "broken.json").write_text('{"train": {"steps": 5,}')
     assert cli.main(["config", str(tmp_path / "broken.json"), "--json"]) == 2
     assert "not valid JSON" in caplog.text
-    (tmp_path / "config.json").write_text('{"--model_family": "flux", "--lora_rank": 16}')
-    assert cli.main(["config", str(tmp_path / "config.json")]) == 2
-    assert "SimpleTuner" in caplog.text and "not yet supported" in caplog.text
+    (tmp_path / "food.yaml").write_text("food: pizza\n")
+    assert cli.main(["config", str(tmp_path / "food.yaml")]) == 2
+    assert "not a training config this pack knows" in caplog.text and "SimpleTuner" in caplog.text
     assert capsys.readouterr().out == ""
     (tmp_path / "mflux.json").write_text('{"model": "dev", "training_loop": {}, "examples": {}}')
     assert cli.main(["config", str(tmp_path / "mflux.json")]) == 0  # read now

@@ -111,16 +111,12 @@ def test_optimizer_and_its_arguments_are_keys_that_read_back_the_same():
         Recipe().with_settings(["optimizer=lion", "train.optimizer_args=no_such_arg=1"])
 
 
-def test_the_format_is_told_by_content_and_others_are_named_not_yet_supported(tmp_path):
-    cases = {"config.json": '{"--model_family": "flux", "--lora_rank": 16}'}
-    for name, content in cases.items():
-        (tmp_path / name).write_text(content)
-        with pytest.raises(text.UnreadableConfig, match="not yet supported"):
-            formats.load(tmp_path / name)
+def test_the_format_is_told_by_content_not_by_the_file_name(tmp_path):
     read = {"mflux.json": ('{"model": "dev", "training_loop": {"num_epochs": 10}, "lora_layers": {}}', "mflux"),
             "args.txt": ("accelerate launch train_dreambooth_lora_flux.py \\\n  --pretrained_model_name_or_path=x \\\n"
                          "  --instance_data_dir=dog\n", "diffusers"),
-            "job.yaml": ("job: extension\nconfig:\n  name: x\n  process:\n    - type: sd_trainer\n", "ai-toolkit")}
+            "job.yaml": ("job: extension\nconfig:\n  name: x\n  process:\n    - type: sd_trainer\n", "ai-toolkit"),
+            "config.json": ('{"--model_family": "flux", "--lora_rank": 16}', "simpletuner")}
     for name, (content, fmt) in read.items():
         (tmp_path / name).write_text(content)
         assert formats.load(tmp_path / name).format == fmt

@@ -2,8 +2,8 @@
 
 A format is a `Format` in `FORMATS`: a `detect(data, syntax)` that recognises its files and a
 `read(data, source)` that turns one into an `Imported` recipe, with every key of the file either
-honoured, or listed as unsupported with the reason. Readers for mflux, ai-toolkit, SimpleTuner and
-diffusers' flags plug in here; until theirs exists, their files are recognised and refused by name.
+honoured, or listed as unsupported with the reason: ours, and those of ai-toolkit, mflux,
+SimpleTuner and diffusers' flags (each in its own module).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import ai_toolkit, diffusers_args, mflux, text
+from . import ai_toolkit, diffusers_args, mflux, simpletuner, text
 from .fields import Reader
 from .importing import Imported, Unsupported, missing_paths
 from .schema import Recipe
@@ -24,7 +24,7 @@ class Format:
     name: str
     title: str  # how users know it
     detect: Callable[[Any, str], bool]
-    read: Callable[[Any, Path], Imported] | None = None  # None: recognised, not read yet
+    read: Callable[[Any, Path], Imported]
 
 
 def _keys(data: Any) -> set[str]:
@@ -70,7 +70,7 @@ def read_ours(data: dict, source: Path) -> Imported:
 FORMATS: list[Format] = [
     Format("ai-toolkit", "an ai-toolkit job YAML", _is_ai_toolkit, ai_toolkit.read),
     Format("mflux", "an mflux train config", _is_mflux, mflux.read),
-    Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner),
+    Format("simpletuner", "a SimpleTuner config.json or data-backend file", _is_simpletuner, simpletuner.read),
     Format("diffusers", "a diffusers train_dreambooth_lora_flux.py argument list", _is_diffusers,
            diffusers_args.read),
     Format("ours", "a recipe of this pack", _is_ours, read_ours),
@@ -96,10 +96,6 @@ def loads(content: str, source: Path) -> Imported:
         raise UnreadableConfig(f"{source} is not a training config this pack knows: expected a recipe with sections "
                                f"{', '.join(SECTIONS)} (see `python -m trainer keys`), or "
                                + ", ".join(f.title for f in FORMATS if f.name != "ours") + ".")
-    if found.read is None:
-        raise UnreadableConfig(f"{source} looks like {found.title} (format {found.name!r}): reading it is not yet "
-                               "supported. Write the recipe in this pack's format for now "
-                               "(`python -m trainer keys` lists its keys).")
     imported = found.read(data, source)
     imported.notes += missing_paths(imported.recipe, source.parent, imported.origins)
     return imported

@@ -38,7 +38,8 @@ class DatasetSection:
     shuffle_tags: bool = field(default=False, **_help(
         "Shuffle the comma-separated tags after the first each time (ai-toolkit's shuffle_tokens, kohya's "
         "shuffle_caption)."))
-    repeats: int = field(default=1, **_help("How often each photo appears per epoch (SimpleTuner's repeats)."))
+    repeats: int = field(default=1, **_help(
+        "How often each photo appears per epoch (kohya's repeats; SimpleTuner's repeats + 1)."))
     resolution: list[int] = field(default_factory=lambda: [512], **_help(
         "Training size(s) in pixels (bucket area ≈ size²): 512 learns likeness fast, 1024 detail. Several, "
         "e.g. [512, 1024], train each photo at each."))
