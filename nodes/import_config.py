@@ -4,9 +4,6 @@ which of its settings took effect and which could not."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import folder_paths
 from comfy_api.latest import io
 
 from ..trainer.recipe import build, formats
@@ -26,7 +23,7 @@ def read(config_path: str, config_text: str) -> Imported:
     if config_path.strip():
         return formats.load(paths.resolve_input_path(config_path, "config_path"))
     if config_text.strip():
-        return formats.loads(config_text, Path(folder_paths.get_input_directory()) / PASTED)
+        return formats.loads(config_text, paths.input_root() / PASTED)
     raise ValueError("config_path and config_text are both empty; name a config file in ComfyUI's input folder "
                      "(e.g. 'my_lora.yaml') or paste its text into config_text.")
 

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..trainer.families.flux1.layers import DOUBLE, SINGLE, VOCABULARY
 from ..trainer.lora.targets import LayerGroup, LayerSpec, parse_layer_types, preset_names
+from ..trainer.lora.variants import VARIANTS
 from . import ids, sockets
 
 
@@ -44,12 +45,29 @@ class LoraLayerGroup(io.ComfyNode):
                                tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank "
                                        "(scale 1). Half the rank (rank 32, alpha 16 as in diffusers' FLUX DreamBooth "
                                        "script) trains gentler."),
+                io.Combo.Input("variant", options=list(VARIANTS), default="lora", optional=True,
+                               tooltip="What each layer trains. lora: the usual choice. dora: LoRA with its "
+                                       "magnitude learned apart (peft's use_dora), a little closer to full "
+                                       "fine-tuning, ~10% slower. lokr: Kronecker factors (ai-toolkit's "
+                                       "network.type: lokr, LyCORIS's algo), small files, good for styles. loha: "
+                                       "Hadamard product, more expressive per rank, slower. All load in "
+                                       "ComfyUI's LoraLoader (save as kohya; diffusers holds lora and dora)."),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, optional=True,
+                             tooltip="LoKr only: size of the small Kronecker factor (ai-toolkit's lokr_factor). "
+                                     "-1 picks it from the layer size, the usual choice; 4–16 gives smaller files "
+                                     "and a coarser update. Leave at -1 unless memory is tight. 0 is not allowed."),
+                io.Boolean.Input("lokr_full_rank", default=False, optional=True,
+                                 tooltip="LoKr only: train the large factor whole instead of as a rank-`rank` pair "
+                                         "(ai-toolkit's lokr_full_rank). More capacity, bigger file; rank and "
+                                         "alpha are then not used (scale 1)."),
             ],
             outputs=[sockets.LoraLayers.Output(display_name="lora_layers")],
         )
 
     @classmethod
-    def execute(cls, blocks, start, end, layer_types, rank, alpha, previous=None) -> io.NodeOutput:
-        group = LayerGroup(blocks, start, end, parse_layer_types(layer_types, blocks), rank, alpha or None)
+    def execute(cls, blocks, start, end, layer_types, rank, alpha, previous=None, variant="lora", lokr_factor=-1,
+                lokr_full_rank=False) -> io.NodeOutput:
+        group = LayerGroup(blocks, start, end, parse_layer_types(layer_types, blocks), rank, alpha or None, variant,
+                           lokr_factor, lokr_full_rank)
         groups = (previous.groups if previous is not None else ()) + (group,)
         return io.NodeOutput(LayerSpec(groups))

@@ -182,7 +182,7 @@ class TrainFluxLora(io.ComfyNode):
                       resume, validation and validation.schedule())
         outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
 
-        trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done))
+        trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done), outcome.kohya)
         seconds = time.perf_counter() - started
         before, after = outcome.loss_before, outcome.loss_after
         summary = (f"{outcome.steps_done} steps{' (stopped)' if outcome.stopped else ''} in {seconds:.0f} s on "

@@ -118,8 +118,7 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     imported = formats.load(tmp_path / "job.yaml")
     p = "config.process"
     unsupported = {u.key: u.why for u in imported.unsupported}
-    would_be = {f"{p}.network.type": "layers.variant", f"{p}.network.lokr_full_rank": "layers.lokr_full_rank",
-                f"{p}.network.lokr_factor": "layers.lokr_factor",
+    would_be = {
                 f"{p}.datasets[1].network_weight": "layers.network_weight",
                 f"{p}.train.train_text_encoder": "train.text_encoder_lr", f"{p}.train.text_encoder_lr":
                 "train.text_encoder_lr"}
@@ -128,6 +127,8 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     assert set(unsupported) == set(would_be) | set(others)
     assert f"{p}.datasets[0].caption_ext" in imported.honoured and imported.recipe.dataset.caption_ext == "json"
     assert (imported.recipe.train.dop_multiplier, imported.recipe.train.dop_class) == (0.5, "man")
+    layers = imported.recipe.layers
+    assert (layers.variant, layers.lokr_factor, layers.lokr_full_rank) == ("lokr", 4, True)
     for key, ours in would_be.items():
         assert unsupported[key] == f"this pack has no setting for it yet (it would be {ours})", key
     assert "LinearLR" in unsupported[f"{p}.train.lr_scheduler"] and "wavelet" in unsupported[f"{p}.train.loss_type"]

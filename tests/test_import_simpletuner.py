@@ -59,7 +59,9 @@ def test_the_walkthrough_config_sets_our_keys_one_by_one(seed):
         "dataset.folders": ["/path/to/datasets/behitek-lora"], "dataset.trigger": "behitek", "dataset.captions": "txt",
         "dataset.caption_dropout": 0.1, "dataset.repeats": 1001, "dataset.resolution": [1024, 512],
         "dataset.bucketing": False, "dataset.crop": "center",
-        "layers.layer_types": ATTENTION + FEED_FORWARD, "layers.rank": 16,  # apply_preset: Attention, FeedForward
+        "layers.layer_types": ATTENTION + FEED_FORWARD,  # apply_preset: Attention, FeedForward
+        "layers.variant": "lokr", "layers.rank": 10000, "layers.alpha": 1.0, "layers.lokr_factor": 16,  # LyCORIS's
+        "layers.lokr_full_rank": False,  # linear_dim 10000: w2 trains whole (rank ≥ half of it), as LyCORIS does
         "train.steps": 10000, "train.learning_rate": 1e-4, "train.batch_size": 1, "train.seed": 42,
         "train.optimizer": "adamw", "train.weight_decay": 0.01, "train.optimizer_args": {"eps": 1e-6},
         "train.lr_schedule": "polynomial", "train.lr_power": 0.8, "train.warmup_steps": 100,
@@ -80,12 +82,10 @@ def test_every_key_of_the_four_files_is_honoured_or_unsupported_by_name(seed):
     assert set(seed.honoured) | set(unsupported) == set(leaves(whole))
     assert not set(seed.honoured) & set(unsupported)
     assert set(unsupported) == {
-        "dataset.behitek.json[1].minimum_image_size",
-        "lycoris_config.json.algo", "lycoris_config.json.linear_dim", "lycoris_config.json.linear_alpha",
-        "lycoris_config.json.factor", "lycoris_config.json.apply_preset.module_algo_map.Attention.factor",
-        "lycoris_config.json.apply_preset.module_algo_map.FeedForward.factor",
-        "--report_to", "--tracker_project_name"}
-    assert "layers.variant" in unsupported["lycoris_config.json.algo"]  # the key it would be, once there
+        "dataset.behitek.json[1].minimum_image_size", "--report_to", "--tracker_project_name",
+        "lycoris_config.json.apply_preset.module_algo_map.FeedForward.factor"}  # 8, where the rest is 16
+    assert {"lycoris_config.json.algo", "lycoris_config.json.factor",
+            "lycoris_config.json.apply_preset.module_algo_map.Attention.factor"} <= set(seed.honoured)
     assert "1024" in unsupported["dataset.behitek.json[1].minimum_image_size"]  # one minimum for all backends
     assert seed.recipe.dataset.minimum_image_size == 1024
     assert "loss.png" in unsupported["--report_to"]
@@ -164,7 +164,7 @@ def test_optimizers_schedules_and_sigma_sampling_map_to_ours(tmp_path):
     assert "soap" in reasons(load(tmp_path, {"--optimizer": "soap"}))["--optimizer"]
 
 
-def test_lycoris_lora_sizes_the_network_and_lokr_names_the_keys_it_would_be(tmp_path):
+def test_lycoris_sizes_the_network_as_lora_and_as_lokr(tmp_path):
     write(tmp_path, "lycoris.json", {"algo": "lora", "linear_dim": 8, "linear_alpha": 4, "multiplier": 1.0})
     lora = load(tmp_path, {"--lora_type": "lycoris", "--lycoris_config": "lycoris.json", "--lora_rank": 64})
     assert (lora.recipe.layers.rank, lora.recipe.layers.alpha) == (8, 4.0)  # linear_dim, not --lora_rank
@@ -172,9 +172,8 @@ def test_lycoris_lora_sizes_the_network_and_lokr_names_the_keys_it_would_be(tmp_
     example = {"algo": "lokr", "multiplier": 1.0, "full_matrix": True, "linear_alpha": 1, "factor": 16}
     write(tmp_path, "lycoris.json", example)  # SimpleTuner's lycoris_config.json.example today (no preset)
     lokr = load(tmp_path, {"--lora_type": "lycoris", "--lycoris_config": "lycoris.json"})
-    why = reasons(lokr)
-    assert set(why) == {f"lycoris.json.{k}" for k in ("algo", "full_matrix", "linear_alpha", "factor")}
-    assert "layers.lokr_full_rank" in why["lycoris.json.full_matrix"]
+    layers = lokr.recipe.layers
+    assert lokr.unsupported == [] and (layers.variant, layers.lokr_full_rank, layers.lokr_factor) == ("lokr", True, 16)
 
 
 @pytest.fixture

@@ -25,6 +25,11 @@ def resolve_input_path(text: str, what: str) -> Path:
     return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
 
 
+def input_root() -> Path:
+    """ComfyUI's input folder: where pasted configs' relative paths start."""
+    return Path(folder_paths.get_input_directory())
+
+
 def runs_root() -> Path:
     """Where run folders (checkpoints, samples, plots) go: ComfyUI's output folder."""
     return (Path(folder_paths.get_output_directory()) / RUNS_SUBFOLDER).resolve()

@@ -204,6 +204,10 @@ def run(args) -> int:
     base = Path(args.config).expanduser().absolute().parent
     # everything that can be checked before anything is loaded or written
     build.check_paths(recipe, base, imported.origins)
+    try:
+        export.check_format(recipe.save.format, {recipe.layers.variant})
+    except ValueError as e:
+        raise RecipeError(f"save.format and layers.variant: {e}") from None
     root = output_root(args.out, recipe, base)
     folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
     model = load_model(args.model)
@@ -243,7 +247,7 @@ def run(args) -> int:
     fmt = recipe.save.format
     lora_path = files.write_safetensors(
         root / f"{folder.path.name}.safetensors",
-        export.state_dict(outcome.lora, fmt, export.SAVE_DTYPES[recipe.save.dtype]),
+        export.TrainedLora(outcome.lora, {}, outcome.kohya).to_file_dict(fmt, export.SAVE_DTYPES[recipe.save.dtype]),
         metadata.header(outcome.steps_done, fmt))
     seconds = time.perf_counter() - started
     summary = {"steps": outcome.steps_done, "fixed_noise_loss_before": outcome.loss_before,

@@ -32,6 +32,7 @@ from ..data.encode import Example
 from ..families.backend import FluxBackend
 from ..log import logger
 from ..lora.targets import LoraTarget
+from ..lora.variants import parameter_count
 from ..lora.weights import LoraSet
 from ..outputs import checkpoints, export, progress
 from ..outputs.checkpoints import RunFolder, RunSettings
@@ -101,6 +102,8 @@ class Outcome:
     images: list[torch.Tensor]  # the newest render's images (earlier ones are on disk)
     history: list[tuple[int, float, float, float]]
     notes: list[str] = field(default_factory=list)  # for the run's summary: e.g. the dataset changed on resume
+    kohya: dict[str, torch.Tensor] | None = None  # `lora` as a kohya file, made while the model is as it
+    # trained (DoRA's dora_scale is relative to the base weights)
 
 
 class JobHost(Protocol):
@@ -242,7 +245,7 @@ class Job:
         the dataset, and that the run folder is writable with room for a checkpoint and the LoRA."""
         spec = self.spec
         check_batch_size(spec.config, spec.examples)
-        parameters = sum(t.rank * (t.in_features + t.rows[1] - t.rows[0]) for t in spec.targets)
+        parameters = sum(parameter_count(t) for t in spec.targets)
         spec.run.check_writable(2 * checkpoints.checkpoint_bytes(parameters, spec.config.ema_decay > 0))
 
     def _run(self, host: JobHost) -> Outcome:
@@ -266,8 +269,10 @@ class Job:
         self._state = JobState.STOPPED if stopped else JobState.DONE
         host.on_status(self._state, "")
         trainer = self.trainer
-        return Outcome(trainer.result_lora().cpu(), trainer.losses, trainer.step, stopped, self.loss_before,
-                       self.loss_after, self.samples, self.latest_images, self.tracker.history, list(self.notes))
+        lora = trainer.result_lora()
+        return Outcome(lora.cpu(), trainer.losses, trainer.step, stopped, self.loss_before, self.loss_after,
+                       self.samples, self.latest_images, self.tracker.history, list(self.notes),
+                       export.kohya_state_dict(lora))
 
     def _serve(self, worker: threading.Thread, host: JobHost) -> None:
         """Until the loop ends: show its steps, serve its pauses, watch for Cancel."""

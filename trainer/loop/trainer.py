@@ -277,6 +277,7 @@ class Trainer:
         return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
                 "queue": [list(b) for b in self.sampler.queue], "examples": [example_key(e) for e in self.examples],
                 "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
+                "variants": self.lora.variants(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else [],
                 "eval_weights": self._eval_weights()}
@@ -291,6 +292,7 @@ class Trainer:
         if state["step"] > self.config.steps:
             raise ValueError(f"The checkpoint is at step {state['step']}, past steps ({self.config.steps}); "
                              "raise steps to continue training it.")
+        check_variants(state.get("variants") or {}, self.lora.variants())
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -327,6 +329,16 @@ class Trainer:
                 group["lr"] = self.config.learning_rate * lambdas[i](self.schedule.last_epoch)
         if lambdas is not None:
             self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def check_variants(saved: dict[str, str], current: dict[str, str]) -> None:
+    """A checkpoint resumes only into the variant it trained (checkpoints before variants: lora)."""
+    for name, now in current.items():
+        then = saved.get(name, "lora")
+        if then != now:
+            raise ValueError(f"The checkpoint trained {name} as {then}, but this run is set to {now} (layers.variant, "
+                             f"the LoRA Layer Group's variant): set the variant back to {then.split()[0]} to resume "
+                             "it, or clear resume_from to start a fresh run.")
 
 
 def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,

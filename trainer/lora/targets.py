@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+from .variants import check_variant
+
 
 @dataclass(frozen=True)
 class LayerVocabulary:
@@ -61,7 +63,9 @@ class LayerGroup:
     """One group of a selection: the same layer types, rank and alpha on a range of blocks.
 
     `end` is exclusive, as in mflux (`{"start": 0, "end": 38}` is all 38 single blocks).
-    `alpha` defaults to the rank, so the LoRA's scale alpha/rank is 1.
+    `alpha` defaults to the rank, so the LoRA's scale alpha/rank is 1. `variant` is what each
+    layer trains (variants.py): lora, dora, lokr or loha; `lokr_factor` and `lokr_full_rank` shape
+    a LoKr.
     """
 
     blocks: str
@@ -70,8 +74,12 @@ class LayerGroup:
     layer_types: tuple[str, ...]
     rank: int = 8
     alpha: float | None = None
+    variant: str = "lora"
+    lokr_factor: int = -1
+    lokr_full_rank: bool = False
 
     def __post_init__(self):
+        check_variant(self.variant, self.lokr_factor)
         known = _layer_types(self.blocks)
         if not known:
             groups = sorted({g for v in _known_vocabularies() for g in v.layers})
@@ -122,6 +130,9 @@ class LoraTarget:
     in_features: int
     out_features: int  # of the BFL layer (the whole fused layer)
     rows: tuple[int, int]  # this target's output rows in it
+    variant: str = "lora"  # what it trains: lora, dora, lokr, loha (variants.py)
+    lokr_factor: int = -1
+    lokr_full_rank: bool = False
 
     @property
     def whole(self) -> bool:
@@ -158,12 +169,15 @@ class LayerSpec:
                     bfl = f"{vocabulary.groups[group.blocks]}.{block}.{module}"
                     in_features, out_features = layout.shape(bfl)
                     rows = layout.rows(part, out_features)
-                    if group.rank > min(in_features, rows[1] - rows[0]):
+                    # a LoKr's rank sizes its second factor: at least half of it trains it whole (LyCORIS's
+                    # linear_dim 10000 = full), so any rank is meaningful there
+                    if group.variant != "lokr" and group.rank > min(in_features, rows[1] - rows[0]):
                         raise ValueError(f"lora_rank is {group.rank} for {name}, a {in_features}→{rows[1] - rows[0]} "
                                          f"layer: a rank above {min(in_features, rows[1] - rows[0])} adds nothing. "
                                          "Lower lora_rank (4–32 is usual).")
                     targets.append(LoraTarget(name, bfl, part, group.rank, group.scale, in_features,
-                                              out_features, layout.rows(part, out_features)))
+                                              out_features, rows, group.variant, group.lokr_factor,
+                                              group.lokr_full_rank))
         if not targets:
             raise ValueError("The LoRA layer selection is empty; add at least one layer group.")
         return targets
@@ -204,12 +218,14 @@ class LayerSpec:
         return cls(tuple(groups))
 
     @classmethod
-    def preset(cls, name: str, layout: ModelLayout, rank: int = 16, alpha: float | None = None) -> "LayerSpec":
-        """A named selection on every block of every group (used when no layer groups are given)."""
+    def preset(cls, name: str, layout: ModelLayout, rank: int = 16, alpha: float | None = None,
+               **variant) -> "LayerSpec":
+        """A named selection on every block of every group (used when no layer groups are given);
+        `variant`: LayerGroup's variant, lokr_factor, lokr_full_rank."""
         presets = layout.vocabulary.presets
         if name not in presets:
             raise ValueError(f"Unknown layer preset {name!r}; choose from {', '.join(presets)}.")
-        return cls(tuple(LayerGroup(blocks, 0, layout.depth(blocks), tuple(types), rank, alpha)
+        return cls(tuple(LayerGroup(blocks, 0, layout.depth(blocks), tuple(types), rank, alpha, **variant)
                          for blocks, types in presets[name].items()))
 
 

@@ -6,11 +6,11 @@ forms a full-size weight gradient and no weight is copied per call.
 
 When several targets share one fused Linear (ComfyUI's q/k/v), their downs are stacked into one
 matmul and each up adds into its own slice of that layer's output; rows nobody trains cost nothing.
+The other variants (DoRA, LoKr, LoHa: variants.py) add their own update into their slice.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable
@@ -20,25 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .targets import LoraTarget
+from .variants import LoraWeight, describe, make_weight
 
 LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-class LoraWeight(nn.Module):
-    """The trainable pair of one target. `rows` is its slice of the layer's output."""
-
-    def __init__(self, target: LoraTarget, dtype: torch.dtype, generator: torch.Generator):
-        super().__init__()
-        self.target = target
-        self.rows = target.rows
-        bound = 1.0 / math.sqrt(target.in_features)  # nn.Linear's default (kaiming-uniform, a=√5)
-        down = (torch.rand(target.rank, target.in_features, generator=generator) * 2 - 1) * bound
-        self.down = nn.Parameter(down.to(dtype))
-        self.up = nn.Parameter(torch.zeros(self.rows[1] - self.rows[0], target.rank, dtype=dtype))
-
-    @property
-    def scale(self) -> float:
-        return self.target.scale
 
 
 class LoraSet(nn.Module):
@@ -47,7 +31,7 @@ class LoraSet(nn.Module):
     def __init__(self, targets: list[LoraTarget], dtype: torch.dtype = torch.float32, seed: int = 0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.weights = nn.ModuleDict({_key(t.name): LoraWeight(t, dtype, generator) for t in targets})
+        self.weights = nn.ModuleDict({_key(t.name): make_weight(t, dtype, generator) for t in targets})
         self.enabled = True  # False: its hooks stay attached and add nothing (the frozen model computes)
 
     @contextmanager
@@ -76,6 +60,10 @@ class LoraSet(nn.Module):
             for p, v in zip(self.trainable(), values, strict=True):
                 p.copy_(v)
         return self
+
+    def variants(self) -> dict[str, str]:
+        """What each target trains (variants.describe), by diffusers name: a resumed run must match."""
+        return {w.target.name: describe(w.target) for w in self}
 
     def get(self, name: str) -> LoraWeight:
         return self.weights[_key(name)]
@@ -130,12 +118,20 @@ def fused_up(weights: list[LoraWeight], scale_by: list[float] | None = None) -> 
 
 class _LoraHook:
     def __init__(self, lora: LoraSet, weights: list[LoraWeight], whole: bool):
-        self.lora, self.weights, self.whole = lora, weights, whole
+        self.lora = lora
+        self.plain = [w for w in weights if w.variant == "lora"]
+        self.others = [w for w in weights if w.variant != "lora"]
+        self.whole = whole
 
     def __call__(self, module, args, output):
         if not self.lora.enabled:
             return output
-        return add_lora(args[0], output, self.weights, self.whole)
+        x = args[0]
+        if self.plain:
+            output = add_lora(x, output, self.plain, self.whole)
+        for w in self.others:  # each into its own rows; DoRA reads the frozen output of its rows first
+            output = w.add_to(x, output, module, self.whole)
+        return output
 
 
 def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bool) -> list:

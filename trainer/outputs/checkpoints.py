@@ -230,7 +230,8 @@ def describe(spec: LayerSpec, dims: FluxDims) -> dict:
 
 def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
     """A checkpoint's LoRA (its EMA or schedule-free average when the run kept one), ready to apply
-    or save in any format."""
+    or save in any format. Its kohya form is the checkpoint's file itself, as written while the
+    model was at hand (DoRA's dora_scale is relative to the base weights)."""
     state = load_state(checkpoint)
     targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
     dtype = next(iter(state["lora"].values())).dtype
@@ -238,4 +239,5 @@ def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
     lora.load_state_dict(state["lora"])
     if state.get("ema") or state.get("eval_weights"):  # the EMA, or a schedule-free optimizer's average
         lora.copy_from(state.get("ema") or state["eval_weights"])
-    return export.TrainedLora(lora, export.read_metadata(Path(checkpoint) / LORA_FILE))
+    kohya, meta = load_lora(checkpoint)
+    return export.TrainedLora(lora, meta, kohya)

@@ -4,6 +4,12 @@ kohya names follow BFL's layout, where q/k/v (single blocks: q/k/v/mlp) are one 
 layer is written as one LoRA: the downs stacked, the ups block-diagonal with zeros in the rows of
 slices not trained. ComfyUI scales a LoRA by alpha/rank of the file, so alpha is written to give
 each part its own scale exactly. Every module gets `.alpha` (ComfyUI assumes 1.0 without it).
+
+DoRA, LoKr and LoHa are written one module per target, named as SimpleTuner's LyCORIS files
+(`lycoris_single_transformer_blocks_3_attn_to_q`): ComfyUI maps each onto its rows of the fused
+layer (an offset into linear1 / qkv), so a slice never needs the other slices' weights. Their
+tensors are LyCORIS's (variants.py: `lokr_w1`, `hada_w1_a`, `dora_scale`, …). The diffusers/PEFT
+format holds LoRA and DoRA (`lora_magnitude_vector`) only.
 """
 
 from __future__ import annotations
@@ -27,6 +33,13 @@ MODELSPEC_FAMILIES = {"flux1": "flux-1"}  # modelspec.architecture's names: flux
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     sd = {}
     for module, weights in lora.by_module().items():
+        for w in weights:
+            if w.variant != "lora":
+                key = "lycoris_" + w.target.name.replace(".", "_")
+                sd.update({f"{key}.{name}": t.detach() for name, t in w.kohya_tensors().items()})
+        weights = [w for w in weights if w.variant == "lora"]
+        if not weights:
+            continue
         key = "lora_unet_" + module.replace(".", "_")
         ref = weights[0].scale
         total_rank = sum(w.target.rank for w in weights)
@@ -41,13 +54,25 @@ def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[
 
 
 def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    check_format("diffusers", {w.variant for w in lora})
     sd = {}
     for w in lora:
         key = f"transformer.{w.target.name}"
         sd[f"{key}.lora_A.weight"] = w.down.detach()
         sd[f"{key}.lora_B.weight"] = w.up.detach()
         sd[f"{key}.alpha"] = torch.tensor(w.scale * w.target.rank)
+        if w.variant == "dora":  # PEFT's m: it divides by ‖W + s·BA‖ itself
+            sd[f"{key}.lora_magnitude_vector"] = w.magnitude.detach()
     return _finish(sd, dtype)
+
+
+def check_format(fmt: str, variants: set[str]) -> None:
+    """The file format can hold these variants (diffusers/PEFT: LoRA and DoRA only)."""
+    other = sorted(variants - {"lora", "dora"})
+    if fmt == "diffusers" and other:
+        raise ValueError(f"format is 'diffusers', which holds LoRA and DoRA only (PEFT's lora_A/lora_B and "
+                         f"lora_magnitude_vector); this LoRA is {', '.join(other)} (variant {other[0]!r}). Save it "
+                         "as kohya: ComfyUI's LoraLoader, Forge and LyCORIS read it.")
 
 
 def _finish(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -112,20 +137,37 @@ class LoraMetadata:
             "modelspec.architecture": f"{MODELSPEC_FAMILIES.get(self.family, self.family)}-{self.variant}/lora",
             "modelspec.trigger_phrase": ", ".join(self.triggers),
         }
+        md.update(self._network())
         md.update({f"dreambooth.{k}": str(v) for k, v in self.extra.items()})
+        return md
+
+    def _network(self) -> dict[str, str]:
+        """The variant, ours and as kohya/LyCORIS headers name it (ss_network_args' algo)."""
+        groups = self.spec.groups
+        names = sorted({g.variant for g in groups})
+        md = {"dreambooth.lora_variant": ",".join(names)}
+        other = next((g for g in groups if g.variant != "lora"), None)
+        if other is not None:
+            lokr = {"algo": "lokr", "factor": str(other.lokr_factor), "full_matrix": str(other.lokr_full_rank)}
+            args = {"lokr": lokr, "loha": {"algo": "loha"}, "dora": {"algo": "lora", "dora_wd": "True"}}[other.variant]
+            md.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)})
         return md
 
 
 class TrainedLora(dict):
     """A trained LoRA as it travels between ComfyUI nodes: a kohya state dict (so ComfyUI's own
-    LORA_MODEL nodes accept it), plus the weights and metadata our nodes save it with."""
+    LORA_MODEL nodes accept it), plus the weights and metadata our nodes save it with. `kohya`:
+    that state dict as already written (a checkpoint's file), else made from `lora` now (DoRA's
+    dora_scale needs the model it trained in)."""
 
-    def __init__(self, lora: LoraSet, meta: dict[str, str]):
-        super().__init__(kohya_state_dict(lora))
+    def __init__(self, lora: LoraSet, meta: dict[str, str], kohya: dict[str, torch.Tensor] | None = None):
+        super().__init__(kohya if kohya is not None else kohya_state_dict(lora))
         self.lora = lora
         self.metadata = meta
 
     def to_file_dict(self, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if fmt == "kohya":
+            return _finish(dict(self), dtype)
         return state_dict(self.lora, fmt, dtype)
 
 

@@ -61,21 +61,22 @@ def _source(path: Path, options: datasets.Options, concepts: bool = False) -> da
 
 def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
     """`layers.layer_types` on `layers.blocks` (both groups when empty) from start to end, or the
-    preset on every block."""
+    preset on every block; every group trains `layers.variant`."""
     layers = recipe.layers
     alpha = layers.alpha or None
+    variant = {"variant": layers.variant, "lokr_factor": layers.lokr_factor, "lokr_full_rank": layers.lokr_full_rank}
     try:
         if layers.groups:
             spec = LayerSpec(tuple(LayerGroup(g.blocks, g.start, g.end or layout.depth(g.blocks),
                                               parse_layer_types(" ".join(g.layer_types), g.blocks), g.rank,
-                                              g.alpha or None) for g in layers.groups))
+                                              g.alpha or None, **variant) for g in layers.groups))
             spec.targets(layout)
             return spec
         if not layers.layer_types:
             if layers.blocks or layers.start or layers.end:
                 raise RecipeError("layers.blocks/start/end need layers.layer_types (e.g. [attn.to_q, proj_out]); "
                                   "or clear them to use layers.preset on every block.")
-            return LayerSpec.preset(layers.preset, layout, layers.rank, alpha)
+            return LayerSpec.preset(layers.preset, layout, layers.rank, alpha, **variant)
         groups = [layers.blocks] if layers.blocks else list(layout.vocabulary.layers)
         built = []
         for blocks in groups:
@@ -85,7 +86,7 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
                 if not types:
                     continue
             end = layers.end or layout.depth(blocks)
-            built.append(LayerGroup(blocks, layers.start, end, types, layers.rank, alpha))
+            built.append(LayerGroup(blocks, layers.start, end, types, layers.rank, alpha, **variant))
         if not built:
             raise RecipeError(f"layers.layer_types {layers.layer_types} names no layer of this model.")
         spec = LayerSpec(tuple(built))

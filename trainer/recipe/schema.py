@@ -11,6 +11,7 @@ from typing import Any
 
 from ..data.datasets import CAPTION_SOURCES, PROBLEMS
 from ..loop.config import TrainConfig
+from ..lora.variants import VARIANTS
 from ..outputs.export import FORMATS, SAVE_DTYPES
 from . import fields
 from .fields import Key, Reader, RecipeError, check
@@ -118,12 +119,27 @@ class LayersSection:
     alpha: float = field(default=0.0, **_help("LoRA alpha; the update is scaled by alpha/rank. 0: alpha = rank."))
     groups: list[LayerGroupSection] = field(default_factory=list, **_help(
         "Several groups, each with its own blocks, range, layer types, rank and alpha (mflux's lora_layers, "
-        "ai-toolkit's per-layer ranks); when given, the keys above are not used."))
+        "ai-toolkit's per-layer ranks); when given, the keys above are not used (variant and the lokr keys "
+        "below are)."))
+    variant: str = field(default="lora", **_help(
+        "What each layer trains: lora; dora (magnitude and direction apart, peft's use_dora); lokr (Kronecker "
+        "factors, ai-toolkit's network.type: lokr, LyCORIS/SimpleTuner's algo: lokr); loha (Hadamard product, "
+        "algo: loha). kohya files of all four load in ComfyUI's LoraLoader; the diffusers format holds lora "
+        "and dora only."))
+    lokr_factor: int = field(default=-1, **_help(
+        "LoKr: the size of the small Kronecker factor (ai-toolkit's lokr_factor, LyCORIS's factor); -1 picks "
+        "it from the layer's size. 4–16 gives smaller files and a coarser update."))
+    lokr_full_rank: bool = field(default=False, **_help(
+        "LoKr: train the large factor whole instead of as a rank-`rank` pair (ai-toolkit's lokr_full_rank, "
+        "LyCORIS's full_matrix); then alpha/rank is not used (scale 1)."))
 
     def __post_init__(self):
         check("layers", [(self.rank >= 1, f"rank is {self.rank}; it must be at least 1 (4–32 is usual)."),
                          (self.alpha >= 0, f"alpha is {self.alpha}; use 0 (= rank) or a positive value."),
-                         (self.start >= 0 and self.end >= 0, f"start/end are {self.start}/{self.end}; use 0 or more.")])
+                         (self.start >= 0 and self.end >= 0, f"start/end are {self.start}/{self.end}; use 0 or more."),
+                         (self.variant in VARIANTS, f"variant is {self.variant!r}; choose {', '.join(VARIANTS)}."),
+                         (self.lokr_factor == -1 or self.lokr_factor >= 1,
+                          f"lokr_factor is {self.lokr_factor}; use -1 (automatic) or a factor of 1 or more (4–16).")])
 
 
 @dataclass
