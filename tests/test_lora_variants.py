@@ -325,3 +325,16 @@ def test_recipe_keys_set_every_groups_variant():
     assert {t.variant for t in preset.targets(DIMS)} == {"dora"}
     with pytest.raises(RecipeError, match="variant is 'lycoris'; choose lora, dora, lokr, loha"):
         Recipe.from_dict({"layers": {"variant": "lycoris"}})
+
+
+def test_a_lokr_rank_above_the_layer_means_a_whole_w2_while_lora_refuses_it():
+    from trainer.families.flux1.layers import FluxDims
+    from trainer.lora.targets import LayerGroup, LayerSpec
+
+    dims = FluxDims(hidden_size=64, mlp_hidden=256, double_blocks=1, single_blocks=1)
+    group = dict(blocks="transformer_blocks", start=0, end=1, layer_types=("attn.to_q",), rank=10000, alpha=1.0)
+    lokr = LoraSet(LayerSpec((LayerGroup(**group, variant="lokr", lokr_factor=4),)).targets(dims))
+    weight = next(iter(lokr))
+    assert weight.full and weight.scale == 1.0 and weight.lokr_w2.shape == (16, 16)  # LyCORIS's linear_dim 10000
+    with pytest.raises(ValueError, match="a rank above 64 adds nothing"):
+        LayerSpec((LayerGroup(**group),)).targets(dims)
