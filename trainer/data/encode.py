@@ -13,7 +13,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -24,13 +24,17 @@ from . import images
 from .captions import shuffled_tags
 from .datasets import Dataset, DatasetError, DatasetItem
 
+if TYPE_CHECKING:
+    from ..lora.text_encoder import TrainableText
+
 log = logger(__name__)
 
 @dataclass
 class Example:
     """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,).
     `views` are extra latents of the same image (augmented), `texts` extra caption variants (tag
-    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`."""
+    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`; each
+    with the caption it encodes."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -46,6 +50,8 @@ class Example:
     key: str = ""  # the image's content hash (as the encode cache keys it): a checkpoint notices a changed dataset
     regularisation: bool = False  # a regularisation or class image, not the subject's
     subject: str = ""  # the subject's trigger word: which subject this photo shows
+    shuffled_captions: list = field(default_factory=list)  # the captions `texts` encode, in order
+    dropout_caption: str = ""  # the caption `dropout_text` encodes (a trained text encoder encodes them live)
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -66,6 +72,9 @@ class Encoders(Protocol):
 
     def identity(self) -> dict[str, str]:
         """Fingerprints of the image and text encoders ('images', 'text'), for cache keys."""
+
+    def trainable_text(self) -> TrainableText:
+        """The text encoders, for a run that trains a LoRA on them (text_encoder_lr > 0)."""
 
 
 _MEMORY: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # shared by all runs in this process
@@ -180,7 +189,8 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
                                 dropout, key=content, regularisation=item.regularisation,
-                                subject="" if item.regularisation else item.trigger_word))
+                                subject="" if item.regularisation else item.trigger_word,
+                                shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else ""))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
+TRANSFORMER = "transformer"  # LoraTarget.component of the transformer's layers (text encoders: lora/text_encoder.py)
+
 
 @dataclass(frozen=True)
 class LayerVocabulary:
@@ -122,6 +124,7 @@ class LoraTarget:
     in_features: int
     out_features: int  # of the BFL layer (the whole fused layer)
     rows: tuple[int, int]  # this target's output rows in it
+    component: str = TRANSFORMER  # the model it lives in: the transformer, or a text encoder (clip_l, t5xxl)
 
     @property
     def whole(self) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .targets import LoraTarget
+from .targets import TRANSFORMER, LoraTarget
 
 LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -65,6 +65,20 @@ class LoraSet(nn.Module):
                 p.copy_(v)
         return self
 
+    def part(self, *components: str) -> "LoraSet":
+        """The weights of these components ('transformer', 'clip_l', …): the same modules, not copies."""
+        part = LoraSet([])
+        part.weights = nn.ModuleDict({k: w for k, w in self.weights.items() if w.target.component in components})
+        return part
+
+    def transformer(self) -> "LoraSet":
+        """The transformer's weights (what a backend attaches to the model)."""
+        return self.part(TRANSFORMER)
+
+    def components(self) -> list[str]:
+        """The components with weights, in the order they were added (the transformer first)."""
+        return list(dict.fromkeys(w.target.component for w in self))
+
     def get(self, name: str) -> LoraWeight:
         return self.weights[_key(name)]
 
@@ -83,16 +97,18 @@ def _key(name: str) -> str:
 def add_lora(x: torch.Tensor, output: torch.Tensor, weights: list[LoraWeight], whole: bool = False) -> torch.Tensor:
     """output + Σ s·B(A·x) of the weights sharing one layer, each added into its own output rows
     (one stacked down-projection; nothing is computed for rows no weight trains). `whole`: the
-    layer is exactly one weight's rows (diffusers' unfused layers)."""
+    layer is exactly one weight's rows (diffusers' unfused layers). The weights come to the layer's
+    device and dtype (a text encoder may compute elsewhere than the transformer)."""
+    cast = {"device": x.device, "dtype": x.dtype}
     if whole or (len(weights) == 1 and weights[0].target.whole):
         w = weights[0]
-        return output + F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype)).to(output.dtype)
-    down = F.linear(x, torch.cat([w.down for w in weights]).to(x.dtype))
+        return output + F.linear(F.linear(x, w.down.to(**cast)), (w.up * w.scale).to(**cast)).to(output.dtype)
+    down = F.linear(x, torch.cat([w.down for w in weights]).to(**cast))
     col = 0
     for w in weights:
         r = w.target.rank
         start, stop = w.rows
-        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(x.dtype)).to(output.dtype)
+        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(**cast)).to(output.dtype)
         col += r
     return output
 
@@ -136,7 +152,8 @@ def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bo
                 expected = (t.in_features, t.rows[1] - t.rows[0] if split else t.out_features)
                 if (layer.in_features, layer.out_features) != expected:
                     raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
-                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
+                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped "
+                                     f"(its {t.component}).")
                 handles.append(layer.register_forward_hook(_LoraHook(group, whole=split)))
     except BaseException:
         detach_all(handles)
