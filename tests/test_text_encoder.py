@@ -44,8 +44,8 @@ class Counting:
         self.captions.append(caption)
         return self.text.encode(caption, components)
 
-    def ready(self):
-        return self.text.ready()
+    def ready(self, trained):
+        return self.text.ready(trained)
 
 
 def te_trainer(tiny_flux, examples, steps=6, start=0.5, t5=False, **overrides):

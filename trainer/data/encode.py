@@ -13,7 +13,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -23,9 +23,6 @@ from ..log import logger
 from . import images
 from .captions import shuffled_tags
 from .datasets import Dataset, DatasetError, DatasetItem
-
-if TYPE_CHECKING:
-    from ..lora.text_encoder import TrainableText
 
 log = logger(__name__)
 
@@ -62,7 +59,8 @@ class Example:
 
 
 class Encoders(Protocol):
-    """What turns images and captions into model inputs (ComfyUI's VAE/CLIP, or diffusers')."""
+    """What turns images and captions into model inputs (ComfyUI's VAE/CLIP, or diffusers'). A run
+    that trains the text encoders gets them separately, as a lora.text_encoder.TrainableText."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 16, H/8, W/8) latents as the transformer sees them."""
@@ -72,9 +70,6 @@ class Encoders(Protocol):
 
     def identity(self) -> dict[str, str]:
         """Fingerprints of the image and text encoders ('images', 'text'), for cache keys."""
-
-    def trainable_text(self) -> TrainableText:
-        """The text encoders, for a run that trains a LoRA on them (text_encoder_lr > 0)."""
 
 
 _MEMORY: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()  # shared by all runs in this process

@@ -50,8 +50,9 @@ class TrainableText(Protocol):
         """caption -> (T5 tokens (L, D) when 't5xxl' is in `components`, else None; CLIP pooled (D,)
         when 'clip_l' is, else None), with grad through any LoRA attached to the encoders."""
 
-    def ready(self) -> ContextManager[None]:
-        """Inside, the encoders are on their device and usable by autograd (entered per training segment)."""
+    def ready(self, trained: Collection[str]) -> ContextManager[None]:
+        """Inside, the encoders are on their device and the `trained` ones usable by autograd
+        (entered per training segment)."""
 
 
 def components(t5: bool) -> tuple[str, ...]:
@@ -105,8 +106,9 @@ def layer_finder(text: TrainableText) -> Callable[[LoraWeight], nn.Module]:
 @contextmanager
 def applied(text: TrainableText, lora: LoraSet):
     """While inside, the encoders are ready and compute with `lora`'s text-encoder weights."""
-    with text.ready():
-        handles = attach(lora.part(*TEXT_COMPONENTS), layer_finder(text), split=True)
+    part = lora.part(*TEXT_COMPONENTS)
+    with text.ready(part.components()):
+        handles = attach(part, layer_finder(text), split=True)
         try:
             yield
         finally:
@@ -124,3 +126,9 @@ def kohya_key(component: str, module: str) -> str:
     if component in KOHYA_PREFIXES:
         return KOHYA_PREFIXES[component] + module.split(".", 1)[1].replace(".", "_")
     return "lora_unet_" + module.replace(".", "_")
+
+
+def split_keys(sd: dict) -> tuple[dict, dict]:
+    """A LoRA file's keys as (the transformer's, the text encoders': kohya's lora_te*, diffusers' text_encoder*)."""
+    text = {k: v for k, v in sd.items() if k.startswith(("lora_te", "text_encoder"))}
+    return {k: v for k, v in sd.items() if k not in text}, text

@@ -34,5 +34,5 @@ class TransformersText:
         return context, pooled
 
     @contextmanager
-    def ready(self):
+    def ready(self, trained: Collection[str]):
         yield  # in memory where they are, plain tensors, and out-of-place residuals: nothing to do
