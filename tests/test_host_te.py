@@ -127,3 +127,24 @@ def test_a_start_past_the_end_is_named_before_anything_is_written(host):
     prompt["6"] = {"class_type": "FluxDreamBoothTrainingSettings", "inputs": {**SETTINGS, "text_encoder_start": 4}}
     with pytest.raises(RuntimeError, match="text_encoder_start is 4: step 4, at or past steps"):
         host.run(prompt)
+
+
+def test_comfyuis_clip_embeds_live_as_clip_text_encode_does_with_a_gradient_through_both(host):
+    """At zero LoRA the live embeddings are the cached ones; backward runs through CLIP-L's and T5's
+    in-place residual streams (protected) and reaches every layer's LoRA."""
+    import torch
+
+    pack = host.pack
+    te, LoraSet = pack.trainer.lora.text_encoder, pack.trainer.lora.weights.LoraSet
+    model, clip, vae = pack.nodes.host.tiny.load_tiny_flux(0)
+    cached_context, cached_pooled = pack.nodes.host.models.ComfyEncoders(model, clip, vae).encode_text(PROMPT)
+    text = pack.trainer.families.flux1.comfy_text.ComfyText(clip, load=lambda: None)
+    both = (te.CLIP_L, te.T5XXL)
+    lora = LoraSet(te.targets(text, both, 4))
+    assert len(lora) == 2 * 6 + 2 * 7
+    with torch.inference_mode(False), torch.enable_grad(), te.applied(text, lora):
+        context, pooled = text.encode(PROMPT, both)
+        (context.square().mean() + pooled.square().mean()).backward()
+    assert torch.allclose(context, cached_context, atol=1e-5) and torch.allclose(pooled, cached_pooled, atol=1e-5)
+    assert all(w.up.grad is not None and w.up.grad.abs().sum() > 0 for w in lora)
+    assert not any(m._forward_hooks or "forward" in m.__dict__ for m in clip.cond_stage_model.modules())

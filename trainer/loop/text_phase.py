@@ -73,9 +73,15 @@ class TextPhase:
         return step >= self.start
 
     def param_groups(self, lora: LoraSet) -> list[dict]:
-        """The transformer's parameters, then the text encoders' with their own rate."""
-        return [{"params": lora.transformer().trainable()},
-                {"params": lora.part(*self.components).trainable(), "lr": self.lr}]
+        """The transformer's parameters, then the text encoders' with their own rate: together in
+        the LoraSet's own order (what an EMA or a checkpoint lists), so its targets put the
+        transformer's first."""
+        groups = [{"params": lora.transformer().trainable()},
+                  {"params": lora.part(*self.components).trainable(), "lr": self.lr}]
+        if [id(p) for g in groups for p in g["params"]] != [id(p) for p in lora.trainable()]:
+            raise ValueError("The LoRA's text-encoder targets come before some of the transformer's; list the "
+                             "transformer's targets first (spec.targets(...) + text_targets(...)).")
+        return groups
 
     @contextmanager
     def embeddings(self, lora: LoraSet) -> Iterator[Embed]:
