@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..trainer.families.backend import FluxBackend
 from ..trainer.log import logger
 from ..trainer.loop.job import Job, JobSpec, JobState, Outcome
+from ..trainer.lora import text_encoder
 from ..trainer.lora.weights import LoraSet
 from ..trainer.outputs import export
 from ..trainer.outputs.progress import Progress, Sample
@@ -70,13 +71,16 @@ class ComfyJobHost:
 
     def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
                ) -> tuple[list[Sample], torch.Tensor] | None:
+        sd = export.kohya_state_dict(lora)
         if self.keep_off:  # block swap: rendered as it trains, swapped blocks streamed in, LoRA on activations
             model, lora_on = models.sampling_as_loaded(self.patcher), self.backend.lora_applied(lora)
         else:  # as a workflow renders it: the LoRA merged into the weights by ComfyUI's loader
-            model, lora_on = loras.apply_lora(self.patcher, export.kohya_state_dict(lora), 1.0), nullcontext()
+            model, lora_on = loras.apply_lora(self.patcher, sd, 1.0), nullcontext()
+        # once the text encoder trains, the prompts go through the CLIP with its LoRA, as Load LoRA gives it
+        clip = loras.apply_lora_to_clip(self.renderer.clip, sd, 1.0) if text_encoder.has_delta(lora) else None
         try:
             with lora_on:
-                return self.renderer.render(model, step, should_stop)
+                return self.renderer.render(model, step, should_stop, clip)
         except RenderStopped:
             return None
         finally:  # the LoRA's patches come off, and what ComfyUI moved off to render goes back on

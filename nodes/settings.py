@@ -33,9 +33,9 @@ class TrainingSettingsNode(io.ComfyNode):
             display_name="Training Settings",
             category=sockets.Category.TRAINING,
             description="Optimizer, gradient accumulation, schedule shape, noise-level and loss settings, and "
-                        "differential output preservation, by the names ai-toolkit, SimpleTuner, kohya and "
-                        "diffusers use. Plug into the Train node's `settings`; without it Train uses AdamW, MSE "
-                        "and the defaults shown here.",
+                        "differential output preservation and training the text encoder too, by the names "
+                        "ai-toolkit, SimpleTuner, kohya and diffusers use. Plug into the Train node's `settings`; "
+                        "without it Train uses AdamW, MSE and the defaults shown here.",
             inputs=[
                 io.Combo.Input("optimizer", options=list(optimizers.OPTIMIZERS), default="adamw",
                                tooltip="adamw: the usual choice. adamw8bit: ai-toolkit's `optimizer: adamw8bit`, "
@@ -105,6 +105,25 @@ class TrainingSettingsNode(io.ComfyNode):
                                 tooltip="The class word DOP puts in place of the trigger word ('person', 'dog'; "
                                         "ai-toolkit's diff_output_preservation_class). Empty: the dataset's "
                                         "class word."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1e-2, step=1e-6, round=False,
+                               optional=True,
+                               tooltip="Also train a LoRA on the text encoder (CLIP-L), at this rate: helps the "
+                                       "likeness of faces and names. 0 keeps it frozen (the usual). 5e-6 (ai-toolkit "
+                                       "recipes' late text-encoder finetune) to 3e-5 (their global rate once it is "
+                                       "on). Costs memory and time: from text_encoder_start on, every step encodes "
+                                       "its captions through it (diffusers' --text_encoder_lr)."),
+                io.Float.Input("text_encoder_start", default=0.0, min=0.0, max=100000.0, step=0.01, optional=True,
+                               tooltip="When the text encoder starts training: below 1 a fraction of the steps "
+                                       "(0.8–0.85: the last 15–20%, as ai-toolkit recipes do to keep the words' "
+                                       "meaning from drifting early), from 1 up a step number (5600). 0: from the "
+                                       "first step (diffusers' --train_text_encoder)."),
+                io.Int.Input("text_encoder_rank", default=0, min=0, max=256, optional=True,
+                             tooltip="Rank of the text encoder's LoRA (alpha = rank). 0: the transformer LoRA's "
+                                     "rank and alpha. 4–16 is plenty for CLIP-L."),
+                io.Boolean.Input("text_encoder_t5", default=False, optional=True,
+                                 tooltip="Also train T5-XXL, the encoder FLUX reads the prompt's words from. Off: "
+                                         "CLIP-L only, as diffusers does. T5 has 4.7B parameters: far more memory "
+                                         "and time per step; only the kohya format saves it."),
             ],
             outputs=[sockets.TrainingSettings.Output(display_name="settings")],
         )
@@ -112,11 +131,13 @@ class TrainingSettingsNode(io.ComfyNode):
     @classmethod
     def execute(cls, optimizer, optimizer_args, gradient_accumulation_steps, max_grad_norm, lr_num_cycles,
                 lr_power, lr_end, shift, logit_mean, logit_std, mode_scale, loss, huber_c,
-                loss_weighting, dop_multiplier=0.0, dop_class="") -> io.NodeOutput:
+                loss_weighting, dop_multiplier=0.0, dop_class="", text_encoder_lr=0.0, text_encoder_start=0.0,
+                text_encoder_rank=0, text_encoder_t5=False) -> io.NodeOutput:
         train = dict(optimizer=optimizer, optimizer_args=optimizers.parse_args(optimizer_args),
                      gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
                      lr_num_cycles=lr_num_cycles, lr_power=lr_power, lr_end=lr_end,
                      loss=LossSettings(loss, huber_c, loss_weighting), dop_multiplier=dop_multiplier,
-                     dop_class=dop_class)
+                     dop_class=dop_class, text_encoder_lr=text_encoder_lr, text_encoder_start=text_encoder_start,
+                     text_encoder_rank=text_encoder_rank, text_encoder_t5=text_encoder_t5)
         timesteps = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
         return io.NodeOutput(TrainingSettings(train, timesteps))

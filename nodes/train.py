@@ -1,5 +1,6 @@
 """The Train node: encode the dataset with the workflow's CLIP and VAE, train on the workflow's
-own FLUX as a job (see session.py), hand back the model with the LoRA applied."""
+own FLUX as a job (see session.py), hand back the model (and, when the text encoder trains too, the
+CLIP) with the LoRA applied."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ..trainer.loop.config import LR_SCHEDULES, TrainConfig
 from ..trainer.loop.flow import TIMESTEP_SAMPLINGS, TimestepSampling
 from ..trainer.loop.job import JobSpec
 from ..trainer.loop.memory import MemoryConfig
+from ..trainer.loop.text_phase import text_targets
 from ..trainer.lora.targets import LayerSpec
 from ..trainer.lora.weights import LORA_DTYPES
 from ..trainer.outputs import export, progress
@@ -42,7 +44,8 @@ class TrainFluxLora(io.ComfyNode):
                         "within a step.",
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 model to train on (dev, schnell, Krea…)."),
-                io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once."),
+                io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once (and to train, with "
+                                             "Training Settings' text_encoder_lr)."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode the images once."),
                 sockets.Dataset.Input("dataset", tooltip="From a DreamBooth Dataset node."),
                 sockets.LoraLayers.Input("lora_layers", optional=True,
@@ -129,6 +132,9 @@ class TrainFluxLora(io.ComfyNode):
                 io.Image.Output(display_name="loss_plot", tooltip="Raw and smoothed loss against step."),
                 io.String.Output(display_name="run_folder", tooltip="The run's folder under output/flux_dreambooth: "
                                                                     "checkpoints, samples, plots."),
+                io.Clip.Output(display_name="clip",
+                               tooltip="The CLIP with the trained text-encoder LoRA applied (Training Settings' "
+                                       "text_encoder_lr); the CLIP as it came when the text encoder was not trained."),
             ],
         )
 
@@ -154,7 +160,11 @@ class TrainFluxLora(io.ComfyNode):
         memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers.resolved(backend.dims) if lora_layers else LayerSpec.preset(DEFAULT_LAYERS, backend.dims,
                                                                                          rank=16)
-        targets = spec.targets(backend.dims)
+        keep_off = backend.swapped_blocks(config.memory)
+        trainable = models.trainable_text(clip, patcher, keep_off) if config.text_encoder_lr > 0 else None
+        text_part = text_targets(config, trainable, spec)
+        text_encoders = tuple(dict.fromkeys(t.component for t in text_part))
+        targets = spec.targets(backend.dims) + text_part
         settings = run or RunSettings()
         folder, resume = settings.folder_and_checkpoint(paths.runs_root())
         started = time.perf_counter()
@@ -165,7 +175,7 @@ class TrainFluxLora(io.ComfyNode):
                                            dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
-        models.load_for_training(patcher, backend.swapped_blocks(config.memory))
+        models.load_for_training(patcher, keep_off)
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
         base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
@@ -173,20 +183,24 @@ class TrainFluxLora(io.ComfyNode):
             "resolution": resolution, "learning_rate": config.learning_rate, "seed": config.seed,
             "run": folder.path.name,
             "optimizer": config.optimizer, "lr_schedule": config.lr_schedule,
-            **({"base_model_loras": ", ".join(base_loras)} if base_loras else {})},
-            family=backend.family, variant=backend.variant)
+            **({"base_model_loras": ", ".join(base_loras)} if base_loras else {}),
+            **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
+               if text_part else {})},
+            family=backend.family, variant=backend.variant, text_encoders=text_encoders)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
-                      resume, validation and validation.schedule())
+                      resume, validation and validation.schedule(), text_encoder=trainable)
         outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
 
         trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done), outcome.kohya)
         seconds = time.perf_counter() - started
         before, after = outcome.loss_before, outcome.loss_after
+        text_summary = (f" ({len(text_part)} on {', '.join(text_encoders)} from step {config.text_encoder_start_step()}"
+                        f" at {config.text_encoder_lr:g})" if text_part else "")
         summary = (f"{outcome.steps_done} steps{' (stopped)' if outcome.stopped else ''} in {seconds:.0f} s on "
-                   f"{len(targets)} LoRA layers; fixed-noise loss {before:.4f} → {after:.4f} "
+                   f"{len(targets)} LoRA layers{text_summary}; fixed-noise loss {before:.4f} → {after:.4f} "
                    f"({100 * (after / before - 1):+.1f}%); run {folder.path.name}; {len(examples)} images, "
                    f"{store.hits} encodings from the cache, {store.misses} computed; {memory}"
                    + (f"\nLeft out: {'; '.join(skipped)}" if skipped else "")
@@ -195,6 +209,7 @@ class TrainFluxLora(io.ComfyNode):
         plot = progress.to_pixels(progress.loss_plot(outcome.history))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot
         ui = {"text": [summary], "fixed_noise_loss": [before, after]}  # samples show in the node's panel
+        clip_out = loras.apply_lora_to_clip(clip, trained, 1.0) if text_part else clip
         return io.NodeOutput(loras.apply_lora(model, trained, 1.0), trained, {"loss": outcome.losses}, samples,
-                             plot, str(folder.path.relative_to(paths.runs_root())), ui=ui)
+                             plot, str(folder.path.relative_to(paths.runs_root())), clip_out, ui=ui)
 

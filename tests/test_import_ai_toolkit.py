@@ -118,10 +118,7 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     imported = formats.load(tmp_path / "job.yaml")
     p = "config.process"
     unsupported = {u.key: u.why for u in imported.unsupported}
-    would_be = {
-                f"{p}.datasets[1].network_weight": "layers.network_weight",
-                f"{p}.train.train_text_encoder": "train.text_encoder_lr", f"{p}.train.text_encoder_lr":
-                "train.text_encoder_lr"}
+    would_be = {f"{p}.datasets[1].network_weight": "layers.network_weight"}
     others = [f"{p}.datasets[0].flip_y", f"{p}.train.lr_scheduler", f"{p}.train.timestep_type",
               f"{p}.train.loss_type", f"{p}.train.content_or_style"]
     assert set(unsupported) == set(would_be) | set(others)
@@ -129,6 +126,7 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     assert (imported.recipe.train.dop_multiplier, imported.recipe.train.dop_class) == (0.5, "man")
     layers = imported.recipe.layers
     assert (layers.variant, layers.lokr_factor, layers.lokr_full_rank) == ("lokr", 4, True)
+    assert imported.recipe.train.text_encoder_lr == 5e-6  # train_text_encoder with its own rate
     for key, ours in would_be.items():
         assert unsupported[key] == f"this pack has no setting for it yet (it would be {ours})", key
     assert "LinearLR" in unsupported[f"{p}.train.lr_scheduler"] and "wavelet" in unsupported[f"{p}.train.loss_type"]
@@ -285,3 +283,11 @@ def test_differential_output_preservation_reads_back_from_the_written_job():
     assert (train["diff_output_preservation"], train["diff_output_preservation_class"]) == (True, "person")
     back, _, unsupported = round_trip(recipe)
     assert back.train.dop_multiplier == 0.75 and not [k for k in result.lost if k.startswith("train.dop")]
+
+
+def test_the_text_encoder_phase_is_written_with_what_ai_toolkit_cannot_say():
+    recipe = Recipe().with_settings(["dataset.folders=[photos]", "text_encoder_lr=5e-6", "text_encoder_start=0.85"])
+    result = ai_toolkit.export(recipe)
+    train = result.job["config"]["process"][0]["train"]
+    assert (train["train_text_encoder"], train["text_encoder_lr"]) == (True, 5e-6)
+    assert set(k for k in result.lost if k.startswith("train.text_encoder")) == {"train.text_encoder_start"}

@@ -14,6 +14,7 @@ import torch
 
 from ...trainer.data.encode import weights_fingerprint
 from ...trainer.families.flux1.comfy import ComfyFlux
+from ...trainer.families.flux1.comfy_text import ComfyText
 
 
 def set_training_kernels(on: bool) -> None:
@@ -34,13 +35,14 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
     return ComfyFlux(patcher.model, patcher.load_device, training_flag=set_training_kernels), patcher
 
 
-def load_for_training(patcher, keep_off: Sequence[str] = (), again: bool = False) -> None:
+def load_for_training(patcher, keep_off: Sequence[str] = (), again: bool = False, also: Sequence = ()) -> None:
     """Put the model, with any LoRAs already applied to it, on its device, all but the blocks in
     `keep_off` (block swap's, e.g. 'single_blocks.37'): those stay in CPU memory, with the same
     LoRAs applied there, and never reach the device, so a model larger than the card can train.
-    `again`: after a render, put back what ComfyUI may have moved off meanwhile."""
+    `again`: after a render, put back what ComfyUI may have moved off meanwhile. `also`: patchers
+    loaded in the same call (a CLIP that trains too), so that loading one never unloads the other."""
     if not keep_off:
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        comfy.model_management.load_models_gpu([patcher, *also], force_full_load=True)
         return
     dit = patcher.model.diffusion_model
     kept = {name: dit.get_submodule(name) for name in keep_off}
@@ -53,7 +55,7 @@ def load_for_training(patcher, keep_off: Sequence[str] = (), again: bool = False
             for key in [k for k in patcher.patches if k.startswith(f"diffusion_model.{name}.")]:
                 patcher.patch_weight_to_device(key, device_to=patcher.offload_device)  # undone at unload
     with _out_of_sight(dit, keep_off):
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        comfy.model_management.load_models_gpu([patcher, *also], force_full_load=True)
     # ComfyUI counts a whole load as the whole model: tell it what is on the device
     on = patcher.model_size() - sum(t.nbytes for block in kept.values() for t in block.state_dict().values())
     patcher.model.model_loaded_weight_memory = min(patcher.model.model_loaded_weight_memory, on)
@@ -97,6 +99,12 @@ def sampling_as_loaded(patcher):
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "flux_dreambooth",
                                loaded_already)
     return clone
+
+
+def trainable_text(clip, patcher, keep_off: Sequence[str] = ()) -> ComfyText:
+    """The workflow's CLIP as text encoders a run trains (text_encoder_lr > 0); whenever the run needs
+    them on the device they are loaded together with the transformer `patcher`."""
+    return ComfyText(clip, lambda: load_for_training(patcher, keep_off, again=True, also=(clip.patcher,)))
 
 
 class ComfyEncoders:

@@ -58,19 +58,23 @@ class Renderer:
                  triggers: Sequence[str], folder: Path):
         self.entries, self.sampler, self.scheduler = list(entries), sampler, scheduler
         self.width, self.height, self.vae, self.folder = width, height, vae, folder
-        self.triggers = tuple(triggers)
-        self.conditioning = {e.prompt: encode_prompt(clip, fill_triggers(e.prompt, self.triggers))
-                             for e in self.entries}
+        self.triggers, self.clip = tuple(triggers), clip
+        self.conditioning = self._encode(clip)
 
-    def render(self, model, step: int, should_stop: Callable[[], bool] = lambda: False
+    def _encode(self, clip) -> dict:
+        return {e.prompt: encode_prompt(clip, fill_triggers(e.prompt, self.triggers)) for e in self.entries}
+
+    def render(self, model, step: int, should_stop: Callable[[], bool] = lambda: False, clip=None
                ) -> tuple[list[Sample], torch.Tensor]:
         """Every entry at `step`: saved as PNGs (named by step) and returned as an IMAGE batch.
-        Cancel is checked every sampling step, `should_stop()` between images (RenderStopped)."""
+        Cancel is checked every sampling step, `should_stop()` between images (RenderStopped).
+        `clip`: encode the prompts with this one (the CLIP with a trained text-encoder LoRA)."""
+        conditioning = self.conditioning if clip is None else self._encode(clip)
         samples, images = [], []
         for i, e in enumerate(self.entries):
             if should_stop():
                 raise RenderStopped
-            image = render(model, self.vae, self.conditioning[e.prompt], e.seed, e.steps, e.guidance,
+            image = render(model, self.vae, conditioning[e.prompt], e.seed, e.steps, e.guidance,
                            self.sampler, self.scheduler, self.width, self.height)
             path = save_png(image, self.folder / f"step_{step:06d}_{i:02d}.png")
             samples.append(Sample(step, i, e.label(self.triggers), path))

@@ -23,6 +23,8 @@ from ..data.encode import encode_dataset
 from ..families.flux1 import tiny
 from ..log import logger
 from ..loop.job import Job, JobSpec, JobState, ValidationSchedule
+from ..loop.text_phase import text_targets
+from ..lora import text_encoder
 from ..lora.weights import LoraSet
 from ..outputs import checkpoints, export
 from ..outputs.checkpoints import RunFolder
@@ -153,7 +155,12 @@ class ConsoleHost:
                ) -> tuple[list[Sample], torch.Tensor] | None:
         v, backend = self.recipe.validation, self.model.backend()
         samples, images = [], []
-        for i, (prompt, (context, pooled)) in enumerate(zip(self.prompts, self.encoded)):
+        encoded = self.encoded
+        if text_encoder.has_delta(lora):  # the text encoder trains: the prompts through it, as the LoRA has it
+            trainable = self.model.trainable_text()
+            with torch.no_grad(), text_encoder.applied(trainable, lora):
+                encoded = [trainable.encode(p) for p in self.prompts]
+        for i, (prompt, (context, pooled)) in enumerate(zip(self.prompts, encoded)):
             if should_stop():
                 return None
             with backend.lora_applied(lora):
@@ -218,11 +225,14 @@ def run(args) -> int:
                                        dop_class=recipe.train.preservation_class())
     for problem in skipped:
         log.warning("Left out: %s", problem)
-    targets = spec.targets(backend.dims)
+    trainable = model.trainable_text() if recipe.train.text_encoder_lr > 0 else None
+    text_part = text_targets(recipe.train, trainable, spec)
+    targets = spec.targets(backend.dims) + text_part
     resolution = ",".join(map(str, recipe.dataset.resolution))
     metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
         "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
-        "run": folder.path.name, "recipe": text.to_json(recipe)})
+        "run": folder.path.name, "recipe": text.to_json(recipe)},
+        text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
     host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
@@ -232,7 +242,7 @@ def run(args) -> int:
         note_changes(folder.path / "recipe.yaml", recipe)
     files.write_text(folder.path / "recipe.yaml", text.to_yaml(recipe))
     job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
-                      resume=resume, validation=schedule), key="cli")
+                      resume=resume, validation=schedule, text_encoder=trainable), key="cli")
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
     try:

@@ -30,9 +30,10 @@ log = logger(__name__)
 class Example:
     """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,).
     `views` are extra latents of the same image (augmented), `texts` extra caption variants (tag
-    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`.
-    `preserve` holds each of these captions with the trigger word replaced by the class word, in the
-    order (caption, *texts, dropout_text), for differential output preservation; empty: none."""
+    shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`; each
+    with the caption it encodes. `preserve` holds each of these captions with the trigger word
+    replaced by the class word, in the order (caption, *texts, dropout_text), for differential output
+    preservation; empty: none."""
 
     latents: torch.Tensor
     context: torch.Tensor
@@ -49,6 +50,8 @@ class Example:
     regularisation: bool = False  # a regularisation or class image, not the subject's
     subject: str = ""  # the subject's trigger word: which subject this photo shows
     preserve: list = field(default_factory=list)  # class captions, for differential output preservation
+    shuffled_captions: list = field(default_factory=list)  # the captions `texts` encode, in order
+    dropout_caption: str = ""  # the caption `dropout_text` encodes (a trained text encoder encodes them live)
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -60,7 +63,8 @@ class Example:
 
 
 class Encoders(Protocol):
-    """What turns images and captions into model inputs (ComfyUI's VAE/CLIP, or diffusers')."""
+    """What turns images and captions into model inputs (ComfyUI's VAE/CLIP, or diffusers'). A run
+    that trains the text encoders gets them separately, as a lora.text_encoder.TrainableText."""
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 16, H/8, W/8) latents as the transformer sees them."""
@@ -209,7 +213,8 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
                                 dropout, key=content, regularisation=item.regularisation,
-                                subject="" if item.regularisation else item.trigger_word, preserve=preserve))
+                                subject="" if item.regularisation else item.trigger_word, preserve=preserve,
+                                shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else ""))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

@@ -49,8 +49,8 @@ class FluxBackend:
 
     @contextmanager
     def lora_applied(self, lora: LoraSet):
-        """The model computes with `lora` added on activations while inside."""
-        handles = attach(lora, self.layer, self.split_layers)
+        """The model computes with `lora` (its transformer part) added on activations while inside."""
+        handles = attach(lora.transformer(), self.layer, self.split_layers)
         try:
             yield
         finally:
@@ -108,7 +108,7 @@ class FluxBackend:
                 runner.restore()
 
     def _runner(self, lora: LoraSet, memory: MemoryConfig) -> BlockRunner:
-        with_lora = {w.target.block for w in lora}
+        with_lora = {w.target.block for w in lora.transformer()}
         names, modules, streams = zip(*self.blocks())
         return BlockRunner(list(modules), [n in with_lora for n in names], list(streams), memory, self.device)
 

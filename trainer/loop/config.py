@@ -45,6 +45,10 @@ class TrainConfig:
     loss: LossSettings = field(default_factory=LossSettings)  # mse, l1, huber…, and its weighting over σ
     dop_multiplier: float = 0.0  # differential output preservation's loss weight (ai-toolkit's 1.0); 0 = off
     dop_class: str = ""  # the class word DOP puts in place of the trigger; '' = each subject's class word
+    text_encoder_lr: float = 0.0  # the text encoder LoRA's learning rate; 0: the text encoder is not trained
+    text_encoder_start: float = 0.0  # when it starts training: a fraction of steps if below 1 (0.85), else a step
+    text_encoder_rank: int = 0  # rank of its LoRA; 0: the transformer LoRA's rank (and alpha)
+    text_encoder_t5: bool = False  # also train T5-XXL (False: CLIP-L only, as diffusers does)
 
     def __post_init__(self):
         checks = [  # each a whole number or finite value first (inf, NaN and 2.5 steps compare silently)
@@ -75,10 +79,11 @@ class TrainConfig:
              f"dop_class is {self.dop_class!r}; give the class word itself ('person', 'dog'), or leave it empty "
              "for the dataset's class word."),
         ]
-        for ok, message in checks + self._optimisation_checks():
+        for ok, message in checks + self._optimisation_checks() + self._text_encoder_checks():
             if not ok:
                 raise ValueError(message)
         self.steps, self.batch_size, self.seed = int(self.steps), int(self.batch_size), int(self.seed)
+        self.text_encoder_rank = int(self.text_encoder_rank)
         optimizers.check(self.optimizer, self.optimizer_args)
 
     def _optimisation_checks(self) -> list[tuple[bool, str]]:
@@ -108,6 +113,33 @@ class TrainConfig:
         """What differential output preservation puts in place of the trigger word, for
         encode_dataset: dop_class, '' for each subject's own class word, None when DOP is off."""
         return self.dop_class.strip() if self.dop_multiplier > 0 else None
+    def _text_encoder_checks(self) -> list[tuple[bool, str]]:
+        start = self.text_encoder_start
+        valid_start = _finite_number(start) and (0 <= start < 1 or (start >= 1 and float(start).is_integer()))
+        checks = [
+            (_finite_number(self.text_encoder_lr) and self.text_encoder_lr >= 0,
+             f"text_encoder_lr is {self.text_encoder_lr}; use 0 (the text encoder is not trained) or a small "
+             "positive rate (5e-6 to 3e-5)."),
+            (valid_start, f"text_encoder_start is {start}; use a fraction of the steps below 1 (0.85: the last 15%) "
+                          "or a whole step number (5950), 0 to train the text encoder from the first step."),
+            (_whole_number(self.text_encoder_rank) and self.text_encoder_rank >= 0,
+             f"text_encoder_rank is {self.text_encoder_rank}; use 0 (the transformer LoRA's rank) or a whole "
+             "number like 8 or 16."),
+            (isinstance(self.text_encoder_t5, bool),
+             f"text_encoder_t5 is {self.text_encoder_t5!r}; use true or false."),
+        ]
+        if all(ok for ok, _ in checks) and self.text_encoder_lr > 0:
+            first = self.text_encoder_start_step()
+            checks.append((first < self.steps,
+                           f"text_encoder_start is {start:g}: step {first}, at or past steps ({self.steps}), so the "
+                           f"text encoder would never train; use a fraction like 0.85 or a step below {self.steps}."))
+        return checks
+
+    def text_encoder_start_step(self) -> int:
+        """The first (0-based) optimizer step that trains the text encoder: text_encoder_start of the
+        steps when a fraction (0.85 of 7000: 5950), else the step it names."""
+        start = self.text_encoder_start
+        return round(start * self.steps) if start < 1 else int(start)
 
     def schedule_warmup(self) -> int:
         """Warmup steps of the learning-rate schedule: none when the optimizer warms up itself."""

@@ -32,6 +32,7 @@ from ..data.encode import Example
 from ..families.backend import FluxBackend
 from ..log import logger
 from ..lora.targets import LoraTarget
+from ..lora.text_encoder import TrainableText
 from ..lora.variants import parameter_count
 from ..lora.weights import LoraSet
 from ..outputs import checkpoints, export, progress
@@ -88,6 +89,7 @@ class JobSpec:
     lora_dtype: torch.dtype = torch.float32
     resume: Path | None = None
     validation: ValidationSchedule | None = None
+    text_encoder: TrainableText | None = None  # what the targets' text-encoder part trains on (text_phase.py)
 
 
 @dataclass
@@ -193,13 +195,12 @@ class Job:
                 owned = [e.copied() for e in spec.examples]
                 lora = LoraSet(spec.targets, spec.lora_dtype, spec.config.seed).to(spec.backend.device)
                 job.enter_context(spec.backend.resident(lora, spec.config.memory))  # swapped blocks stay off
-                trainer = Trainer(spec.backend, lora, owned, spec.config)
+                trainer = Trainer(spec.backend, lora, owned, spec.config, spec.text_encoder)
                 if spec.resume is not None:
                     trainer.load_state(checkpoints.load_state(spec.resume))
                 self.trainer = trainer
                 probe = probe_examples(owned)
-                self.loss_before = fixed_noise_loss(spec.backend, trainer.result_lora(), probe, spec.config.guidance,
-                                                    should_stop=self._ending)
+                self.loss_before = self._probe_loss(probe, should_stop=self._ending)
                 self._pause()  # samples before training
                 while trainer.step < spec.config.steps and not self._ending():
                     if trainer.run(self._next_pause(trainer.step), self._messages.put, self._ending):
@@ -207,11 +208,17 @@ class Job:
                     if trainer.step < spec.config.steps:
                         self._pause()
                 if self._state != JobState.CANCELLING:
-                    self.loss_after = fixed_noise_loss(spec.backend, trainer.result_lora(), probe,
-                                                       spec.config.guidance)
+                    self.loss_after = self._probe_loss(probe)
                     self._pause(final=True)  # the last checkpoint and samples, the blocks still as they trained
         except BaseException as e:  # raised again on the caller's thread
             self.error = e
+
+    def _probe_loss(self, probe: list[Example], should_stop: Callable[[], bool] = lambda: False) -> float:
+        """The fixed-noise loss of the weights to save, captions through the LoRA'd text encoder once it trains."""
+        lora = self.trainer.result_lora()
+        with self.trainer.text_embeddings(lora) as text:
+            return fixed_noise_loss(self.spec.backend, lora, probe, self.spec.config.guidance, should_stop=should_stop,
+                                    text=text)
 
     def _pause(self, final: bool = False) -> None:
         """Hand the caller's thread a quiet moment (samples, checkpoint) and wait for it to finish."""
@@ -325,6 +332,7 @@ class Job:
     def _at_pause(self, host: JobHost) -> None:
         step, config, trainer = self.trainer.step, self.spec.config, self.trainer
         self._tell(host, trainer.dataset_change)
+        self._tell(host, trainer.text_note)
         if not self.tracker.history and trainer.losses:  # a resumed run: plot from its first step
             self.tracker.replay(trainer.losses, [config.learning_rate * config.lr_factor(i)
                                                  for i in range(len(trainer.losses))])
@@ -340,7 +348,7 @@ class Job:
         if trainer is None or trainer.step in (0, self.saved_step):
             return
         header = spec.metadata.header(trainer.step)
-        state = {**trainer.state(), **checkpoints.describe(spec.metadata.spec, spec.backend.dims)}
+        state = {**trainer.state(), **checkpoints.describe(spec.metadata.spec, spec.backend.dims, trainer.lora)}
         path = spec.run.save(trainer.step, export.kohya_state_dict(trainer.result_lora()), header, state,
                              keep=spec.settings.keep_last)
         self.saved_step = trainer.step

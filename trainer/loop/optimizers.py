@@ -117,17 +117,19 @@ def check(name: str, args: dict) -> None:
                          f"it takes {', '.join(taken)}.")
 
 
-def build(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float, args: dict | None = None,
+def build(name: str, params: list, lr: float, weight_decay: float, args: dict | None = None,
           warmup_steps: int = 0) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`, put in training mode."""
+    """The optimizer `name` over `params` (parameters, or parameter groups: dicts with "params" and
+    the settings that differ, such as a text encoder's "lr"), put in training mode."""
     k, cls = kind(name), constructor(name)
     kwargs = {"lr": lr, "weight_decay": weight_decay, **k.defaults, **(args or {})}
     if k.own_warmup:
         kwargs.setdefault("warmup_steps", warmup_steps)
+    flat = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     if cls is torch.optim.AdamW and "fused" not in kwargs:
-        kwargs["fused"] = all(p.is_cuda for p in params) or None
+        kwargs["fused"] = all(p.is_cuda for p in flat) or None
     if k.probe:
-        _probe(cls, kwargs, params[0].device, name)
+        _probe(cls, kwargs, flat[0].device, name)
     optimizer = cls(params, **kwargs)
     if has_modes(optimizer):
         optimizer.train()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,11 +17,13 @@ import torch
 from ..data.encode import Example
 from ..families.backend import FluxBackend
 from ..log import logger
+from ..lora.text_encoder import TrainableText
 from ..lora.weights import LoraSet
 from . import flow, optimizers, schedules
 from .config import LR_SCHEDULES, TrainConfig, check_batch_size  # noqa: F401 (the loop's public names)
 from .preservation import Preservation, check_examples
 from .resume import dataset_change, example_key
+from .text_phase import Embed, TextPhase, check_resume
 
 log = logger(__name__)
 
@@ -92,6 +95,11 @@ def _captions(e: Example) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(e.context, e.pooled), *e.texts] + ([e.dropout_text] if e.dropout_text is not None else [])
 
 
+def _caption_texts(e: Example) -> list[str]:
+    """The captions `_captions` encode, in the same order (a trained text encoder encodes them live)."""
+    return [e.caption, *e.shuffled_captions] + ([e.dropout_caption] if e.dropout_text is not None else [])
+
+
 def _pick(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, int]:
     """This step's view of the image and which version of its caption (`_captions`; dropped to
     the trigger word with probability dropout_rate). Draws from the generator only when there is a choice."""
@@ -105,30 +113,36 @@ def _pick(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, int]:
     return latents, 0
 
 
-def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This step's view of the image and version of its caption."""
+def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """This step's view of the image and version of its caption: latents, cached embeddings and
+    the caption they encode."""
     latents, version = _pick(e, generator)
-    return latents, *_captions(e)[version]
+    return latents, *_captions(e)[version], _caption_texts(e)[version]
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy that doesn't make the host wait for the device: from pinned memory, asynchronously."""
-    if device.type == "cuda" and not t.is_cuda:
+    """A copy that doesn't make the host wait for the device: from pinned memory, asynchronously
+    (a live text embedding, which carries a gradient, is copied as it is)."""
+    if device.type == "cuda" and not t.is_cuda and not t.requires_grad:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
 def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
               scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-              preserve: Preservation | None = None) -> torch.Tensor:
+              preserve: Preservation | None = None, text: Embed | None = None) -> torch.Tensor:
     """Forward and backward one batch; returns its mean loss, on the device (reading it is a
     sync). Gradients accumulate in the LoRA. With `preserve` (DOP), the subjects' class captions
-    add their preservation term on the same noisy latents and σ (into `preserve.total`).
+    add their preservation term on the same noisy latents and σ (into `preserve.total`). With
+    `text` (the text encoder's phase) the captions' embeddings are computed through it, with grad,
+    instead of taken from the cache (DOP's class captions stay the frozen encoder's).
     Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
     groups: dict[tuple, list] = {}
     for e in batch:
-        latents, version = _pick(e, generator)
-        context, pooled = _captions(e)[version]
+        latents, context, pooled, caption = _choose(e, generator)
+        if text is not None:
+            context, pooled = text(caption, context, pooled)
+        version = _caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
         kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
         key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0])
         groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept))
@@ -158,19 +172,25 @@ class Trainer:
     checkpoint, and `state()` / `load_state()` carry everything needed to continue bit for bit
     (on CPU) in another process: step, RNG, batch order, optimizer, schedule, loss scale, EMA."""
 
-    def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig):
+    def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,
+                 text_encoder: TrainableText | None = None):
+        """`text_encoder`: the encoders the LoRA's text-encoder part trains on (text_phase.py)."""
         check_batch_size(config, examples)
         self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
+        self.text = TextPhase.of(config, lora, text_encoder)
         self.step = 0
         self._losses: list[float] = []
         self._pending: list[torch.Tensor] = []  # losses still on the device
         self._pending_norms: list[torch.Tensor] = []  # and gradient norms
         self.dataset_change = ""  # what load_state found changed in the dataset ('' if nothing)
+        self.text_note = ""  # and in the text encoder's phase
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
                                     [tuple(e.latents.shape) for e in examples])
-        self.params = lora.trainable()
-        self.optimizer = optimizers.build(config.optimizer, self.params, config.learning_rate, config.weight_decay,
+        groups = self.text.param_groups(lora) if self.text else [{"params": lora.trainable()}]
+        self.params = [p for g in groups for p in g["params"]]
+        self.rates = [g.get("lr", config.learning_rate) for g in groups]  # each group's rate before the schedule
+        self.optimizer = optimizers.build(config.optimizer, groups, config.learning_rate, config.weight_decay,
                                           config.optimizer_args, config.warmup_steps)
         self.schedule = schedules.build(self.optimizer, config.lr_schedule, config.steps, config.schedule_warmup(),
                                         config.lr_num_cycles, config.lr_power, config.lr_end)
@@ -187,12 +207,18 @@ class Trainer:
         """Train up to step `until` (default: all of config.steps). `should_stop()` is checked
         before every step; returns True when it ended the segment early."""
         until = self.config.steps if until is None else min(until, self.config.steps)
-        with self.backend.training(self.lora, self.config.memory):
+        with self.backend.training(self.lora, self.config.memory), ExitStack() as phase:
+            embed = None
             while self.step < until:
                 if should_stop is not None and should_stop():
                     log.info("Training stopped at step %d of %d.", self.step, self.config.steps)
                     return True
-                self._step()
+                if embed is None and self.text is not None and self.text.active(self.step):
+                    if self.step == self.text.start:
+                        log.info("Step %d: the text encoder (%s) starts training at rate %g.", self.step + 1,
+                                 ", ".join(self.text.components), self.text.lr)
+                    embed = phase.enter_context(self.text.embeddings(self.lora))
+                self._step(embed)
                 if on_step is not None:
                     on_step(StepInfo(self.step, self.config.steps, self.schedule.get_last_lr()[0], self._pending[-1],
                                      self._preserved))
@@ -226,7 +252,7 @@ class Trainer:
                     "saved before this step are intact (no checkpoint is written from non-finite weights).")
             self._losses.append(loss)
 
-    def _step(self) -> None:
+    def _step(self, embed: Embed | None = None) -> None:
         rng, queue = self.generator.get_state(), [list(b) for b in self.sampler.queue]
         accumulate, preserve = self.config.gradient_accumulation_steps, self.preservation
         try:
@@ -236,7 +262,8 @@ class Trainer:
             for _ in range(accumulate):  # gradients of `accumulate` batches add up to one step
                 batch = [self.examples[i] for i in self.sampler.next_batch()]
                 loss += step_loss(self.backend, batch, self.config, self.generator,
-                                  lambda part: self.scaler.scale(part / accumulate), preserve=preserve) / accumulate
+                                  lambda part: self.scaler.scale(part / accumulate), preserve=preserve,
+                                  text=embed) / accumulate
         except BaseException:  # interrupted mid-step (the host may raise from inside the model):
             self.generator.set_state(rng)  # leave the state as after the last whole step, so a
             self.sampler.queue = queue  # checkpoint saved now resumes exactly
@@ -272,6 +299,16 @@ class Trainer:
                 return copy.deepcopy(self.lora)
         return self.lora
 
+    @contextmanager
+    def text_embeddings(self, lora: LoraSet):
+        """Inside: how `lora` (e.g. result_lora()) embeds a caption once the text encoder has begun
+        training (for the fixed-noise loss), else None: the cached embeddings are the ones."""
+        if self.text is None or not self.text.active(self.step):
+            yield None
+            return
+        with self.text.embeddings(lora) as embed:
+            yield embed
+
     def state(self) -> dict:
         """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
         return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
@@ -280,7 +317,7 @@ class Trainer:
                 "variants": self.lora.variants(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(), "ema": [e.cpu() for e in self.ema] if self.ema else [],
-                "eval_weights": self._eval_weights()}
+                "eval_weights": self._eval_weights(), "text_phase": self.text.state() if self.text else {}}
 
     def _eval_weights(self) -> list[torch.Tensor]:
         """A schedule-free optimizer's averaged weights (what its checkpoint's LoRA file holds), else []."""
@@ -293,6 +330,7 @@ class Trainer:
             raise ValueError(f"The checkpoint is at step {state['step']}, past steps ({self.config.steps}); "
                              "raise steps to continue training it.")
         check_variants(state.get("variants") or {}, self.lora.variants())
+        check_resume(self.lora, state["lora"])
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -312,6 +350,8 @@ class Trainer:
         self.sampler.queue = queue
         self.step, self._losses, self._pending, self._pending_norms = state["step"], list(state["losses"]), [], []
         self._use_config_rates()
+        if self.text is not None:
+            self.text_note = self.text.note_resume(state.get("text_phase"), state["step"])
         if self.ema is not None:
             saved = state["ema"] or [p.detach() for p in self.params]
             self.ema = [e.to(p.device, p.dtype).clone() for e, p in zip(saved, self.params)]
@@ -321,12 +361,12 @@ class Trainer:
         """The learning rate and weight decay are this run's settings, not the checkpoint's: resuming
         after a NaN with a lower learning_rate must train at the lower rate."""
         lambdas = getattr(self.schedule, "lr_lambdas", None)
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["initial_lr"] = self.config.learning_rate
+        for i, (group, rate) in enumerate(zip(self.optimizer.param_groups, self.rates, strict=True)):
+            group["initial_lr"] = rate
             group["weight_decay"] = self.config.weight_decay
             if lambdas is not None:
-                self.schedule.base_lrs[i] = self.config.learning_rate
-                group["lr"] = self.config.learning_rate * lambdas[i](self.schedule.last_epoch)
+                self.schedule.base_lrs[i] = rate
+                group["lr"] = rate * lambdas[i](self.schedule.last_epoch)
         if lambdas is not None:
             self.schedule._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
@@ -359,21 +399,23 @@ def train(backend: FluxBackend, lora: LoraSet, examples: list[Example], config: 
 @torch.no_grad()
 def fixed_noise_loss(backend: FluxBackend, lora: LoraSet, examples: list[Example], guidance: float = 1.0,
                      sigmas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0,
-                     should_stop: Callable[[], bool] = lambda: False) -> float:
+                     should_stop: Callable[[], bool] = lambda: False, text: Embed | None = None) -> float:
     """The loss on a fixed set of (σ, ε) pairs per example: comparable before and after training,
-    unlike the noisy per-step loss. NaN when `should_stop()` cut it short."""
+    unlike the noisy per-step loss. NaN when `should_stop()` cut it short. `text`: how a trained
+    text encoder embeds the captions (Trainer.text_embeddings), else the cached embeddings."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     with backend.lora_applied(lora):
         for e in examples:
             latents = e.latents[None].to(backend.device)
+            context, pooled = text(e.caption, e.context, e.pooled) if text else (e.context, e.pooled)
             for s in sigmas:
                 if should_stop():
                     return float("nan")
                 noise = torch.randn(latents.shape, generator=generator).to(backend.device)
                 sigma = torch.tensor([s])
                 v = backend.velocity(flow.noisy_latents(latents, noise, sigma.to(backend.device)), sigma,
-                                     e.context[None], e.pooled[None], guidance)
+                                     context[None], pooled[None], guidance)
                 total += flow.flow_matching_loss(v, flow.velocity_target(latents, noise)).item()
                 count += 1
     return total / count

@@ -18,6 +18,8 @@ from typing import Protocol
 
 from .variants import check_variant
 
+TRANSFORMER = "transformer"  # LoraTarget.component of the transformer's layers (text encoders: lora/text_encoder.py)
+
 
 @dataclass(frozen=True)
 class LayerVocabulary:
@@ -133,6 +135,7 @@ class LoraTarget:
     variant: str = "lora"  # what it trains: lora, dora, lokr, loha (variants.py)
     lokr_factor: int = -1
     lokr_full_rank: bool = False
+    component: str = TRANSFORMER  # the model it lives in: the transformer, or a text encoder (clip_l, t5xxl)
 
     @property
     def whole(self) -> bool:

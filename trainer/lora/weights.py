@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .targets import LoraTarget
+from .targets import TRANSFORMER, LoraTarget
 from .variants import LoraWeight, describe, make_weight
 
 LORA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -32,17 +32,21 @@ class LoraSet(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.weights = nn.ModuleDict({_key(t.name): make_weight(t, dtype, generator) for t in targets})
-        self.enabled = True  # False: its hooks stay attached and add nothing (the frozen model computes)
+        self._switch = [True]  # False: its hooks stay attached and add nothing; shared with its parts
 
     @contextmanager
     def disabled(self):
         """While inside, the model computes as if this LoRA weren't there: the frozen model's own
         prediction (differential output preservation's target) without a second copy of the model."""
-        was, self.enabled = self.enabled, False
+        was, self._switch[0] = self._switch[0], False
         try:
             yield
         finally:
-            self.enabled = was
+            self._switch[0] = was
+
+    @property
+    def enabled(self) -> bool:
+        return self._switch[0]
 
     def __iter__(self):
         return iter(self.weights.values())
@@ -64,6 +68,20 @@ class LoraSet(nn.Module):
     def variants(self) -> dict[str, str]:
         """What each target trains (variants.describe), by diffusers name: a resumed run must match."""
         return {w.target.name: describe(w.target) for w in self}
+    def part(self, *components: str) -> "LoraSet":
+        """The weights of these components ('transformer', 'clip_l', …): the same modules, not copies."""
+        part = LoraSet([])
+        part._switch = self._switch  # disabling the whole set disables the hooks its parts attached
+        part.weights = nn.ModuleDict({k: w for k, w in self.weights.items() if w.target.component in components})
+        return part
+
+    def transformer(self) -> "LoraSet":
+        """The transformer's weights (what a backend attaches to the model)."""
+        return self.part(TRANSFORMER)
+
+    def components(self) -> list[str]:
+        """The components with weights, in the order they were added (the transformer first)."""
+        return list(dict.fromkeys(w.target.component for w in self))
 
     def get(self, name: str) -> LoraWeight:
         return self.weights[_key(name)]
@@ -83,16 +101,18 @@ def _key(name: str) -> str:
 def add_lora(x: torch.Tensor, output: torch.Tensor, weights: list[LoraWeight], whole: bool = False) -> torch.Tensor:
     """output + Σ s·B(A·x) of the weights sharing one layer, each added into its own output rows
     (one stacked down-projection; nothing is computed for rows no weight trains). `whole`: the
-    layer is exactly one weight's rows (diffusers' unfused layers)."""
+    layer is exactly one weight's rows (diffusers' unfused layers). The weights come to the layer's
+    device and dtype (a text encoder may compute elsewhere than the transformer)."""
+    cast = {"device": x.device, "dtype": x.dtype}
     if whole or (len(weights) == 1 and weights[0].target.whole):
         w = weights[0]
-        return output + F.linear(F.linear(x, w.down.to(x.dtype)), (w.up * w.scale).to(x.dtype)).to(output.dtype)
-    down = F.linear(x, torch.cat([w.down for w in weights]).to(x.dtype))
+        return output + F.linear(F.linear(x, w.down.to(**cast)), (w.up * w.scale).to(**cast)).to(output.dtype)
+    down = F.linear(x, torch.cat([w.down for w in weights]).to(**cast))
     col = 0
     for w in weights:
         r = w.target.rank
         start, stop = w.rows
-        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(x.dtype)).to(output.dtype)
+        output[..., start:stop] += F.linear(down[..., col:col + r], (w.up * w.scale).to(**cast)).to(output.dtype)
         col += r
     return output
 
@@ -146,7 +166,8 @@ def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bo
                 expected = (t.in_features, t.rows[1] - t.rows[0] if split else t.out_features)
                 if (layer.in_features, layer.out_features) != expected:
                     raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
-                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped.")
+                                     f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped "
+                                     f"(its {t.component}).")
                 handles.append(layer.register_forward_hook(_LoraHook(lora, group, whole=split)))
     except BaseException:
         detach_all(handles)

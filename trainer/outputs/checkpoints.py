@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from .. import files
 from ..families.flux1.layers import FluxDims
-from ..lora.targets import LayerSpec
+from ..lora.targets import LayerSpec, LoraTarget
+from ..lora.text_encoder import TEXT_COMPONENTS
 from ..lora.weights import LoraSet
 from . import export
 
@@ -223,9 +224,11 @@ def latest_checkpoint(root: str | Path, name: str) -> Path | None:
     return max(found, key=_written, default=None)
 
 
-def describe(spec: LayerSpec, dims: FluxDims) -> dict:
-    """What a checkpoint records besides the trainer's state, to rebuild its LoRA on its own."""
-    return {"spec": spec.to_json(), "dims": list(astuple(dims))}
+def describe(spec: LayerSpec, dims: FluxDims, lora: LoraSet | None = None) -> dict:
+    """What a checkpoint records besides the trainer's state, to rebuild its LoRA on its own: the
+    transformer's layer selection and sizes, and the text-encoder targets of `lora` (if any)."""
+    text = [asdict(w.target) for w in lora.part(*TEXT_COMPONENTS)] if lora is not None else []
+    return {"spec": spec.to_json(), "dims": list(astuple(dims)), "text_targets": text}
 
 
 def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
@@ -234,6 +237,7 @@ def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
     model was at hand (DoRA's dora_scale is relative to the base weights)."""
     state = load_state(checkpoint)
     targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
+    targets += [LoraTarget(**{**t, "rows": tuple(t["rows"])}) for t in state.get("text_targets", [])]
     dtype = next(iter(state["lora"].values())).dtype
     lora = LoraSet(targets, dtype)
     lora.load_state_dict(state["lora"])

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from .. import __version__, files
+from ..lora import text_encoder
 from ..lora.targets import LayerSpec
+from ..lora.text_encoder import T5XXL
 from ..lora.weights import LoraSet, fused_up
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -31,6 +33,8 @@ MODELSPEC_FAMILIES = {"flux1": "flux-1"}  # modelspec.architecture's names: flux
 
 
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The transformer as `lora_unet_*`, CLIP-L as `lora_te1_text_model_encoder_layers_*`, T5-XXL as
+    `lora_te3_encoder_block_*` (kohya's names; the stock Load LoRA applies them to MODEL and CLIP)."""
     sd = {}
     for module, weights in lora.by_module().items():
         for w in weights:
@@ -40,7 +44,7 @@ def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[
         weights = [w for w in weights if w.variant == "lora"]
         if not weights:
             continue
-        key = "lora_unet_" + module.replace(".", "_")
+        key = text_encoder.kohya_key(weights[0].target.component, module)
         ref = weights[0].scale
         total_rank = sum(w.target.rank for w in weights)
         if len(weights) == 1 and weights[0].target.whole:
@@ -54,10 +58,16 @@ def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[
 
 
 def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """PEFT names as diffusers' FluxPipeline.save_lora_weights writes them: `transformer.*`, and
+    CLIP-L as `text_encoder.*` (its loader has no place for T5-XXL: save that in kohya format)."""
     check_format("diffusers", {w.variant for w in lora})
+    if T5XXL in lora.components():
+        raise ValueError("This LoRA trained T5-XXL (text_encoder_t5), which diffusers' FLUX LoRA loader can't "
+                         "load (it reads the transformer and CLIP-L only); save it in kohya format.")
     sd = {}
     for w in lora:
-        key = f"transformer.{w.target.name}"
+        prefix = text_encoder.DIFFUSERS_PREFIXES.get(w.target.component)
+        key = f"{prefix}{text_encoder.path_of(w.target)}" if prefix else f"transformer.{w.target.name}"
         sd[f"{key}.lora_A.weight"] = w.down.detach()
         sd[f"{key}.lora_B.weight"] = w.up.detach()
         sd[f"{key}.alpha"] = torch.tensor(w.scale * w.target.rank)
@@ -104,6 +114,7 @@ class LoraMetadata:
     extra: dict[str, str] = field(default_factory=dict)  # resolution, learning rate, seed, run…
     family: str = "flux1"  # the model family (FluxBackend.family)
     variant: str = "dev"  # its architecture: "dev" (guidance-distilled: dev, Krea…) or "schnell"
+    text_encoders: tuple[str, ...] = ()  # the text encoders it trains too ("clip_l", "t5xxl")
 
     @property
     def triggers(self) -> tuple[str, ...]:
@@ -136,6 +147,8 @@ class LoraMetadata:
             "ss_steps": str(steps),
             "modelspec.architecture": f"{MODELSPEC_FAMILIES.get(self.family, self.family)}-{self.variant}/lora",
             "modelspec.trigger_phrase": ", ".join(self.triggers),
+            "dreambooth.text_encoders": ",".join(self.text_encoders),
+            "ss_network_train_unet_only": str(not self.text_encoders),
         }
         md.update(self._network())
         md.update({f"dreambooth.{k}": str(v) for k, v in self.extra.items()})

@@ -227,7 +227,8 @@ ALIASES = {
     "warmup_steps": "train.warmup_steps", "trigger": "dataset.trigger", "caption_dropout": "dataset.caption_dropout",
     "weight_decay": "train.weight_decay", "guidance": "train.guidance", "name": "save.name",
     "loss": "train.loss", "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "optimizer_args": "train.optimizer_args",
+    "optimizer_args": "train.optimizer_args", "text_encoder_lr": "train.text_encoder_lr",
+    "text_encoder_start": "train.text_encoder_start",
 }
 
 # Keys of the format whose field the library does not have yet: only the value it does today is
@@ -260,6 +261,16 @@ TRAIN_HELP = {
                       "forward passes per step.",
     "dop_class": "The class word DOP puts in place of the trigger ('person'; ai-toolkit's "
                  "diff_output_preservation_class); empty: the dataset's class_word.",
+    "text_encoder_lr": "Also train a LoRA on the text encoder, at this rate (diffusers' --text_encoder_lr); 0 = off. "
+                       "5e-6 to 3e-5; helps the likeness of faces and names, costs memory and time. ai-toolkit "
+                       "recipes lower the global lr to 3e-5 when the text encoder goes on only for want of a "
+                       "separate rate: set this instead.",
+    "text_encoder_start": "When the text encoder starts training: a fraction of the steps below 1 (0.8–0.85 as in "
+                          "ai-toolkit's late text-encoder finetune), else a step number; 0 = from the first step "
+                          "(diffusers' --train_text_encoder).",
+    "text_encoder_rank": "Rank of the text encoder's LoRA (alpha = rank); 0 = the transformer LoRA's rank and alpha.",
+    "text_encoder_t5": "Also train T5-XXL (kohya's lora_te3); false = CLIP-L only, as diffusers does. T5 costs far "
+                       "more memory and time, and diffusers-format files can't hold it (save kohya).",
 }
 EXTRA_HELP = {
     "TrainConfig": TRAIN_HELP,

@@ -60,18 +60,7 @@ class ComfyFlux(FluxBackend):
                 + [(f"single_blocks.{i}", b, ("x",)) for i, b in enumerate(self.dit.single_blocks)])
 
     def prepare(self) -> None:
-        """Weights loaded inside ComfyUI's `inference_mode` can't be saved for backward; swap
-        each such tensor for a normal copy of itself (one tensor at a time, values unchanged).
-        Layers whose weights ComfyUI streams in per call (dynamic VRAM's `_v`, meta tensors) hand
-        autograd fresh copies already and are left alone."""
-        for module in self.dit.modules():
-            if hasattr(module, "_v"):
-                continue
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is not None and t.is_inference() and not t.is_meta:
-                        copy = t.clone()
-                        store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
+        usable_by_autograd(self.dit)
 
     @contextmanager
     def training(self, lora, memory):
@@ -96,6 +85,21 @@ class ComfyFlux(FluxBackend):
                        y=pooled.to(device, dtype), guidance=self.guidance_tensor(guidance, latents.shape[0]),
                        transformer_options={"optimized_attention_override": sdpa_attention})
         return out.float()
+
+
+def usable_by_autograd(model: nn.Module) -> None:
+    """Weights loaded inside ComfyUI's `inference_mode` can't be saved for backward; swap each such
+    tensor for a normal copy of itself (one tensor at a time, values unchanged). Layers whose
+    weights ComfyUI streams in per call (dynamic VRAM's `_v`, meta tensors) hand autograd fresh
+    copies already and are left alone."""
+    for module in model.modules():
+        if hasattr(module, "_v"):
+            continue
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_inference() and not t.is_meta:
+                    copy = t.clone()
+                    store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
 
 
 def sdpa_attention(_default, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):

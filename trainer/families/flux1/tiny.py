@@ -12,6 +12,7 @@ import torch
 
 from ...data.encode import weights_fingerprint
 from .diffusers import DiffusersFlux
+from .text import TransformersText
 
 # FLUX's VAE latent normalisation, kept so the tiny set uses the same formulas.
 VAE_SCALE, VAE_SHIFT = 0.3611, 0.1159
@@ -61,9 +62,12 @@ class TinyFlux:
 
     @torch.no_grad()
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.clip(self.tokenizer(caption, CLIP_TOKENS)[None]).pooler_output[0]
-        context = self.t5(self.tokenizer(caption, T5_TOKENS, bos=False)[None]).last_hidden_state[0]
-        return context, pooled
+        return self.trainable_text().encode(caption)
+
+    def trainable_text(self) -> TransformersText:
+        """The CLIP-L and T5 encoders, for a run that trains a LoRA on them."""
+        return TransformersText(self.clip, self.t5, lambda c: self.tokenizer(c, CLIP_TOKENS),
+                                lambda c: self.tokenizer(c, T5_TOKENS, bos=False))
 
 
 def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:

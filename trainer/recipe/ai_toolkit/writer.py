@@ -153,7 +153,7 @@ def _train(recipe: Recipe, out: Export) -> dict:
     t = recipe.train
     train: dict[str, Any] = {"batch_size": t.batch_size, "steps": t.steps,
                              "gradient_accumulation": t.gradient_accumulation_steps, "train_unet": True,
-                             "train_text_encoder": False,
+                             "train_text_encoder": t.text_encoder_lr > 0,
                              "gradient_checkpointing": t.memory.checkpointing != "off", "noise_scheduler": "flowmatch"}
     mode = t.timesteps.mode
     if mode == "logit_normal" and (t.timesteps.logit_mean, t.timesteps.logit_std) == (0.0, 1.0):
@@ -169,6 +169,12 @@ def _train(recipe: Recipe, out: Export) -> dict:
         if t.timesteps.mode != "logit_normal" or key.endswith(("mode_scale", "shift")):
             _lost_unless_default(recipe, out, key, "ai-toolkit's timestep types have no such setting")
     _optimizer(recipe, out, train)
+    if t.text_encoder_lr > 0:
+        train["text_encoder_lr"] = t.text_encoder_lr
+        if t.text_encoder_start:
+            out.lost["train.text_encoder_start"] = (
+                f"{t.text_encoder_start:g}: ai-toolkit trains the text encoder from the first step (its recipes run "
+                "a second job, resumed with train_text_encoder on, for a late phase)")
     if t.dop_multiplier:
         train.update(diff_output_preservation=True, diff_output_preservation_multiplier=t.dop_multiplier,
                      diff_output_preservation_class=t.dop_class or recipe.dataset.class_word.strip())
