@@ -6,7 +6,7 @@ from trainer.data import datasets
 from trainer.data import encode as encoding
 from trainer.data.augment import Augmentation
 from trainer.data.images import Shaping
-from trainer.loop.trainer import EpochSampler, _choose
+from trainer.loop.batches import EpochSampler, choose
 
 
 class CountingEncoders:
@@ -90,7 +90,7 @@ def test_views_caption_variants_and_dropout(tmp_path):
     assert len(e.views) == 1 and e.texts and e.dropout_rate == 0.25  # a flip alone: one other view
     assert e.dropout_text[0][0, 0] == len("sks")  # the trigger word is what dropout keeps
     generator = torch.Generator().manual_seed(0)
-    picks = [_choose(e, generator) for _ in range(400)]
+    picks = [choose(e, generator) for _ in range(400)]
     dropped = sum(p[1][0, 0] == len("sks") for p in picks)
     assert 60 < dropped < 140  # about a quarter
     assert len({p[0][..., 0].sum().item() for p in picks}) == 2  # both views are used

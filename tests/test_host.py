@@ -18,7 +18,7 @@ NODES = sorted(["FluxDreamBoothTinyFlux", "FluxDreamBoothDatasetFolder", "FluxDr
                 "FluxDreamBoothDatasetImages", "FluxDreamBoothAugment", "FluxDreamBoothRegularisation",
                 "FluxDreamBoothClassImages", "FluxDreamBoothCaption", "FluxDreamBoothDatasetReport",
                 "FluxDreamBoothLayers", "FluxDreamBoothValidation", "FluxDreamBoothRun", "FluxDreamBoothTrain",
-                "FluxDreamBoothTrainingSettings",
+                "FluxDreamBoothTrainingSettings", "FluxDreamBoothImportConfig",
                 "FluxDreamBoothLoadCheckpoint", "FluxDreamBoothApply", "FluxDreamBoothSave"])
 
 

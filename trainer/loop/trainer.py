@@ -20,6 +20,7 @@ from ..log import logger
 from ..lora.text_encoder import TrainableText
 from ..lora.weights import LoraSet
 from . import flow, optimizers, schedules
+from .batches import EpochSampler, caption_texts, choose
 from .config import LR_SCHEDULES, TrainConfig, check_batch_size  # noqa: F401 (the loop's public names)
 from .preservation import Preservation, check_examples
 from .resume import dataset_change, example_key
@@ -66,60 +67,6 @@ class TrainResult:
     stopped: bool
 
 
-class EpochSampler:
-    """Batches of example indices: each epoch a fresh seeded shuffle, every example `weights[i]`
-    times. A batch holds examples of one bucket (shape) only, so it stacks into one forward."""
-
-    def __init__(self, weights: list[int], batch_size: int, generator: torch.Generator,
-                 buckets: list[tuple] | None = None):
-        self.pool = [i for i, n in enumerate(weights) for _ in range(n)]
-        self.buckets = buckets or [()] * len(weights)
-        self.batch_size, self.generator, self.queue = batch_size, generator, []
-
-    def next_batch(self) -> list[int]:
-        if not self.queue:
-            order = [self.pool[i] for i in torch.randperm(len(self.pool), generator=self.generator).tolist()]
-            by_bucket: dict[tuple, list[int]] = {}
-            for i in order:
-                by_bucket.setdefault(self.buckets[i], []).append(i)
-            batches = [ids[k:k + self.batch_size] for ids in by_bucket.values()
-                       for k in range(0, len(ids), self.batch_size)]
-            if len(by_bucket) > 1:  # interleave the buckets
-                batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
-            self.queue = batches
-        return self.queue.pop(0)
-
-
-def _captions(e: Example) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The versions of an example's caption: itself, its tag shuffles, the trigger-only dropout one."""
-    return [(e.context, e.pooled), *e.texts] + ([e.dropout_text] if e.dropout_text is not None else [])
-
-
-def _caption_texts(e: Example) -> list[str]:
-    """The captions `_captions` encode, in the same order (a trained text encoder encodes them live)."""
-    return [e.caption, *e.shuffled_captions] + ([e.dropout_caption] if e.dropout_text is not None else [])
-
-
-def _pick(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """This step's view of the image and which version of its caption (`_captions`; dropped to
-    the trigger word with probability dropout_rate). Draws from the generator only when there is a choice."""
-    latents = e.latents
-    if e.views:
-        latents = ([e.latents] + e.views)[int(torch.randint(len(e.views) + 1, (1,), generator=generator))]
-    if e.dropout_text is not None and float(torch.rand(1, generator=generator)) < e.dropout_rate:
-        return latents, len(e.texts) + 1
-    if e.texts:
-        return latents, int(torch.randint(len(e.texts) + 1, (1,), generator=generator))
-    return latents, 0
-
-
-def _choose(e: Example, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    """This step's view of the image and version of its caption: latents, cached embeddings and
-    the caption they encode."""
-    latents, version = _pick(e, generator)
-    return latents, *_captions(e)[version], _caption_texts(e)[version]
-
-
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy that doesn't make the host wait for the device: from pinned memory, asynchronously
     (a live text embedding, which carries a gradient, is copied as it is)."""
@@ -139,10 +86,10 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
     Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
     groups: dict[tuple, list] = {}
     for e in batch:
-        latents, context, pooled, caption = _choose(e, generator)
+        latents, context, pooled, caption = choose(e, generator)
         if text is not None:
             context, pooled = text(caption, context, pooled)
-        version = _caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
+        version = caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
         kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
         key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0])
         groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept))
