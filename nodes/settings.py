@@ -9,15 +9,18 @@ from comfy_api.latest import io
 
 from ..trainer.loop import optimizers
 from ..trainer.loop.losses import LOSS_WEIGHTINGS, LOSSES, LossSettings
+from ..trainer.loop.quantize import BASE_QUANTIZATIONS
 from . import ids, sockets
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What the node sets: TrainConfig fields, and TimestepSampling fields besides its mode."""
+    """What the node sets: TrainConfig fields, TimestepSampling fields besides its mode, and
+    MemoryConfig fields besides the Train node's own."""
 
     train: dict = field(default_factory=dict)
     timesteps: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
 
 
 class TrainingSettingsNode(io.ComfyNode):
@@ -87,6 +90,14 @@ class TrainingSettingsNode(io.ComfyNode):
                                        "none (usual), cosmap (SD3's, favours mid noise), sigma_sqrt (1/σ², "
                                        "strongly favours low noise, fine detail). Not with timestep_sampling "
                                        "weighted, which weights already."),
+                io.Combo.Input("base_quantization", options=list(BASE_QUANTIZATIONS), default="none", optional=True,
+                               tooltip="int8: hold the base model's block weights in int8 while training, about "
+                                       "half of bf16's memory, the LoRA still in full precision (mflux's "
+                                       "`quantize: 8`, SimpleTuner's `base_model_precision: int8-quanto`). Needs "
+                                       "`pip install torchao`; for bf16/fp16 models, not with swap_blocks; the "
+                                       "MODEL gets its own weights back after training. For 4-bit, or with "
+                                       "swap_blocks, load a GGUF file (Q4_K, Q8_0) with ComfyUI-GGUF's Unet Loader "
+                                       "(GGUF) instead and keep none."),
             ],
             outputs=[sockets.TrainingSettings.Output(display_name="settings")],
         )
@@ -94,10 +105,10 @@ class TrainingSettingsNode(io.ComfyNode):
     @classmethod
     def execute(cls, optimizer, optimizer_args, gradient_accumulation_steps, max_grad_norm, lr_num_cycles,
                 lr_power, lr_end, shift, logit_mean, logit_std, mode_scale, loss, huber_c,
-                loss_weighting) -> io.NodeOutput:
+                loss_weighting, base_quantization="none") -> io.NodeOutput:
         train = dict(optimizer=optimizer, optimizer_args=optimizers.parse_args(optimizer_args),
                      gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
                      lr_num_cycles=lr_num_cycles, lr_power=lr_power, lr_end=lr_end,
                      loss=LossSettings(loss, huber_c, loss_weighting))
         timesteps = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
-        return io.NodeOutput(TrainingSettings(train, timesteps))
+        return io.NodeOutput(TrainingSettings(train, timesteps, dict(base_quantization=base_quantization)))

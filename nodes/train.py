@@ -138,8 +138,10 @@ class TrainFluxLora(io.ComfyNode):
                              weight_decay=weight_decay, guidance=guidance,
                              timesteps=TimestepSampling(timestep_sampling, **knobs.timesteps), lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, ema_decay=ema_decay,
-                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile), **knobs.train)
+                             memory=MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile, **knobs.memory),
+                             **knobs.train)
         backend, patcher = models.flux_backend(model)
+        models.check_base_quantization(model, config.memory.base_quantization)
         memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers or LayerSpec.preset(DEFAULT_LAYERS, backend.dims, rank=16)
         targets = spec.targets(backend.dims)
@@ -151,8 +153,6 @@ class TrainFluxLora(io.ComfyNode):
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, seed)
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
-        # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
-        models.load_for_training(patcher, backend.swapped_blocks(config.memory))
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
         base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
@@ -165,7 +165,10 @@ class TrainFluxLora(io.ComfyNode):
                  len(examples), resolution, steps, folder.path, memory, f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
                       resume, validation and validation.schedule())
-        outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
+        with models.quantized_base(patcher, backend, config.memory.base_quantization):
+            # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
+            models.load_for_training(patcher, backend.swapped_blocks(config.memory))
+            outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
 
         trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done))
         seconds = time.perf_counter() - started
