@@ -30,11 +30,16 @@ needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason="torchao is not installed (pip install torchao)")
 
-# The documented tolerance (README, Speed and memory): the fixed-noise loss relative to bf16's, and
-# the cosine of the first step's LoRA gradients with bf16's.
-TOLERANCE = {"Q8_0": (0.01, 0.995), "Q5_1": (0.02, 0.98), "Q4_K": (0.05, 0.95), "Q4_0": (0.05, 0.95),
-             "int8": (0.01, 0.995)}
-
+# The documented tolerance (README, Speed and memory), with about 2x margin over what was measured on
+# the tiny FLUX on both hosts (in brackets): the fixed-noise loss relative to bf16's, and the first
+# step's LoRA gradients against bf16's (cosine; norm of the difference relative to bf16's norm).
+TOLERANCE = {  # name: (loss, cosine at least, gradient error)
+    "Q8_0": (0.01, 0.999, 0.05),  # measured 0.003%, 0.99995, 1.1%
+    "Q5_1": (0.02, 0.99, 0.15),  # 0.06%, 0.9973, 7.3%
+    "Q4_K": (0.05, 0.97, 0.30),  # 0.03%, 0.9910, 14%
+    "Q4_0": (0.05, 0.97, 0.30),  # 0.17%, 0.9855, 17%
+    "int8": (0.01, 0.999, 0.05),  # 0.002%, 0.99999, 0.6%
+}
 
 def _batch():
     torch.manual_seed(3)
@@ -72,8 +77,8 @@ def _compare(name, loss, grads, reference):
     grad_diff = ((grads - ref_grads).norm() / ref_grads.norm()).item()
     log.warning("%s vs bf16: loss %.5f vs %.5f (%.3f%%), LoRA gradients cosine %.5f, relative error %.2f%%",
                 name, loss, ref_loss, 100 * loss_diff, cosine, 100 * grad_diff)
-    max_loss, min_cosine = TOLERANCE[name]
-    assert loss_diff <= max_loss and cosine >= min_cosine, (name, loss_diff, cosine)
+    max_loss, min_cosine, max_grad = TOLERANCE[name]
+    assert loss_diff <= max_loss and cosine >= min_cosine and grad_diff <= max_grad, (name, loss_diff, cosine)
 
 
 # --- GGUF ------------------------------------------------------------------------------------------
@@ -172,6 +177,16 @@ def test_train_node_on_a_gguf_model_renders_and_swaps_as_on_bf16(host, gguf_file
     assert rendered == pytest.approx([before, after], rel=1e-5)
     swapped, _ = run(swap_blocks=2)
     assert swapped == pytest.approx([before, after], rel=1e-4)
+
+
+@requires_host
+@needs_gguf
+@needs_torchao
+def test_int8_on_a_gguf_model_is_refused_by_name(host, gguf_files_on_host):
+    model = _load_gguf(host, "tiny-flux-Q8_0.gguf")
+    with pytest.raises(ValueError) as e:
+        host.pack.nodes.host.models.check_base_quantization(model, "int8")
+    assert "base_quantization is int8, but this MODEL's weights are GGUF Q8_0 already" in str(e.value)
 
 
 # --- int8 (torchao) --------------------------------------------------------------------------------

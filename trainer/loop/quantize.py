@@ -68,8 +68,8 @@ class QuantizedBase:
         if problems:
             name, stored = next(iter(problems.items()))
             raise ValueError(f"base_quantization is int8, but this model's weights are {stored} already "
-                             f"({len(problems)} layers, e.g. {name}): they are as small as int8 or smaller. Set "
-                             "base_quantization to none to train on them as they are.")
+                             f"({len(problems)} of the {len(layers)} layers, e.g. {name}): they are as small as int8 "
+                             "or smaller. Set base_quantization to none to train on them as they are.")
         self.originals: dict[str, tuple[nn.Linear, nn.Parameter, nn.Parameter | None]] = {}
         self.bytes_before = self.bytes_after = 0
         try:
