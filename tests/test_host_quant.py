@@ -31,7 +31,7 @@ needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None,
                                    reason="torchao is not installed (pip install torchao)")
 
 # The documented tolerance (README, Speed and memory), with about 2x margin over what was measured on
-# the tiny FLUX on both hosts (in brackets): the fixed-noise loss relative to bf16's, and the first
+# the tiny FLUX on both hosts (in the comments): the fixed-noise loss relative to bf16's, and the first
 # step's LoRA gradients against bf16's (cosine; norm of the difference relative to bf16's norm).
 TOLERANCE = {  # name: (loss, cosine at least, gradient error)
     "Q8_0": (0.01, 0.999, 0.05),  # measured 0.003%, 0.99995, 1.1%
@@ -132,7 +132,7 @@ def test_gguf_model_trains_within_the_documented_tolerance_of_bf16(host, gguf_fi
     """A GGUF model from ComfyUI-GGUF's loader: loss and LoRA gradients within the tolerance of
     bf16's; every memory mode gives the plain path's result on it; its packed weights are only
     read (same type, same bytes, no gradient)."""
-    folder, written = gguf_files_on_host
+    _, written = gguf_files_on_host
     assert written[qtype][qtype] >= 30  # the blocks' Linear weights are in that type
     model = _load_gguf(host, f"tiny-flux-{qtype}.gguf")
     assert host.pack.nodes.host.models.weight_dtype_name(model) == f"GGUF {qtype}"
