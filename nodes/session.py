@@ -29,11 +29,12 @@ class ComfyJobHost:
     """A job's JobHost inside the Train node: `node_id` routes the events to its panel."""
 
     def __init__(self, node_id: str, run_name: str, total: int, patcher, renderer: Renderer | None,
-                 backend: FluxBackend | None = None, keep_off: Sequence[str] = ()):
-        """`keep_off`: the blocks a block-swap run keeps off the device (`backend` renders with them)."""
+                 backend: FluxBackend | None = None, keep_off: Sequence[str] = (), quantized: bool = False):
+        """`keep_off`: the blocks a block-swap run keeps off the device (`backend` renders with them).
+        `quantized`: the base is held in int8 for the run, which ComfyUI can't merge a LoRA into."""
         self.node_id, self.run_name, self.patcher, self.renderer = node_id, run_name, patcher, renderer
         self.total, self.bar, self.console = total, None, None
-        self.backend, self.keep_off = backend, list(keep_off)
+        self.backend, self.keep_off, self.quantized = backend, list(keep_off), quantized
 
     def _send(self, event: str, **data) -> None:
         events.send_event(event, {"node": self.node_id, **data})
@@ -72,7 +73,7 @@ class ComfyJobHost:
     def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
                ) -> tuple[list[Sample], torch.Tensor] | None:
         sd = export.kohya_state_dict(lora)
-        if self.keep_off:  # block swap: rendered as it trains, swapped blocks streamed in, LoRA on activations
+        if self.keep_off or self.quantized:  # as it trains (swapped blocks streamed in), LoRA on activations
             model, lora_on = models.sampling_as_loaded(self.patcher), self.backend.lora_applied(lora)
         else:  # as a workflow renders it: the LoRA merged into the weights by ComfyUI's loader
             model, lora_on = loras.apply_lora(self.patcher, sd, 1.0), nullcontext()
@@ -100,6 +101,7 @@ class ComfyJobHost:
 
 def train(spec: JobSpec, node_id: str, patcher, renderer: Renderer | None) -> Outcome:
     """Run `spec` as the Train node's job: one at a time in this ComfyUI, Stop through the panel."""
+    memory = spec.config.memory
     host = ComfyJobHost(node_id, spec.run.path.name, spec.config.steps, patcher, renderer, spec.backend,
-                        spec.backend.swapped_blocks(spec.config.memory))
+                        spec.backend.swapped_blocks(memory), memory.base_quantization != "none")
     return Job(spec, key=node_id).run(host)

@@ -11,17 +11,20 @@ from comfy_api.latest import io
 from ..trainer.loop import optimizers
 from ..trainer.loop.config import TrainConfig
 from ..trainer.loop.losses import LOSS_WEIGHTINGS, LOSSES, LossSettings
+from ..trainer.loop.quantize import BASE_QUANTIZATIONS
 from . import ids, sockets
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """What the node sets: TrainConfig fields, and TimestepSampling fields besides its mode. From
-    Import Training Config, `config` is a whole train section instead, used in place of the Train
-    node's widgets (but for the machine's own: memory, lora_dtype, cache)."""
+    """What the node sets: TrainConfig fields, TimestepSampling fields besides its mode, and
+    MemoryConfig fields besides the Train node's own. From Import Training Config, `config` is a
+    whole train section instead, used in place of the Train node's widgets (but for the machine's
+    own: memory, lora_dtype, cache)."""
 
     train: dict = field(default_factory=dict)
     timesteps: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
     config: TrainConfig | None = None
 
 
@@ -124,6 +127,14 @@ class TrainingSettingsNode(io.ComfyNode):
                                  tooltip="Also train T5-XXL, the encoder FLUX reads the prompt's words from. Off: "
                                          "CLIP-L only, as diffusers does. T5 has 4.7B parameters: far more memory "
                                          "and time per step; only the kohya format saves it."),
+                io.Combo.Input("base_quantization", options=list(BASE_QUANTIZATIONS), default="none", optional=True,
+                               tooltip="int8: hold the base model's block weights in int8 while training, about "
+                                       "half of bf16's memory, the LoRA still in full precision (mflux's "
+                                       "`quantize: 8`, SimpleTuner's `base_model_precision: int8-quanto`). Needs "
+                                       "`pip install torchao`; for bf16/fp16 models, not with swap_blocks; the "
+                                       "MODEL gets its own weights back after training. For 4-bit, or with "
+                                       "swap_blocks, load a GGUF file (Q4_K, Q8_0) with ComfyUI-GGUF's Unet Loader "
+                                       "(GGUF) instead and keep none."),
             ],
             outputs=[sockets.TrainingSettings.Output(display_name="settings")],
         )
@@ -132,7 +143,7 @@ class TrainingSettingsNode(io.ComfyNode):
     def execute(cls, optimizer, optimizer_args, gradient_accumulation_steps, max_grad_norm, lr_num_cycles,
                 lr_power, lr_end, shift, logit_mean, logit_std, mode_scale, loss, huber_c,
                 loss_weighting, dop_multiplier=0.0, dop_class="", text_encoder_lr=0.0, text_encoder_start=0.0,
-                text_encoder_rank=0, text_encoder_t5=False) -> io.NodeOutput:
+                text_encoder_rank=0, text_encoder_t5=False, base_quantization="none") -> io.NodeOutput:
         train = dict(optimizer=optimizer, optimizer_args=optimizers.parse_args(optimizer_args),
                      gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm,
                      lr_num_cycles=lr_num_cycles, lr_power=lr_power, lr_end=lr_end,
@@ -140,4 +151,4 @@ class TrainingSettingsNode(io.ComfyNode):
                      dop_class=dop_class, text_encoder_lr=text_encoder_lr, text_encoder_start=text_encoder_start,
                      text_encoder_rank=text_encoder_rank, text_encoder_t5=text_encoder_t5)
         timesteps = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
-        return io.NodeOutput(TrainingSettings(train, timesteps))
+        return io.NodeOutput(TrainingSettings(train, timesteps, dict(base_quantization=base_quantization)))

@@ -144,7 +144,10 @@ class TrainFluxLora(io.ComfyNode):
                 lora_dtype, ema_decay, cache, lora_layers=None, validation=None, run=None,
                 settings=None) -> io.NodeOutput:
         knobs = settings or TrainingSettings()
-        memory_config = MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile)
+        memory_knobs = dict(knobs.memory)
+        if knobs.config is not None:  # an imported recipe's base quantization (mflux's quantize: 8) stays its own
+            memory_knobs.setdefault("base_quantization", knobs.config.memory.base_quantization)
+        memory_config = MemoryConfig(*CHECKPOINTING[checkpointing], swap_blocks, compile, **memory_knobs)
         if knobs.config is not None:  # an imported recipe's whole train section; the machine's memory mode
             config = dataclasses.replace(knobs.config, memory=memory_config)
             log.info("Train settings from the imported config (steps %d, learning_rate %g, optimizer %s); the "
@@ -157,6 +160,7 @@ class TrainFluxLora(io.ComfyNode):
                                  lr_schedule=lr_schedule, warmup_steps=warmup_steps, ema_decay=ema_decay,
                                  memory=memory_config, **knobs.train)
         backend, patcher = models.flux_backend(model)
+        models.check_base_quantization(model, config.memory.base_quantization)
         memory = f"{models.weight_dtype_name(model)} weights, {config.memory.describe()}"
         spec = lora_layers.resolved(backend.dims) if lora_layers else LayerSpec.preset(DEFAULT_LAYERS, backend.dims,
                                                                                          rank=16)
@@ -174,8 +178,6 @@ class TrainFluxLora(io.ComfyNode):
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed,
                                            dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
-        # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
-        models.load_for_training(patcher, keep_off)
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
         base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
@@ -192,7 +194,10 @@ class TrainFluxLora(io.ComfyNode):
                  f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
                       resume, validation and validation.schedule(), text_encoder=trainable)
-        outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
+        with models.quantized_base(patcher, backend, config.memory.base_quantization):
+            # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
+            models.load_for_training(patcher, keep_off)
+            outcome = session.train(job, str(cls.hidden.unique_id), patcher, renderer)
 
         trained = export.TrainedLora(outcome.lora, metadata.header(outcome.steps_done), outcome.kohya)
         seconds = time.perf_counter() - started

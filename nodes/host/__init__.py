@@ -1,7 +1,9 @@
 """The boundary to ComfyUI's internals: the only modules of the pack that import `comfy`,
 `folder_paths`, `node_helpers` or `server`. Each wraps one part of the host:
 
-    models    the MODEL, CLIP and VAE: training backends, loading, encoding, memory, Cancel
+    models    the MODEL, CLIP and VAE: training backends, loading, encoding, memory, Cancel, the
+              int8 base for the run
+    gguf      telling a MODEL from ComfyUI-GGUF's loader apart (its GGML weight types)
     loras     applying a LoRA the way the stock LoraLoader does; LoRA files in models/loras
     paths     ComfyUI's input, output and models folders
     events    websocket events, HTTP routes, progress bars

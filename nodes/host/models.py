@@ -15,6 +15,8 @@ import torch
 from ...trainer.data.encode import weights_fingerprint
 from ...trainer.families.flux1.comfy import ComfyFlux
 from ...trainer.families.flux1.comfy_text import ComfyText
+from ...trainer.loop import quantize
+from . import gguf
 
 
 def set_training_kernels(on: bool) -> None:
@@ -173,9 +175,48 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 
 def weight_dtype_name(model) -> str:
-    """How the model's weights are stored ('fp8_e4m3fn' from the UNET loader's fp8 setting)."""
+    """How the model's weights are stored ('fp8_e4m3fn' from the UNET loader's fp8 setting, 'GGUF
+    Q4_K' from ComfyUI-GGUF's loader)."""
+    from_gguf = gguf.quantization(model)
+    if from_gguf:
+        return from_gguf
     dtype = model.model.get_dtype()
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_base_quantization(model, mode: str) -> None:
+    """Before anything is encoded: int8 is for a MODEL in bf16, fp16 or fp32."""
+    quantize.check(mode)
+    stored = gguf.quantization(model) or (weight_dtype_name(model) if model.model.get_dtype() not in
+                                          quantize.QUANTIZABLE_DTYPES else None)
+    if mode != "none" and stored:
+        raise ValueError(f"base_quantization is {mode}, but this MODEL's weights are {stored} already: they are "
+                         "as small as int8 or smaller. Set base_quantization to none to train on them as they are.")
+
+
+@contextmanager
+def quantized_base(patcher, backend: ComfyFlux, mode: str):
+    """While inside, the MODEL's block weights are `mode` (int8, see trainer/loop/quantize.py):
+    made from the weights where ComfyUI keeps them when unloaded (the CPU), one layer at a time on
+    the device, before `load_for_training` loads the rest. Afterwards the model is unloaded and
+    gets its original weights back, so the workflow's MODEL is unchanged. Layers a LoRA is patched
+    onto in the workflow (a LoRA loader before Train) and layers ComfyUI streams in per call stay
+    as they are."""
+    check_base_quantization(patcher, mode)
+    if mode == "none":
+        yield None
+        return
+    patched = set(patcher.patches)
+    _unload_model(patcher.model)  # the originals stay in CPU memory, off the device
+
+    def keep(name, layer) -> bool:
+        return f"diffusion_model.{name}.weight" not in patched and not hasattr(layer, "_v")
+
+    with quantize.quantized_base(backend, mode, keep) as quantized:
+        try:
+            yield quantized
+        finally:
+            _unload_model(patcher.model)  # the int8 weights leave the device before the originals return
 
 
 MODEL_FILE_INPUTS = ("unet_name", "ckpt_name", "model_name")  # UNETLoader, CheckpointLoaderSimple, GGUF / NF4 loaders

@@ -22,6 +22,7 @@ from ..data.captions import TRIGGER_PLACEHOLDER
 from ..data.encode import encode_dataset
 from ..families.flux1 import tiny
 from ..log import logger
+from ..loop import quantize
 from ..loop.job import Job, JobSpec, JobState, ValidationSchedule
 from ..loop.text_phase import text_targets
 from ..lora import text_encoder
@@ -246,7 +247,8 @@ def run(args) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
     try:
-        outcome = job.run(host)
+        with quantize.quantized_base(backend, recipe.train.memory.base_quantization):
+            outcome = job.run(host)
     except Interrupted:
         latest = RunFolder(folder.path).latest()
         raise Interrupted(f"Stopped by Ctrl-C; the newest checkpoint is {latest}. Continue it with the same command "

@@ -7,6 +7,7 @@
   memory and are copied in just before each use, the next one on a side stream while the current
   one computes, and dropped right after.
 * `torch.compile` of each block's forward.
+* `base_quantization` int8: the blocks' Linear weights held in int8 for the run (quantize.py).
 
 None of these changes the maths: a test holds every mode to the plain path's loss and gradients.
 """
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..log import logger
+from . import quantize
 
 log = logger(__name__)
 
@@ -32,6 +34,7 @@ class MemoryConfig:
     checkpoint_every: int = 1  # with "blocks": checkpoint block i when i % k == 0
     swap_blocks: int = 0
     compile: bool = False
+    base_quantization: str = "none"  # or int8: the blocks' Linear weights in int8 (torchao) for the run
 
     def __post_init__(self):
         if self.checkpointing not in CHECKPOINTING:
@@ -40,6 +43,7 @@ class MemoryConfig:
             raise ValueError(f"checkpoint_every is {self.checkpoint_every}; use 1 (every block) or more.")
         if self.swap_blocks < 0:
             raise ValueError(f"swap_blocks is {self.swap_blocks}; use 0 (off) or a number of blocks.")
+        quantize.check(self.base_quantization)
 
     def checkpointed(self, index: int) -> bool:
         if self.checkpointing == "off":
@@ -53,6 +57,8 @@ class MemoryConfig:
             parts.append(f"{self.swap_blocks} blocks swapped from CPU")
         if self.compile:
             parts.append("torch.compile")
+        if self.base_quantization != "none":
+            parts.append(f"{self.base_quantization} base weights")
         return ", ".join(parts)
 
 
@@ -124,7 +130,8 @@ class BlockSwap:
                 pairs, found = self.host.setdefault(i, []), self.found.setdefault(i, [])
                 for t in _tensors(blocks[i]):
                     found.append(t.device)
-                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+                    # size(), not shape: a quantized weight (ComfyUI-GGUF's) reports its unpacked shape
+                    host = torch.empty(t.size(), dtype=t.dtype, pin_memory=self.cuda)
                     host.copy_(t.data)
                     pairs.append((t, host))
                     t.data = host

@@ -288,7 +288,10 @@ EXTRA_HELP = {
     "MemoryConfig": {"checkpointing": "Gradient checkpointing: blocks, offload (to CPU) or off.",
                      "checkpoint_every": "With blocks: checkpoint every k-th block.",
                      "swap_blocks": "Keep the last N blocks' weights in CPU memory, streamed in when used.",
-                     "compile": "torch.compile each block (needs a working Triton)."},
+                     "compile": "torch.compile each block (needs a working Triton).",
+                     "base_quantization": "none, or int8: the blocks' Linear weights held in int8 while training "
+                                          "(torchao, `pip install torchao`; mflux's quantize 8, SimpleTuner's "
+                                          "int8-quanto); not with swap_blocks."},
 }
 
 

@@ -98,8 +98,21 @@ def usable_by_autograd(model: nn.Module) -> None:
         for store in (module._parameters, module._buffers):
             for name, t in store.items():
                 if t is not None and t.is_inference() and not t.is_meta:
-                    copy = t.clone()
-                    store[name] = nn.Parameter(copy, requires_grad=False) if isinstance(t, nn.Parameter) else copy
+                    store[name] = _fresh_copy(t)
+
+
+def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference-mode) copy of `t`, a Parameter if it was one. A tensor subclass
+    whose clone() is itself (ComfyUI-GGUF's quantized weights) is copied as plain data and keeps
+    its type and attributes (quantization type, unpacked shape)."""
+    copy = t.clone()
+    if copy is t:
+        copy = t.as_subclass(torch.Tensor).clone().as_subclass(type(t))
+    if isinstance(t, nn.Parameter):
+        copy = nn.Parameter(copy, requires_grad=False)
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        copy.__dict__.update(t.__dict__)
+    return copy
 
 
 def sdpa_attention(_default, q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
