@@ -138,7 +138,7 @@ def test_block_swap_moves_packed_weights_by_their_bytes():
     ("SimpleTuner", "base_model_precision", "no_change", "none", ""),
     ("SimpleTuner", "base_model_precision", "fp8-quanto", "none", "weight_dtype fp8_e4m3fn"),
     ("SimpleTuner", "base_model_precision", "nf4-bnb", "int8", "Q4_K"),
-    ("ai-toolkit", "model.quantize", True, "int8", "8-bit float"),
+    ("ai-toolkit", "model.quantize", True, "none", "8-bit float"),
     ("ai-toolkit", "model.quantize", False, "none", ""),
 ])
 def test_other_tools_quantization_settings_map_to_base_quantization(tool, key, value, ours, says):

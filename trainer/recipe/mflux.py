@@ -19,6 +19,7 @@ from typing import Any
 
 from ..families.flux1.layers import MFLUX_NAMES
 from ..lora.targets import LayerGroup
+from . import quantization
 from .importing import Imported, Mapping, missing_note, resolve
 
 MODELS = {"dev": "FLUX.1-dev", "schnell": "FLUX.1-schnell", "krea-dev": "FLUX.1-Krea-dev",
@@ -66,13 +67,7 @@ def _model(m: Mapping, data: dict) -> None:
         m.note("base_model", f"the model is a fine-tune of {MODELS.get(str(data['base_model']), data['base_model'])}: "
                              "load the fine-tune itself in ComfyUI.")
     if "quantize" in data:
-        bits = data["quantize"]
-        if not bits:
-            m.same("quantize")
-        else:
-            m.note("quantize", f"mflux quantizes the model to {bits} bits to save memory: load a quantized FLUX in "
-                               f"ComfyUI (fp8, or a GGUF Q{bits}) for the same saving.")
-
+        quantization.honour(m, "mflux", "quantize", "quantize", data["quantize"])
 
 def _generation(m: Mapping, data: dict) -> None:
     """seed, steps, guidance, width, height: mflux's generation settings, used while training too."""

@@ -60,9 +60,9 @@ QUANTIZATION: dict[tuple[str, str], dict[object, Quantization]] = {
     },
     ("ai-toolkit", "model.quantize"): {
         False: Quantization("none"),
-        True: Quantization("int8", "ai-toolkit's quantize (optimum-quanto, 8-bit float by default) becomes "
-                                   "base_quantization int8; for fp8 weights instead, load the model with Load "
-                                   "Diffusion Model's weight_dtype fp8_e4m3fn and set base_quantization to none."),
+        True: Quantization("none", "ai-toolkit's quantize (optimum-quanto, qfloat8 by default) is 8-bit float: load "
+                                   "the model with Load Diffusion Model's weight_dtype fp8_e4m3fn in ComfyUI for the "
+                                   "same, or set base_quantization to int8 for int8 weights."),
     },
 }
 
@@ -84,3 +84,14 @@ def choices(tool: str, key: str) -> list[str]:
     """The values `lookup` knows, as the tool writes them (for an unsupported value's message)."""
     return [str(v).lower() if isinstance(v, bool) else "null" if v is None else str(v)
             for v in QUANTIZATION[(tool, key)]]
+
+
+def honour(m, tool: str, key: str, file_key: str, value: object) -> None:
+    """An importer's quantization setting (`key` in the table, written as `file_key` in the file)
+    set on a `Mapping` as base_quantization with its note, or named unsupported with the choices."""
+    q = lookup(tool, key, value)
+    if q is None:
+        m.drop(file_key, f"{value!r} is not a quantization this pack knows for {tool}'s {key}; "
+                         f"choose {', '.join(choices(tool, key))}.")
+    else:
+        m.set(file_key, KEY, q.value, note=q.note or None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import quantization
 from .importing import Mapping
 from .simpletuner_files import Place, number, truthy
 
@@ -157,13 +158,7 @@ def _caption_dropout(m, flags, key, value, place):
 
 
 def _quantised(m, flags, key, value, place):
-    level = str(value or "no_change").strip().lower()
-    if level in ("no_change", "none", "bf16", ""):
-        m.same(key)
-        return
-    smallest = "" if level.startswith(("int8", "fp8")) else "; fp8 is the smallest this pack trains on"
-    m.note(key, f"SimpleTuner trains FLUX quantised to {level}; for a similar memory saving load FLUX in ComfyUI's "
-                f"Load Diffusion Model with weight_dtype fp8_e4m3fn: this pack trains the model as loaded{smallest}.")
+    quantization.honour(m, "SimpleTuner", "base_model_precision", key, "no_change" if value in (None, "") else value)
 
 
 def _resume(m, flags, key, value, place):

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .. import quantization
 from ..importing import Imported, is_windows_path
 from . import layers
 from .datasets import read_datasets
@@ -229,7 +230,9 @@ def read_model(job: Job, model: dict, base: str) -> None:
     if "is_flux" in model:
         job.only(join(base, "is_flux"), bool(model["is_flux"]) or arch in ("flux", "flex1"), (True,),
                  "this pack trains FLUX.1 (is_flux: true)")
-    for name in ("quantize", "quantize_te", "qtype", "qtype_te"):
+    if "quantize" in model:
+        quantization.honour(m, "ai-toolkit", "model.quantize", join(base, "quantize"), bool(model["quantize"]))
+    for name in ("quantize_te", "qtype", "qtype_te"):
         if name in model:
             on = bool(model.get(name.replace("qtype", "quantize"), False))
             text = ("the T5 text encoder: ComfyUI's DualCLIPLoader takes an fp8 t5xxl file the same way" if "te" in name
