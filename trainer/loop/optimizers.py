@@ -79,13 +79,18 @@ def kind(name: str) -> OptimizerKind:
     return OPTIMIZERS[canonical(name)]
 
 
+class MissingPackage(ValueError, RuntimeError):
+    """An optimizer whose library does not import here: a bad setting for this machine (a config
+    naming it is told so by key), with the command that installs it."""
+
+
 def constructor(name: str) -> type[torch.optim.Optimizer]:
     """The optimizer class, imported now; a missing package is named with the command that installs it."""
     k = kind(name)
     try:
         module = importlib.import_module(k.module)
     except Exception as e:  # bitsandbytes can fail with more than ImportError (no CUDA libraries)
-        raise RuntimeError(
+        raise MissingPackage(
             f"optimizer {canonical(name)!r} needs the {k.package} package, which does not import here "
             f"({type(e).__name__}: {e}). Install it into ComfyUI's Python with `pip install {k.package}`, "
             "or choose optimizer adamw.") from e
