@@ -226,3 +226,71 @@ def test_the_panel_in_a_real_browser(server):
     assert (runs[-1] / "checkpoints" / f"step_{stopped_at:06d}" / "lora.safetensors").is_file()
     assert 10 <= stopped_at < 400 and shot.is_file()
     assert not errors, errors
+
+
+AI_TOOLKIT_JOB = """\
+job: extension
+config:
+  name: toy_import
+  process:
+    - type: sd_trainer
+      trigger_word: sks
+      network: {type: lora, linear: 4, linear_alpha: 4}
+      save: {save_every: 3, max_step_saves_to_keep: 1}
+      datasets:
+        - folder_path: toy
+          resolution: [64]
+      train: {steps: 3, lr: 0.002, optimizer: adamw}
+"""
+
+
+def test_an_ai_toolkit_job_pasted_into_import_training_config_in_a_real_browser(server):
+    """A user's flow: the quickstart template, an Import Training Config node added by hand, an
+    ai-toolkit job pasted into it, its outputs wired into Train, Run."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    shutil.copytree(PACK_DIR / "trainer" / "assets" / "quickstart", server.base / "input" / "toy")
+    templates = server.get("/api/workflow_templates")
+    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
+    workflow = server.get(f"/api/workflow_templates/{module}/{next(n for n in templates[module] if 'quickstart' in n)}"
+                          ".json")
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 950})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(e.stack or str(e)) if "flux_dreambooth" in (e.stack or "")
+                else None)
+        page.goto(server.url)
+        page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
+        page.wait_for_timeout(2000)
+        page.keyboard.press("Escape")
+        page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+        page.wait_for_timeout(1000)
+        page.evaluate(f"""(job) => {{
+            const train = app.graph.getNodeById({train_id});
+            const node = LiteGraph.createNode("FluxDreamBoothImportConfig");
+            app.graph.add(node);
+            node.pos = [train.pos[0] - 420, train.pos[1]];
+            node.widgets.find(w => w.name === "config_text").value = job;
+            for (const [slot, input] of [[0, "dataset"], [1, "lora_layers"], [2, "settings"], [4, "run"]])
+                node.connect(slot, train, train.findInputSlot(input));
+            app.canvas.ds.offset = [480 - train.pos[0], 40 - train.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""", AI_TOOLKIT_JOB)
+        page.get_by_role("button", name="Run").first.click()
+        page.wait_for_timeout(3000)
+        server.wait_idle(timeout=300)
+        page.wait_for_timeout(1500)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"import_config_comfyui_{version}.png"))
+        browser.close()
+    history = server.get("/history")
+    outputs = max(history.values(), key=lambda h: h["status"].get("messages", [[0, {"timestamp": 0}]])[-1][1]
+                  .get("timestamp", 0))["outputs"]
+    summary = next(o["text"][0] for o in outputs.values() if "text" in o and "ai-toolkit format" in o["text"][0])
+    trained = outputs[str(train_id)]["text"][0]
+    assert "3 steps at learning_rate 0.002" in summary and "Unsupported: none" in summary
+    assert trained.startswith("3 steps") and "run toy_import_001" in trained  # the job's, not the template's
+    assert not errors, errors
