@@ -21,6 +21,9 @@ CLASS_TIP = ("What the subject is: 'person', 'dog', 'toy' (ai-toolkit recipes wr
              "Prepended with the trigger word, and kept when captions drop out.")
 REPEATS_TIP = ("How often each image appears per epoch, relative to the datasets chained to this one: raise it for "
                "a set with fewer photos. 1 is fine for a dataset on its own.")
+NETWORK_WEIGHT_TIP = ("The LoRA's multiplier while training on these photos (ai-toolkit's per-dataset "
+                      "network_weight): 1 as usual; below 1 the LoRA learns them more gently; 0 trains them "
+                      "through the frozen model (no LoRA update); negative values push the LoRA away from them.")
 PREVIOUS_TIP = ("Another dataset to train on together with this one: a second subject with its own trigger word, a "
                 "regularisation set, or more photos of the same one.")
 
@@ -132,6 +135,8 @@ class DatasetFromFolder(io.ComfyNode):
                                  tooltip="Each subfolder is a subject: kohya's '10_sks dog' = 10 repeats, trigger "
                                          "'sks', class 'dog'. Train several subjects at once."),
                 *shaping_inputs(),
+                io.Float.Input("network_weight", default=1.0, min=-2.0, max=2.0, step=0.05, optional=True,
+                               tooltip=NETWORK_WEIGHT_TIP),
                 io.String.Input("caption_ext", default="txt", optional=True,
                                 tooltip="The captions' file extension (ai-toolkit's caption_ext): 'txt' for "
                                         "photo.txt, 'caption' for photo.caption. Only the captions=auto and txt "
@@ -147,10 +152,11 @@ class DatasetFromFolder(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, captions, default_caption, subfolders_as_concepts, previous=None, augment=None,
-                **common) -> io.NodeOutput:
+                network_weight=1.0, **common) -> io.NodeOutput:
         path = paths.resolve_input_path(folder, "folder")
-        dataset = build(lambda o: datasets.from_folder(path, o, subfolders_as_concepts), previous, augment,
-                        captions=captions, default_caption=default_caption, **common)
+        dataset = build(lambda o: datasets.from_folder(path, o, subfolders_as_concepts).with_items(
+                        network_weight=network_weight), previous, augment, captions=captions,
+                        default_caption=default_caption, **common)
         return io.NodeOutput(dataset, summary(dataset))
 
 
@@ -274,13 +280,16 @@ class RegularisationSet(io.ComfyNode):
                 io.Float.Input("loss_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="How much these images count in the loss compared with the subject's "
                                        "(DreamBooth's prior-preservation weight; 1.0 is usual, 0.5 gentler)."),
+                io.Float.Input("network_weight", default=1.0, min=-2.0, max=2.0, step=0.05, optional=True,
+                               tooltip=NETWORK_WEIGHT_TIP),
             ],
             outputs=[sockets.Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
-    def execute(cls, dataset, loss_weight) -> io.NodeOutput:
-        return io.NodeOutput(dataset.with_items(regularisation=True, loss_weight=loss_weight))
+    def execute(cls, dataset, loss_weight, network_weight=1.0) -> io.NodeOutput:
+        return io.NodeOutput(dataset.with_items(regularisation=True, loss_weight=loss_weight,
+                                                network_weight=network_weight))
 
 
 class DatasetReport(io.ComfyNode):

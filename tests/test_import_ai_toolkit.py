@@ -121,7 +121,7 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     imported = formats.load(tmp_path / "job.yaml")
     p = "config.process"
     unsupported = {u.key: u.why for u in imported.unsupported}
-    would_be = {f"{p}.datasets[1].network_weight": "layers.network_weight"}
+    would_be: dict[str, str] = {}  # every setting this job names exists now
     others = [f"{p}.datasets[0].flip_y", f"{p}.train.lr_scheduler", f"{p}.train.timestep_type",
               f"{p}.train.loss_type", f"{p}.train.content_or_style"]
     assert set(unsupported) == set(would_be) | set(others)
@@ -130,6 +130,7 @@ def test_a_job_names_each_key_it_cant_use_and_the_setting_it_would_be(tmp_path, 
     layers = imported.recipe.layers
     assert (layers.variant, layers.lokr_factor, layers.lokr_full_rank) == ("lokr", 4, True)
     assert imported.recipe.train.text_encoder_lr == 5e-6  # train_text_encoder with its own rate
+    assert any(n.startswith(f"{p}.datasets[1].network_weight: 0.5 differs") for n in imported.notes)
     for key, ours in would_be.items():
         assert unsupported[key] == f"this pack has no setting for it yet (it would be {ours})", key
     assert "LinearLR" in unsupported[f"{p}.train.lr_scheduler"] and "wavelet" in unsupported[f"{p}.train.loss_type"]
@@ -294,3 +295,22 @@ def test_the_text_encoder_phase_is_written_with_what_ai_toolkit_cannot_say():
     train = result.job["config"]["process"][0]["train"]
     assert (train["train_text_encoder"], train["text_encoder_lr"]) == (True, 5e-6)
     assert set(k for k in result.lost if k.startswith("train.text_encoder")) == {"train.text_encoder_start"}
+
+
+def test_network_weight_of_the_subject_and_of_a_regularisation_set(tmp_path):
+    job = {"job": "extension", "config": {"name": "x", "process": [{"type": "sd_trainer", "datasets": [
+        {"folder_path": "me", "network_weight": 0.9}, {"folder_path": "reg", "is_reg": True, "network_weight": -1}]}]}}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    imported = formats.load(tmp_path / "job.yaml")
+    d = imported.recipe.dataset
+    assert (d.network_weight, d.regularisation_network_weight) == (0.9, -1.0)
+    assert {"config.process.datasets[0].network_weight", "config.process.datasets[1].network_weight"} <= set(
+        imported.honoured)
+
+
+def test_network_weights_read_back_from_the_written_job():
+    recipe = Recipe().with_settings(["dataset.folders=[me]", "dataset.regularisation=[reg]", "dataset.class_word=man",
+                                     "dataset.network_weight=0.9", "dataset.regularisation_network_weight=-1"])
+    back, result, _ = round_trip(recipe)
+    assert (back.dataset.network_weight, back.dataset.regularisation_network_weight) == (0.9, -1.0)
+    assert not [k for k in result.lost if "network_weight" in k]

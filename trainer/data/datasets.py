@@ -50,6 +50,7 @@ class DatasetItem:
     shaping: Shaping = Shaping()
     augment: Augmentation = Augmentation()
     loss_weight: float = 1.0
+    network_weight: float = 1.0  # the LoRA's multiplier while training on it (ai-toolkit's network_weight)
     regularisation: bool = False
     skip_problems: bool = False
     pixels: torch.Tensor | None = None  # (H, W, 3) in [0, 1]

@@ -52,6 +52,7 @@ class Example:
     preserve: list = field(default_factory=list)  # class captions, for differential output preservation
     shuffled_captions: list = field(default_factory=list)  # the captions `texts` encode, in order
     dropout_caption: str = ""  # the caption `dropout_text` encodes (a trained text encoder encodes them live)
+    network_weight: float = 1.0  # the LoRA's multiplier on this photo (ai-toolkit's per-dataset network_weight)
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -214,7 +215,8 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
                                 dropout, key=content, regularisation=item.regularisation,
                                 subject="" if item.regularisation else item.trigger_word, preserve=preserve,
-                                shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else ""))
+                                shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else "",
+                                network_weight=item.network_weight))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

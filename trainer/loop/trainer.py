@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,12 +77,14 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
               scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-              preserve: Preservation | None = None, text: Embed | None = None) -> torch.Tensor:
+              preserve: Preservation | None = None, text: Embed | None = None, lora: LoraSet | None = None
+              ) -> torch.Tensor:
     """Forward and backward one batch; returns its mean loss, on the device (reading it is a
     sync). Gradients accumulate in the LoRA. With `preserve` (DOP), the subjects' class captions
     add their preservation term on the same noisy latents and σ (into `preserve.total`). With
     `text` (the text encoder's phase) the captions' embeddings are computed through it, with grad,
-    instead of taken from the cache (DOP's class captions stay the frozen encoder's).
+    instead of taken from the cache (DOP's class captions stay the frozen encoder's). With `lora`,
+    photos of a dataset with a network_weight other than 1 train with the LoRA at that multiplier.
     Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
     groups: dict[tuple, list] = {}
     for e in batch:
@@ -91,10 +93,10 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
             context, pooled = text(caption, context, pooled)
         version = caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
         kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
-        key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0])
+        key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0], e.network_weight)
         groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept))
     total = torch.zeros((), device=backend.device)
-    for group in groups.values():
+    for key, group in groups.items():
         latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
         weights = torch.tensor([g[3] for g in group])
         noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: same on every device
@@ -102,11 +104,13 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
         latents, noise, sigmas, context, pooled, weights = (
             _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
         noisy = flow.noisy_latents(latents, noise, sigmas)
-        v_pred = backend.velocity(noisy, sigmas, context, pooled, config.guidance)
-        per_sample = (config.loss.per_sample(v_pred, flow.velocity_target(latents, noise), sigmas)
-                      * config.timesteps.loss_weights(sigmas).to(v_pred.device))
-        loss = (per_sample * weights).sum() / len(batch)
-        scale(loss).backward()
+        multiplier = key[-1]  # ai-toolkit's network_weight of these photos' dataset; backward recomputes blocks
+        with lora.multiplied(multiplier) if lora is not None and multiplier != 1.0 else nullcontext():
+            v_pred = backend.velocity(noisy, sigmas, context, pooled, config.guidance)
+            per_sample = (config.loss.per_sample(v_pred, flow.velocity_target(latents, noise), sigmas)
+                          * config.timesteps.loss_weights(sigmas).to(v_pred.device))
+            loss = (per_sample * weights).sum() / len(batch)
+            scale(loss).backward()
         total += loss.detach()
         if group[0][4] is not None:  # DOP, with a backward of its own: the two graphs are never held at once
             kept = [_to_device(torch.stack([g[4][i] for g in group]), backend.device) for i in range(2)]
@@ -210,7 +214,7 @@ class Trainer:
                 batch = [self.examples[i] for i in self.sampler.next_batch()]
                 loss += step_loss(self.backend, batch, self.config, self.generator,
                                   lambda part: self.scaler.scale(part / accumulate), preserve=preserve,
-                                  text=embed) / accumulate
+                                  text=embed, lora=self.lora) / accumulate
         except BaseException:  # interrupted mid-step (the host may raise from inside the model):
             self.generator.set_state(rng)  # leave the state as after the last whole step, so a
             self.sampler.queue = queue  # checkpoint saved now resumes exactly

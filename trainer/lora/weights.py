@@ -32,13 +32,20 @@ class LoraSet(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         self.weights = nn.ModuleDict({_key(t.name): make_weight(t, dtype, generator) for t in targets})
-        self._switch = [True]  # False: its hooks stay attached and add nothing; shared with its parts
+        self._switch = [1.0]  # the LoRA's multiplier, shared with its parts: 0 = its hooks add nothing
 
     @contextmanager
     def disabled(self):
         """While inside, the model computes as if this LoRA weren't there: the frozen model's own
         prediction (differential output preservation's target) without a second copy of the model."""
-        was, self._switch[0] = self._switch[0], False
+        with self.multiplied(0.0):
+            yield
+
+    @contextmanager
+    def multiplied(self, multiplier: float):
+        """While inside, every hook adds `multiplier` × its update (ai-toolkit's per-dataset
+        network_weight): 1 as trained, 0 the frozen model, 0.5 half the LoRA."""
+        was, self._switch[0] = self._switch[0], float(multiplier)
         try:
             yield
         finally:
@@ -46,6 +53,10 @@ class LoraSet(nn.Module):
 
     @property
     def enabled(self) -> bool:
+        return self._switch[0] != 0.0
+
+    @property
+    def multiplier(self) -> float:
         return self._switch[0]
 
     def __iter__(self):
@@ -144,14 +155,16 @@ class _LoraHook:
         self.whole = whole
 
     def __call__(self, module, args, output):
-        if not self.lora.enabled:
+        multiplier = self.lora.multiplier
+        if multiplier == 0.0:
             return output
+        frozen = output.clone() if multiplier != 1.0 else None  # the updates may add into `output` in place
         x = args[0]
         if self.plain:
             output = add_lora(x, output, self.plain, self.whole)
         for w in self.others:  # each into its own rows; DoRA reads the frozen output of its rows first
             output = w.add_to(x, output, module, self.whole)
-        return output
+        return output if frozen is None else frozen + multiplier * (output - frozen)
 
 
 def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bool) -> list:

@@ -41,14 +41,16 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
         augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems, d.caption_ext)
-        parts += [_source(base / Path(f).expanduser(), subject, d.concepts) for f in d.folders]
+        parts += [_source(base / Path(f).expanduser(), subject, d.concepts).with_items(network_weight=d.network_weight)
+                  for f in d.folders]
         # regularisation photos without a caption: the class prompt, else the class word (never the subject's
         # default_caption)
         fallback = d.regularisation_caption.strip() or d.class_word.strip()
         regularisation = datasets.Options("", d.class_word.strip(), 1, d.captions, fallback, shaping, Augmentation(),
                                           d.problems, d.caption_ext)
         parts += [_source(base / Path(f).expanduser(), regularisation).with_items(
-                  regularisation=True, loss_weight=d.regularisation_weight) for f in d.regularisation]
+                  regularisation=True, loss_weight=d.regularisation_weight,
+                  network_weight=d.regularisation_network_weight) for f in d.regularisation]
     return sum(parts[1:], parts[0])
 
 

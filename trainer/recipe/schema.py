@@ -5,6 +5,7 @@ so every field it has is a key here."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,12 @@ class DatasetSection:
     regularisation: list[str] = field(default_factory=list, **_help(
         "Folder(s) of generic class photos (ai-toolkit's is_reg sets, DreamBooth's class_data_dir). They never "
         "carry the trigger; photos without a caption get the class word."))
+    network_weight: float = field(default=1.0, **_help(
+        "The LoRA's multiplier while training on the subject's photos (ai-toolkit's per-dataset network_weight; "
+        "1 as usual)."))
+    regularisation_network_weight: float = field(default=1.0, **_help(
+        "The LoRA's multiplier while training on the regularisation photos (ai-toolkit's network_weight of an "
+        "is_reg set; 1 as usual, 0 trains them through the frozen model only)."))
     regularisation_weight: float = field(default=1.0, **_help(
         "Loss weight of the regularisation photos (DreamBooth's prior_loss_weight; 1.0 usual)."))
     regularisation_caption: str = field(default="", **_help(
@@ -79,6 +86,9 @@ class DatasetSection:
             (self.crop in ("center", "random"), f"crop is {self.crop!r}; choose center or random."),
             (self.problems in PROBLEMS, f"problems is {self.problems!r}; choose stop or skip."),
             (self.regularisation_weight >= 0, f"regularisation_weight is {self.regularisation_weight}; use 0 or more."),
+            (all(math.isfinite(w) for w in (self.network_weight, self.regularisation_network_weight)),
+             f"network_weight / regularisation_network_weight are {self.network_weight} / "
+             f"{self.regularisation_network_weight}; use finite multipliers (1 as usual)."),
             (min(self.minimum_image_size, self.maximum_image_size, self.target_downsample_size) >= 0,
              "minimum_image_size, maximum_image_size and target_downsample_size are pixels: use 0 or more."),
             (not self.maximum_image_size or self.target_downsample_size <= self.maximum_image_size,

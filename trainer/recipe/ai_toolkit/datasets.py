@@ -35,8 +35,9 @@ SUBJECT: dict[str, tuple[str, Any, Callable]] = {
     "random_crop": ("dataset.crop", False, lambda v: "random" if v else "center"),
     "caption_ext": ("dataset.caption_ext", "txt", _caption_ext),
     "shuffle_tokens": ("dataset.shuffle_tags", False, bool),
+    "network_weight": ("dataset.network_weight", 1.0, num),
 }
-PLANNED = {"network_weight": ("layers.network_weight", 1.0, num)}
+PLANNED: dict[str, tuple[str, Any, Callable]] = {}  # keys whose setting this pack does not have yet
 AS_THEY_ARE = {"caption_dropout_rate": 0.0, "num_repeats": 1, "flip_x": False}  # regularisation photos here
 UNLESS_DEFAULT = {  # honoured at these values, with why any other is not
     "flip_y": ((False,), "photos are mirrored left–right only here (dataset.flip)"),
@@ -103,7 +104,16 @@ def read_datasets(job: Job, datasets: list[dict], base: str, trigger: Any) -> No
                        f"({m.settings['dataset.class_word']!r}): this pack has one dataset.class_word.")
         elif "default_caption" in d:
             m.same(join(key, "default_caption"))
+        if "network_weight" in d:  # the LoRA's multiplier on the regularisation photos: their own setting
+            reg_weight = m.settings.get("dataset.regularisation_network_weight", num(d["network_weight"]))
+            if reg_weight == num(d["network_weight"]):
+                job.set(join(key, "network_weight"), "dataset.regularisation_network_weight", reg_weight)
+            else:
+                _same_or_differs(job, join(key, "network_weight"), num(d["network_weight"]), reg_weight,
+                                 "the other regularisation set's")
         for name, (ours, default, conv) in SUBJECT.items():
+            if name == "network_weight":
+                continue
             if name in d and name in AS_THEY_ARE:
                 job.only(join(key, name), conv(d[name]), (AS_THEY_ARE[name],),
                          "regularisation photos are used as they are here (no caption dropout, repeats or flips)")

@@ -127,16 +127,17 @@ def _datasets(recipe: Recipe, out: Export) -> list[dict]:
     shared = {"caption_ext": d.caption_ext.lstrip("."), "resolution": list(d.resolution), "buckets": d.bucketing,
               "random_crop": d.crop == "random", "cache_latents_to_disk": True}
     subject = {"caption_dropout_rate": d.caption_dropout, "num_repeats": d.repeats, "flip_x": d.flip,
-               "shuffle_tokens": d.shuffle_tags,
+               "shuffle_tokens": d.shuffle_tags, "network_weight": d.network_weight,
                **({"default_caption": d.default_caption} if d.default_caption else {})}
     sets = [{"folder_path": f, **shared, **subject, "is_reg": False} for f in d.folders]
     reg = {"default_caption": d.class_word.strip()} if d.class_word.strip() else {}
-    sets += [{"folder_path": f, **shared, **reg, "is_reg": True} for f in d.regularisation]
+    sets += [{"folder_path": f, **shared, **reg, "network_weight": d.regularisation_network_weight, "is_reg": True}
+             for f in d.regularisation]
     if d.class_word.strip() and not d.regularisation:
         out.lost["dataset.class_word"] = (f"{d.class_word!r}: ai-toolkit has a class word only as the default_caption "
                                           "of a regularisation set (is_reg), and this recipe has none")
     unused = (("dataset.caption_dropout", "dataset.repeats", "dataset.flip", "dataset.default_caption",
-               "dataset.shuffle_tags")
+               "dataset.shuffle_tags", "dataset.network_weight")
               + (() if d.regularisation else ("dataset.resolution", "dataset.bucketing", "dataset.crop")))
     for key in unused if not d.folders else ():
         _lost_unless_default(recipe, out, key, "ai-toolkit keeps it with a dataset, and this recipe has no folder")
