@@ -171,15 +171,37 @@ def test_a_second_training_waits_for_the_first(server):
     assert len({first, second, third}) == 3
 
 
+def quickstart_template(server) -> dict:
+    """The quickstart workflow as the Templates menu serves it."""
+    templates = server.get("/api/workflow_templates")
+    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
+    name = next(n for n in templates[module] if "quickstart" in n)
+    return server.get(f"/api/workflow_templates/{module}/{name}.json")
+
+
+def open_workflow(p, server, workflow, errors: list):
+    """Headless Chromium on ComfyUI's frontend with `workflow` loaded; uncaught errors thrown from
+    this pack's scripts go into `errors` (ComfyUI's own are not ours to fix)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+    page = browser.new_page(viewport={"width": 1500, "height": 950})
+    page.on("pageerror", lambda e: errors.append(e.stack or str(e)) if "flux_dreambooth" in (e.stack or "")
+            or "training_panel" in (e.stack or "") else None)
+    page.goto(server.url)
+    page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
+    page.wait_for_timeout(2000)
+    page.keyboard.press("Escape")
+    page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
+    page.wait_for_timeout(1000)
+    page.keyboard.press("Escape")
+    return browser, page
+
+
 @pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
 def test_the_panel_in_a_real_browser(server):
     pytest.importorskip("playwright", reason="the playwright package drives the browser")
     from playwright.sync_api import sync_playwright
 
-    templates = server.get("/api/workflow_templates")
-    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
-    name = next(n for n in templates[module] if "quickstart" in n)
-    workflow = server.get(f"/api/workflow_templates/{module}/{name}.json")
+    workflow = quickstart_template(server)
     for node in workflow["nodes"]:  # long enough to watch, samples every 10 steps
         if node["type"] == "FluxDreamBoothTrain":
             node["widgets_values"][0] = 400
@@ -187,19 +209,9 @@ def test_the_panel_in_a_real_browser(server):
             node["widgets_values"][6] = 10
     SCREENSHOTS.mkdir(exist_ok=True)
     version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 950})
-        errors = []  # uncaught errors thrown from this pack's scripts (ComfyUI's own are not ours to fix)
-        page.on("pageerror", lambda e: errors.append(e.stack or str(e)) if "flux_dreambooth" in (e.stack or "")
-                or "training_panel" in (e.stack or "") else None)
-        page.goto(server.url)
-        page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
-        page.wait_for_timeout(2000)
-        page.keyboard.press("Escape")
-        page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
-        page.wait_for_timeout(1000)
-        page.keyboard.press("Escape")
+        browser, page = open_workflow(p, server, workflow, errors)
         train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
         page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
             app.canvas.ds.scale = 1; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
@@ -244,6 +256,7 @@ config:
 """
 
 
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
 def test_an_ai_toolkit_job_pasted_into_import_training_config_in_a_real_browser(server):
     """A user's flow: the quickstart template, an Import Training Config node added by hand, an
     ai-toolkit job pasted into it, its outputs wired into Train, Run."""
@@ -251,24 +264,12 @@ def test_an_ai_toolkit_job_pasted_into_import_training_config_in_a_real_browser(
     from playwright.sync_api import sync_playwright
 
     shutil.copytree(PACK_DIR / "trainer" / "assets" / "quickstart", server.base / "input" / "toy")
-    templates = server.get("/api/workflow_templates")
-    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
-    workflow = server.get(f"/api/workflow_templates/{module}/{next(n for n in templates[module] if 'quickstart' in n)}"
-                          ".json")
+    workflow = quickstart_template(server)
     train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
     version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 950})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(e.stack or str(e)) if "flux_dreambooth" in (e.stack or "")
-                else None)
-        page.goto(server.url)
-        page.wait_for_function("window.app && window.app.graph && window.app.graph._nodes", timeout=90000)
-        page.wait_for_timeout(2000)
-        page.keyboard.press("Escape")
-        page.evaluate("(wf) => app.loadGraphData(wf)", workflow)
-        page.wait_for_timeout(1000)
+        browser, page = open_workflow(p, server, workflow, errors)
         page.evaluate(f"""(job) => {{
             const train = app.graph.getNodeById({train_id});
             const node = LiteGraph.createNode("FluxDreamBoothImportConfig");

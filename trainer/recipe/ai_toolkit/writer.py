@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..build import layer_spec
-from ..schema import Recipe
+from ..schema import Recipe, value_of
 from . import layers
 from .job import our_defaults
 
@@ -89,15 +89,8 @@ def _leaves(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _value(recipe: Recipe, key: str) -> Any:
-    node: Any = recipe
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def _lost_unless_default(recipe: Recipe, out: Export, key: str, why: str) -> None:
-    value = _value(recipe, key)
+    value = value_of(recipe, key)
     if value != our_defaults()[key]:
         out.lost[key] = f"{value!r}: {why}"
 
