@@ -14,8 +14,10 @@ from trainer.data.images import Shaping
 from trainer.loop import flow
 from trainer.loop.memory import MemoryConfig
 from trainer.loop.preservation import Preservation
+from trainer.loop.text_phase import TextPhase, text_targets
 from trainer.loop.trainer import TrainConfig, Trainer, fixed_noise_loss, step_loss, train
 from trainer.lora.targets import LayerSpec
+from trainer.lora.text_encoder import TEXT_COMPONENTS
 from trainer.lora.weights import LoraSet
 from trainer.outputs.progress import ProgressTracker
 
@@ -204,3 +206,57 @@ def test_dop_keeps_the_class_word_while_the_subject_trains(tiny_flux, examples):
     (plain_loss, plain_drift), (dop_loss, dop_drift) = results[0.0], results[1.0]
     assert dop_drift < 0.35 * plain_drift, results  # measured: 0.82 without, 0.17 with (4.7× less)
     assert dop_loss < 0.9 and plain_loss < 0.8, results  # the subject's fixed-noise loss still falls (−19%; −27%)
+
+
+def _te_dop_step(tiny_flux, examples, lora, text, dop: float):
+    """One step_loss of the text encoder's phase (batch 2, seed 0); (the velocity calls' args, the
+    text-encoder LoRA's gradients)."""
+    backend, calls = tiny_flux.backend(), []
+    velocity = backend.velocity
+
+    def recording(*args):
+        calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        return velocity(*args)
+
+    config = TrainConfig(batch_size=2, text_encoder_lr=1e-4, dop_multiplier=dop)
+    phase = TextPhase.of(config, lora, text)
+    lora.zero_grad(set_to_none=True)
+    backend.velocity = recording
+    try:
+        with backend.training(lora, MemoryConfig("off")), phase.embeddings(lora) as embed:
+            step_loss(backend, examples[:2], config, torch.Generator().manual_seed(0),
+                      preserve=Preservation(lora, dop, backend.device) if dop else None, text=embed, lora=lora)
+    finally:
+        backend.velocity = velocity
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for p in lora.part(*TEXT_COMPONENTS).parameters()]
+    return calls, grads
+
+
+def test_dop_in_the_text_encoders_phase_reads_class_captions_through_the_trained_encoder(tiny_flux, examples):
+    """In the text encoder's phase the LoRA's side of DOP gets the class caption's live embeddings
+    (they move with the text encoder's LoRA), the frozen target the frozen encoder's (they don't),
+    and DOP's gradient reaches the text encoder's LoRA."""
+    backend, text = tiny_flux.backend(), tiny_flux.trainable_text()
+    spec = LayerSpec.preset("attention", backend.dims, rank=4)
+    config = TrainConfig(text_encoder_lr=1e-4)
+    lora = LoraSet(spec.targets(backend.dims) + text_targets(config, text, spec), seed=1)
+    seen = []
+    for seed in (1, 2):  # two different text-encoder LoRAs
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for w in lora.part(*TEXT_COMPONENTS):
+                w.up.copy_(torch.randn(w.up.shape, generator=generator) * 0.5)
+        calls, _ = _te_dop_step(tiny_flux, examples, lora, text, 1.0)
+        _, target, with_lora = calls  # the subjects', DOP's frozen target, DOP's LoRA side
+        seen.append((target, with_lora))
+    frozen = [torch.stack([e.preserve[0][i] for e in examples[:2]]) for i in range(2)]
+    for target, _ in seen:  # the target: the cached class captions of the frozen encoder, every time
+        assert torch.equal(target[2], frozen[0]) and torch.equal(target[3], frozen[1])
+    (_, first), (_, second) = seen
+    assert (first[3] - frozen[1]).abs().max() > 1e-3  # CLIP-L's pooled vector through the LoRA…
+    assert (first[3] - second[3]).abs().max() > 1e-3  # …which moves when the LoRA does
+    _, without = _te_dop_step(tiny_flux, examples, lora, text, 0.0)
+    _, with_dop = _te_dop_step(tiny_flux, examples, lora, text, 1.0)
+    difference = max((a - b).abs().max().item() for a, b in zip(with_dop, without))
+    assert difference > 1e-6  # DOP's term adds its own gradient into the text encoder's LoRA

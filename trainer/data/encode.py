@@ -50,6 +50,7 @@ class Example:
     regularisation: bool = False  # a regularisation or class image, not the subject's
     subject: str = ""  # the subject's trigger word: which subject this photo shows
     preserve: list = field(default_factory=list)  # class captions, for differential output preservation
+    preserved_captions: list = field(default_factory=list)  # the class captions `preserve` encodes, in order
     shuffled_captions: list = field(default_factory=list)  # the captions `texts` encode, in order
     dropout_caption: str = ""  # the caption `dropout_text` encodes (a trained text encoder encodes them live)
     network_weight: float = 1.0  # the LoRA's multiplier on this photo (ai-toolkit's per-dataset network_weight)
@@ -206,15 +207,17 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
         shuffles = shuffled_tags(item.caption, 1, TAG_SHUFFLES, seed) if item.augment.shuffle_tags else []
         context, pooled = text(item.caption)
         dropout = item.augment.caption_dropout
-        preserve = []
+        class_captions = []
         if dop_class is not None and not item.regularisation and item.trigger_word.strip():
             word = dop_class.strip() or item.class_word
-            preserve = [text(preservation_caption(c, item.trigger_word, word, item.class_word))
-                        for c in [item.caption, *shuffles] + ([item.trigger] if dropout else [])]
+            class_captions = [preservation_caption(c, item.trigger_word, word, item.class_word)
+                              for c in [item.caption, *shuffles] + ([item.trigger] if dropout else [])]
+        preserve = [text(c) for c in class_captions]
         examples.append(Example(views[0], context, pooled, item.caption, item.name, item.repeats, item.loss_weight,
                                 views[1:], [text(c) for c in shuffles], text(item.trigger) if dropout else None,
                                 dropout, key=content, regularisation=item.regularisation,
                                 subject="" if item.regularisation else item.trigger_word, preserve=preserve,
+                                preserved_captions=class_captions,
                                 shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else "",
                                 network_weight=item.network_weight))
         if on_progress:

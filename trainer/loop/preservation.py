@@ -10,7 +10,11 @@ encode.py), on the same noisy latents and σ:
     loss   += multiplier · mean((v_lora(z_σ, σ, class caption) − target)²)
 
 so the LoRA learns the trigger while its prediction for the class caption stays the frozen
-model's. As in ai-toolkit the term is a plain MSE, whatever loss and σ weighting the subject's
+model's. While the text encoder trains (text_phase.py), the LoRA's side reads the class caption
+through the trained encoder, live and with grad, as the subject's captions are, so the term pulls
+on the text encoder's LoRA too; the target stays the frozen model with the frozen encoder's
+embeddings (the cache), the LoRA off everywhere, as ai-toolkit's network multiplier 0.
+As in ai-toolkit the term is a plain MSE, whatever loss and σ weighting the subject's
 loss uses, and its weight does not depend on the photo's loss weight. It costs two more forward
 passes (one without a graph) and one more backward per subject photo per step. Regularisation
 photos, which carry no trigger word, have no such term.
@@ -37,20 +41,24 @@ class Preservation:
         self.total = torch.zeros((), device=self.device)
 
     def per_sample(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-                   pooled: torch.Tensor, guidance: float) -> torch.Tensor:
+                   pooled: torch.Tensor, guidance: float,
+                   live: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """multiplier × the MSE (per sample, shape [B]) between the LoRA's and the frozen model's
-        velocity for the class captions; only the LoRA's side has a graph."""
+        velocity for the class captions; only the LoRA's side has a graph. `context`/`pooled`: the
+        frozen encoder's embeddings (the target's); `live`: the trained encoder's, for the LoRA's
+        side in the text encoder's phase (else the frozen ones)."""
         with torch.no_grad(), self.lora.disabled():
             target = backend.velocity(noisy, sigmas, context, pooled, guidance)
-        v_pred = backend.velocity(noisy, sigmas, context, pooled, guidance)
+        v_pred = backend.velocity(noisy, sigmas, *(live or (context, pooled)), guidance)
         return self.multiplier * (v_pred.float() - target.float()).square().flatten(1).mean(dim=1)
 
     def backward(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
                  pooled: torch.Tensor, guidance: float, batch_size: int,
-                 scale: Callable[[torch.Tensor], torch.Tensor]) -> None:
+                 scale: Callable[[torch.Tensor], torch.Tensor],
+                 live: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """The term of a group of `batch_size` photos, its gradients added into the LoRA's (through
         `scale`, as the subject's loss: gradient accumulation, fp16 loss scaling)."""
-        term = self.per_sample(backend, noisy, sigmas, context, pooled, guidance).sum() / batch_size
+        term = self.per_sample(backend, noisy, sigmas, context, pooled, guidance, live).sum() / batch_size
         scale(term).backward()
         self.total += term.detach()
 

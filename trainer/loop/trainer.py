@@ -83,7 +83,8 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
     sync). Gradients accumulate in the LoRA. With `preserve` (DOP), the subjects' class captions
     add their preservation term on the same noisy latents and σ (into `preserve.total`). With
     `text` (the text encoder's phase) the captions' embeddings are computed through it, with grad,
-    instead of taken from the cache (DOP's class captions stay the frozen encoder's). With `lora`,
+    instead of taken from the cache; DOP's class captions too, for the LoRA's side of its term (its
+    frozen target keeps the cached, frozen encoder's embeddings). With `lora`,
     photos of a dataset with a network_weight other than 1 train with the LoRA at that multiplier.
     Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
     groups: dict[tuple, list] = {}
@@ -93,8 +94,11 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
             context, pooled = text(caption, context, pooled)
         version = caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
         kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
+        live = None  # the class caption through the trained text encoder, for the LoRA's side of DOP
+        if kept is not None and text is not None:
+            live = text(e.preserved_captions[version], *kept)
         key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0], e.network_weight)
-        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept))
+        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept, live))
     total = torch.zeros((), device=backend.device)
     for key, group in groups.items():
         latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
@@ -114,7 +118,9 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
         total += loss.detach()
         if group[0][4] is not None:  # DOP, with a backward of its own: the two graphs are never held at once
             kept = [_to_device(torch.stack([g[4][i] for g in group]), backend.device) for i in range(2)]
-            preserve.backward(backend, noisy, sigmas, *kept, config.guidance, len(batch), scale)
+            live = None if group[0][5] is None else \
+                tuple(_to_device(torch.stack([g[5][i] for g in group]), backend.device) for i in range(2))
+            preserve.backward(backend, noisy, sigmas, *kept, config.guidance, len(batch), scale, live=live)
     return total
 
 
