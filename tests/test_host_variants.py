@@ -43,10 +43,23 @@ def test_train_node_saves_a_file_whose_every_key_comfyui_loads(host, variant, we
     assert any(isinstance(k, tuple) for k in patches)  # the fused slices went through ComfyUI's offsets
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_stock_lora_loader_computes_what_training_computed(host, variant):
+def _groups(LayerGroup, variant):
+    if variant == "mixed":  # each group its own variant settings (SimpleTuner's LyCORIS module_algo_map)
+        return (LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.add_v_proj", "attn.to_out.0", "ff.net.2"),
+                           4, 2.0, "lokr", 2),
+                LayerGroup("single_transformer_blocks", 0, 2, ("attn.to_k", "proj_mlp"), 4, None, "lokr", 4, True),
+                LayerGroup("single_transformer_blocks", 2, 4, ("attn.to_k", "proj_out"), 2, None, "loha"),
+                LayerGroup("single_transformer_blocks", 0, 4, ("attn.to_v",), 4, 8.0, "lora"))
+    return (LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.add_v_proj", "attn.to_out.0", "ff.net.2"), 4,
+                       2.0, variant),
+            LayerGroup("single_transformer_blocks", 0, 4, ("attn.to_k", "proj_mlp", "proj_out"), 4, None, variant))
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "mixed"])
+def test_stock_lora_loader_computes_what_training_computed(host, variant, caplog):
     """A LoRA on ComfyUI's fused layers, hooked on activations as training runs it, against the
-    same LoRA saved and merged into the weights by the stock LoraLoaderModelOnly."""
+    same LoRA saved and merged into the weights by the stock LoraLoaderModelOnly ("mixed": LoKr
+    groups with their own factors, a LoHa and a LoRA group in one file)."""
     import comfy.model_management
     from safetensors.torch import save_file
 
@@ -56,10 +69,7 @@ def test_stock_lora_loader_computes_what_training_computed(host, variant):
         comfy.model_management.load_models_gpu([model])
     backend = T.families.flux1.comfy.ComfyFlux(model.model, model.load_device)
     LayerGroup = T.lora.targets.LayerGroup
-    spec = T.lora.targets.LayerSpec((
-        LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.add_v_proj", "attn.to_out.0", "ff.net.2"), 4, 2.0,
-                   variant),
-        LayerGroup("single_transformer_blocks", 0, 4, ("attn.to_k", "proj_mlp", "proj_out"), 4, None, variant)))
+    spec = T.lora.targets.LayerSpec(_groups(LayerGroup, variant))
     lora = T.lora.weights.LoraSet(spec.targets(backend.dims), seed=5)
     torch.manual_seed(3)
     args = (torch.randn(1, 16, 8, 8), torch.tensor([0.6]), torch.randn(1, 7, 64), torch.randn(1, 64), 3.5)
@@ -74,7 +84,18 @@ def test_stock_lora_loader_computes_what_training_computed(host, variant):
             trained = backend.velocity(*args)
     name = f"variants/stock_{variant}.safetensors"
     (host.root / "loras" / "variants").mkdir(parents=True, exist_ok=True)
-    save_file(T.outputs.export.kohya_state_dict(lora), str(host.root / "loras" / name))
+    sd = T.outputs.export.kohya_state_dict(lora)
+    save_file(sd, str(host.root / "loras" / name))
+    import comfy.lora
+
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert "lora key not loaded" not in caplog.text and len(patches) == len(_modules(sd))
+    if variant == "mixed":
+        assert {type(p).__name__ for p in patches.values()} == {"LoKrAdapter", "LoHaAdapter", "LoRAAdapter"}
+        w1 = {k: tuple(v.shape) for k, v in sd.items() if k.endswith("lokr_w1")}  # each group's own factor
+        assert {s for k, s in w1.items() if "_transformer_blocks_" in k and "single" not in k} == {(2, 2)}
+        assert {s for k, s in w1.items() if "single_transformer_blocks" in k} == {(4, 4)}
     (patched,) = host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)
     with torch.inference_mode():
         comfy.model_management.load_models_gpu([patched])

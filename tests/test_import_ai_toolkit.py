@@ -314,3 +314,18 @@ def test_network_weights_read_back_from_the_written_job():
     back, result, _ = round_trip(recipe)
     assert (back.dataset.network_weight, back.dataset.regularisation_network_weight) == (0.9, -1.0)
     assert not [k for k in result.lost if "network_weight" in k]
+
+
+def test_a_lokr_reads_back_from_the_written_job_and_per_group_factors_are_named():
+    recipe = Recipe().with_settings(["dataset.folders=[photos]", "layers.variant=lokr", "layers.lokr_factor=8",
+                                     "rank=16"])
+    network = ai_toolkit.export(recipe).job["config"]["process"][0]["network"]
+    assert (network["type"], network["lokr_factor"], network["lokr_full_rank"]) == ("lokr", 8, False)
+    back, result, unsupported = round_trip(recipe)
+    assert unsupported == [] and not {"layers.variant", "layers.lokr_factor", "layers.rank"} & set(result.lost)
+    assert (back.layers.variant, back.layers.lokr_factor, back.layers.rank) == ("lokr", 8, 16)
+    grouped = recipe.with_settings([
+        "layers.groups=[{blocks: transformer_blocks, layer_types: [attention], rank: 16},"
+        " {blocks: single_transformer_blocks, layer_types: [proj_out], rank: 16, lokr_factor: 4}]"])
+    lost = ai_toolkit.export(grouped).lost["layers.groups"]
+    assert "lokr (lokr_factor 4" in lost and "lokr (lokr_factor 8" in lost and "one lokr_factor" in lost

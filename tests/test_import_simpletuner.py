@@ -18,7 +18,7 @@ from trainer import cli
 from trainer.cli import train as cli_train
 from trainer.families.flux1.layers import FluxDims
 from trainer.outputs import export
-from trainer.recipe import build, formats
+from trainer.recipe import build, formats, text
 from trainer.recipe.importing import leaves
 from trainer.recipe.schema import value_of
 
@@ -85,10 +85,10 @@ def test_every_key_of_the_four_files_is_honoured_or_unsupported_by_name(seed):
     assert not set(seed.honoured) & set(unsupported)
     assert set(unsupported) == {
         "dataset.behitek.json[1].minimum_image_size", "--report_to", "--tracker_project_name",
-        "lycoris_config.json.apply_preset.module_algo_map.FeedForward.factor",  # 8, where the rest is 16
         *NO_INT8}  # int8-quanto: base_quantization int8, which needs torchao
     assert {"lycoris_config.json.algo", "lycoris_config.json.factor",
-            "lycoris_config.json.apply_preset.module_algo_map.Attention.factor"} <= set(seed.honoured)
+            "lycoris_config.json.apply_preset.module_algo_map.Attention.factor",
+            "lycoris_config.json.apply_preset.module_algo_map.FeedForward.factor"} <= set(seed.honoured)
     assert "1024" in unsupported["dataset.behitek.json[1].minimum_image_size"]  # one minimum for all backends
     assert seed.recipe.dataset.minimum_image_size == 1024
     assert "loss.png" in unsupported["--report_to"]
@@ -220,3 +220,41 @@ def test_a_config_with_nothing_unsupported_trains_directly(tmp_path, photos):
     assert cli.main(["train", "--config", str(clean), "--model", "tiny"]) == 0
     sd = export.load(tmp_path / "out" / "flux_lora_001.safetensors")
     assert sd and all("double_blocks" in k and "txt_attn" in k for k in sd)  # --flux_lora_target context
+
+
+def test_lycoris_per_module_factors_become_layer_groups_with_their_own(seed):
+    """The walkthrough's module_algo_map: FeedForward's factor 8, Attention's 16 (the file's own):
+    groups of their own, each LoKr target shaped by its group's factor."""
+    groups = {(g.blocks, tuple(g.layer_types)): (g.variant, g.lokr_factor, g.rank, g.alpha)
+              for g in seed.recipe.layers.groups}
+    single_attention = tuple(t for t in ATTENTION if t in ("attn.to_q", "attn.to_k", "attn.to_v"))
+    assert groups == {("transformer_blocks", tuple(ATTENTION)): ("lokr", 16, 10000, 1.0),
+                      ("transformer_blocks", tuple(FEED_FORWARD)): ("lokr", 8, 10000, 1.0),
+                      ("single_transformer_blocks", single_attention): ("lokr", 16, 10000, 1.0)}
+    targets = {t.name: t for t in build.layer_spec(seed.recipe, FluxDims()).targets(FluxDims())}
+    assert targets["transformer_blocks.3.ff.net.2"].lokr_factor == 8
+    assert targets["transformer_blocks.3.attn.to_q"].lokr_factor == 16
+    assert targets["single_transformer_blocks.37.attn.to_v"].lokr_factor == 16
+    back = formats.loads(text.to_yaml(seed.recipe), SEED / "back.yaml")  # our format keeps them
+    assert back.unsupported == [] and back.recipe.layers.groups == seed.recipe.layers.groups
+
+
+def test_lycoris_name_algo_map_sizes_blocks_of_their_own(tmp_path):
+    write(tmp_path, "lycoris.json", {
+        "algo": "lora", "linear_dim": 16, "linear_alpha": 8,
+        "apply_preset": {"target_module": ["Attention"],
+                         "module_algo_map": {"Attention": {"linear_dim": 8}},
+                         "name_algo_map": {"single_transformer_blocks.3[0-7]*": {"algo": "lokr", "factor": 4,
+                                                                                  "linear_dim": 2, "dropout": 0.1}}}})
+    imported = load(tmp_path, {"--lora_type": "lycoris", "--lycoris_config": "lycoris.json"})
+    assert [u.key for u in imported.unsupported] == [
+        "lycoris.json.apply_preset.name_algo_map.single_transformer_blocks.3[0-7]*.dropout"]
+    spec = build.layer_spec(imported.recipe, FluxDims())
+    targets = {t.name: t for t in spec.targets(FluxDims())}
+    assert (targets["transformer_blocks.0.attn.to_q"].variant, targets["transformer_blocks.0.attn.to_q"].rank) == \
+        ("lora", 8)  # Attention's own linear_dim, the file's alpha
+    assert targets["transformer_blocks.0.attn.to_q"].scale == 1.0
+    assert {(t.variant, t.rank, t.lokr_factor) for n, t in targets.items()
+            if n.startswith(tuple(f"single_transformer_blocks.{b}." for b in range(30, 38)))} == {("lokr", 2, 4)}
+    assert {(t.variant, t.rank) for n, t in targets.items() if n.startswith("single_transformer_blocks.29.")} == \
+        {("lora", 8)}

@@ -13,7 +13,7 @@ from ..lora.targets import LayerGroup, LayerSpec, ModelLayout, parse_layer_types
 from ..outputs.checkpoints import RunSettings
 from .fields import RecipeError
 from .importing import is_examples_file, paths_of
-from .schema import Recipe
+from .schema import LayerGroupSection, Recipe
 
 
 def check_paths(recipe: Recipe, base: Path, origins: dict[str, str] | None = None) -> None:
@@ -61,9 +61,17 @@ def _source(path: Path, options: datasets.Options, concepts: bool = False) -> da
     return datasets.from_folder(path, options, concepts)
 
 
+def group_variant(group: LayerGroupSection, layers: dict) -> dict:
+    """A group's variant settings: its own where it sets them, else the layers' (`layers`: variant,
+    lokr_factor, lokr_full_rank)."""
+    own = {"variant": group.variant or None, "lokr_factor": group.lokr_factor, "lokr_full_rank": group.lokr_full_rank}
+    return {k: layers[k] if v is None else v for k, v in own.items()}
+
+
 def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
     """`layers.layer_types` on `layers.blocks` (both groups when empty) from start to end, or the
-    preset on every block; every group trains `layers.variant`."""
+    preset on every block; every group trains `layers.variant`, or with `layers.groups` the
+    variant settings each group sets itself."""
     layers = recipe.layers
     alpha = layers.alpha or None
     variant = {"variant": layers.variant, "lokr_factor": layers.lokr_factor, "lokr_full_rank": layers.lokr_full_rank}
@@ -71,7 +79,7 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
         if layers.groups:
             spec = LayerSpec(tuple(LayerGroup(g.blocks, g.start, g.end or layout.depth(g.blocks),
                                               parse_layer_types(" ".join(g.layer_types), g.blocks), g.rank,
-                                              g.alpha or None, **variant) for g in layers.groups))
+                                              g.alpha or None, **group_variant(g, variant)) for g in layers.groups))
             spec.targets(layout)
             return spec
         if not layers.layer_types:

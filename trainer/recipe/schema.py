@@ -108,11 +108,26 @@ class LayerGroupSection:
     layer_types: list[str] = field(default_factory=list, **_help("diffusers layer names or preset names."))
     rank: int = field(default=16, **_help("LoRA rank of this group (mflux's lora_rank)."))
     alpha: float = field(default=0.0, **_help("LoRA alpha of this group; 0: alpha = rank."))
+    variant: str = field(default="", **_help(
+        "What this group trains (lora, dora, lokr, loha; LyCORIS's module_algo_map / name_algo_map algo); "
+        "empty: layers.variant."))
+    lokr_factor: int | None = field(default=None, **_help(
+        "LoKr: this group's own Kronecker factor (-1 automatic, 4–16; LyCORIS's per-module factor); empty: "
+        "layers.lokr_factor."))
+    lokr_full_rank: bool | None = field(default=None, **_help(
+        "LoKr: whether this group trains the large factor whole (LyCORIS's per-module full_matrix); empty: "
+        "layers.lokr_full_rank."))
 
     def __post_init__(self):
         check("layers.groups[]", [(self.rank >= 1, f"rank is {self.rank}; it must be at least 1."),
                                   (bool(self.layer_types), "layer_types is empty; name the layers, e.g. [proj_out]."),
-                                  (self.alpha >= 0, f"alpha is {self.alpha}; use 0 (= rank) or a positive value.")])
+                                  (self.alpha >= 0, f"alpha is {self.alpha}; use 0 (= rank) or a positive value."),
+                                  (self.variant in ("", *VARIANTS),
+                                   f"variant is {self.variant!r}; choose {', '.join(VARIANTS)}, or leave it empty "
+                                   "for layers.variant."),
+                                  (self.lokr_factor is None or self.lokr_factor == -1 or self.lokr_factor >= 1,
+                                   f"lokr_factor is {self.lokr_factor}; use -1 (automatic), 1 or more (4–16), or "
+                                   "leave it empty for layers.lokr_factor.")])
 
 
 @dataclass
@@ -129,8 +144,8 @@ class LayersSection:
     alpha: float = field(default=0.0, **_help("LoRA alpha; the update is scaled by alpha/rank. 0: alpha = rank."))
     groups: list[LayerGroupSection] = field(default_factory=list, **_help(
         "Several groups, each with its own blocks, range, layer types, rank and alpha (mflux's lora_layers, "
-        "ai-toolkit's per-layer ranks); when given, the keys above are not used (variant and the lokr keys "
-        "below are)."))
+        "ai-toolkit's per-layer ranks, SimpleTuner's LyCORIS module_algo_map); when given, the keys above are "
+        "not used (variant and the lokr keys below are, for each group that doesn't set its own)."))
     variant: str = field(default="lora", **_help(
         "What each layer trains: lora; dora (magnitude and direction apart, peft's use_dora); lokr (Kronecker "
         "factors, ai-toolkit's network.type: lokr, LyCORIS/SimpleTuner's algo: lokr); loha (Hadamard product, "

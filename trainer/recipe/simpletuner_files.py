@@ -10,6 +10,7 @@ SimpleTuner reads relative paths from its own folder (where `train.sh` runs: usu
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,15 +156,112 @@ def _lycoris_preset(m: Mapping, name: str, preset: Any, factor: Any, variant: st
                         "Linear to its layers; the recipe keeps layers.preset.")
         else:
             m.set(key, "layers.layer_types", types)
-    algo_map = preset.get("module_algo_map") if isinstance(preset, dict) else None
-    for module, settings in (algo_map or {}).items():
-        for field, value in (settings or {}).items() if isinstance(settings, dict) else []:
-            key = f"{name}.apply_preset.module_algo_map.{module}.{field}"
-            if field == "factor" and variant == "lokr" and number(value) == number(factor):
-                m.same(key) if "layers.lokr_factor" in m.settings else m.set(key, "layers.lokr_factor", value)
-            else:
-                m.drop(key, f"{module}'s own {field} {value!r}: this pack has one setting for every layer "
-                            f"(layers.lokr_factor), {name}'s {field} {factor!r}.")
+    _per_module(m, name, preset if isinstance(preset, dict) else {}, variant)
+
+
+# LyCORIS's per-module settings our layer groups hold (SimpleTuner's module_algo_map / name_algo_map)
+MODULE_FIELDS = {"algo": "variant", "linear_dim": "rank", "linear_alpha": "alpha", "factor": "lokr_factor",
+                 "full_matrix": "lokr_full_rank"}
+CONTAINERS = {**{t: "Attention" for t in ATTENTION}, **{t: "FeedForward" for t in FEED_FORWARD}}
+
+
+def _module_settings(m: Mapping, key: str, settings: Any) -> dict:
+    """One entry of module_algo_map / name_algo_map as our group keys; each field honoured or dropped."""
+    out = {}
+    for field, value in (settings or {}).items() if isinstance(settings, dict) else []:
+        ours = MODULE_FIELDS.get(field)
+        if field == "algo":
+            value = LYCORIS_ALGOS.get(str(value).strip().lower())
+            if value is None:
+                m.drop(f"{key}.algo", f"LyCORIS's {settings['algo']} is not in this pack (lora, lokr, loha are).")
+                continue
+        elif field == "full_matrix":
+            value = truthy(value)
+        elif ours is not None:
+            value = number(value)
+            if value is None:
+                m.drop(f"{key}.{field}", f"{settings[field]!r} is not a number.")
+                continue
+        if ours is None:
+            m.drop(f"{key}.{field}", f"LyCORIS's per-module {field} is not a setting of this pack's layer groups "
+                                     f"(they set {', '.join(MODULE_FIELDS)}).")
+            continue
+        out[ours] = int(value) if ours in ("rank", "lokr_factor") else value
+    return out
+
+
+def _per_module(m: Mapping, name: str, preset: dict, variant: str | None) -> None:
+    """module_algo_map (by LyCORIS's module class: Attention, FeedForward, Linear) and name_algo_map
+    (by module name, fnmatch patterns such as `single_transformer_blocks.1*`): layers whose settings
+    differ from the file's own become layer groups of their own (layers.groups), each with its rank,
+    alpha, variant and LoKr factor. A name's settings win over a class's, Attention/FeedForward's
+    over Linear's, as LyCORIS applies them."""
+    from .ai_toolkit.layers import every_layer  # FLUX.1's layers at full depth (end 0 = the last block)
+
+    maps = {kind: preset.get(kind) for kind in ("module_algo_map", "name_algo_map")}
+    entries = {kind: {str(k): _module_settings(m, f"{name}.apply_preset.{kind}.{k}", v)
+                      for k, v in (found or {}).items()} if isinstance(found, dict) else {}
+               for kind, found in maps.items()}
+    for kind, found in maps.items():
+        if found is not None and not isinstance(found, dict):
+            m.drop(f"{name}.apply_preset.{kind}", f"{found!r}: give {{module: {{factor: …}}}}.")
+    if not any(entries.values()):
+        return
+    s = m.settings
+    base = {"variant": s.get("layers.variant", variant or "lora"), "rank": int(number(s.get("layers.rank")) or 16),
+            "alpha": number(s.get("layers.alpha")) or 0.0, "lokr_factor": int(s.get("layers.lokr_factor", -1)),
+            "lokr_full_rank": truthy(s.get("layers.lokr_full_rank", False))}
+    types = set(s.get("layers.layer_types") or LYCORIS_MODULES["Linear"])
+    per_layer = {}
+    for layer in every_layer():
+        blocks, block, kind = layer
+        if kind not in types:
+            continue
+        full = f"{blocks}.{block}.{kind}"
+        own = {**base, **entries["module_algo_map"].get("Linear", {}),
+               **entries["module_algo_map"].get(CONTAINERS.get(kind, ""), {})}
+        if kind in CONTAINERS and CONTAINERS[kind] == "Attention":
+            own.update(entries["module_algo_map"].get("FluxAttention", {}))
+        for pattern, settings in entries["name_algo_map"].items():
+            if fnmatch.fnmatchcase(full, pattern) or fnmatch.fnmatchcase(full, f"{pattern}.*"):
+                own.update(settings)
+        per_layer[layer] = own
+    keys = [f"{name}.apply_preset.{kind}.{k}.{f}" for kind in maps for k, v in (maps[kind] or {}).items()
+            if isinstance(maps[kind], dict) for f in (v or {}) if isinstance(v, dict)]
+    keys = [k for k in keys if not any(u.key == k for u in m.unsupported)]
+    if all(own == base for own in per_layer.values()):
+        for k in keys:
+            m.same(k, "the same as the file's own setting")
+        return
+    groups = layer_groups(per_layer)
+    for k in keys:
+        m.set(k, "layers.groups", groups)
+    m.notes.append(f"{name}: its per-module settings make {len(groups)} layers.groups, each with its own rank, "
+                   "alpha, variant and lokr_factor.")
+
+
+def layer_groups(per_layer: dict) -> list[dict]:
+    """Our layers.groups for {(block group, block, layer type): group settings}: runs of consecutive
+    blocks with the same layer types and settings, one group per distinct settings."""
+    from .ai_toolkit.layers import DIMS, GROUPS
+
+    groups = []
+    for blocks in GROUPS:
+        depth = DIMS.depth(blocks)
+        rows = [tuple((kind, tuple(sorted(own.items()))) for (g, b, kind), own in per_layer.items()
+                      if g == blocks and b == i) for i in range(depth)]  # in the vocabulary's order
+        start = 0
+        for i in range(1, depth + 1):
+            if i < depth and rows[i] == rows[start]:
+                continue
+            by_settings: dict[tuple, list[str]] = {}
+            for kind, own in rows[start]:
+                by_settings.setdefault(own, []).append(kind)
+            for own, kinds in by_settings.items():
+                groups.append({"blocks": blocks, "start": start, "end": 0 if i == depth else i,
+                               "layer_types": kinds, **dict(own)})
+            start = i
+    return groups
 
 
 def read_prompts(m: Mapping, name: str, library: Any) -> list[tuple[str, str]]:

@@ -105,10 +105,19 @@ def _network(recipe: Recipe, out: Export) -> dict:
     if len(ranks) > 1:
         out.lost["layers.groups"] = (f"ranks {sorted(ranks)}: ai-toolkit trains every layer at one rank "
                                      f"(written: {rank})")
+    variants = sorted({(t.variant, t.lokr_factor, t.lokr_full_rank) for t in targets})
+    if len(variants) > 1:
+        named = [f"{v} (lokr_factor {f}, lokr_full_rank {r})" if v == "lokr" else v for v, f, r in variants]
+        why = (f"variants {', '.join(named)}: ai-toolkit's network has one type and one lokr_factor for every "
+               "layer (no per-module settings)")
+        out.lost["layers.groups"] = "; ".join(filter(None, (out.lost.get("layers.groups"), why)))
     if any(t.scale != 1 for t in targets):
         key = "layers.groups" if lay.groups else "layers.alpha"
         out.lost.setdefault(key, "alpha ≠ rank: ai-toolkit trains FLUX LoRAs with alpha = rank (peft format)")
     network: dict[str, Any] = {"type": "lora", "linear": rank, "linear_alpha": rank}
+    variant, factor, full = variants[0] if len(variants) == 1 else ("lora", -1, False)
+    if variant == "lokr":  # ai-toolkit's LoKr (network.type lokr), sized as ours
+        network.update(type="lokr", lokr_factor=factor, lokr_full_rank=full)
     filters = layers.to_filters(chosen)
     if filters:
         network["network_kwargs"] = filters
