@@ -40,6 +40,18 @@ class DatasetError(ValueError):
         self.problems = tuple(problems) or (message,)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a dataset's images came from, as its node or recipe gave it: what a run's recipe writes
+    back (recipe/from_run.py). `kind`: folder, mflux (a train config's examples) or images (an
+    IMAGE batch, which no file can hold)."""
+
+    kind: str
+    path: str  # the folder or config file, resolved; for images, the batch's name
+    options: "Options"
+    concepts: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class DatasetItem:
     image: Path | None  # a file, or None with `pixels` from another node
@@ -55,6 +67,7 @@ class DatasetItem:
     skip_problems: bool = False
     pixels: torch.Tensor | None = None  # (H, W, 3) in [0, 1]
     label: str = ""
+    origin: Origin | None = None  # where it came from (set by from_folder, from_mflux_config, from_images)
 
     @property
     def name(self) -> str:
@@ -255,8 +268,8 @@ def _scan(folder: Path, options: Options, listing: folders.Listing | None = None
     return items, problems, notes
 
 
-def _finish(items: list[DatasetItem], problems: list[str], notes: list[str], where: str, options: Options
-            ) -> Dataset:
+def _finish(items: list[DatasetItem], problems: list[str], notes: list[str], where: str, options: Options,
+            origin: Origin | None = None) -> Dataset:
     if problems and options.problems == "stop":
         raise DatasetError(f"{len(problems)} problem(s) in {where}:\n  " + "\n  ".join(problems)
                            + "\n(problems='skip' trains on the rest and lists these.)", tuple(problems))
@@ -264,6 +277,8 @@ def _finish(items: list[DatasetItem], problems: list[str], notes: list[str], whe
         message = (f"{where} holds no usable images ({', '.join(images.EXTENSIONS)}); add 5–20 photos of your "
                    "subject." + (f" Left out: {'; '.join(problems + notes)}" if problems or notes else ""))
         raise DatasetError(message)
+    if origin is not None:
+        items = [replace(i, origin=origin) for i in items]
     return Dataset(tuple(items), source=where, skipped=tuple(problems + notes))
 
 
@@ -287,7 +302,7 @@ def from_folder(folder: str | Path, options: Options = Options(), concepts: bool
     folder = _folder(folder)
     if not concepts:
         items, problems, notes = _scan(folder, options)
-        return _finish(items, problems, notes, str(folder), options)
+        return _finish(items, problems, notes, str(folder), options, Origin("folder", str(folder.absolute()), options))
     root = folders.list_folder(folder, METADATA_FILES, options.caption_suffix)
     if not root.folders:
         raise DatasetError(f"{folder} has no subfolders to use as concepts (e.g. '10_sks dog'); turn off "
@@ -306,7 +321,8 @@ def from_folder(folder: str | Path, options: Options = Options(), concepts: bool
         items += found
         problems += [f"{sub.name}/{p}" for p in bad] + ([] if found or bad else [f"{sub.name}/ holds no photos."])
         notes += [f"{sub.name}/{n}" for n in other]
-    return _finish(items, problems, notes, str(folder), options)
+    return _finish(items, problems, notes, str(folder), options,
+                   Origin("folder", str(folder.absolute()), options, concepts=True))
 
 
 def from_mflux_config(config_path: str | Path, options: Options = Options()) -> tuple[Dataset, dict]:
@@ -340,7 +356,8 @@ def from_mflux_config(config_path: str | Path, options: Options = Options()) -> 
         item = options.item(image, str(entry["prompt"]))
         problem = options.problem_of(item, size)
         (problems.append(problem) if problem else items.append(item))
-    return _finish(items, problems, [], str(config_path), options), config
+    origin = Origin("mflux", str(config_path.absolute()), options)
+    return _finish(items, problems, [], str(config_path), options, origin), config
 
 
 def from_images(pixels: torch.Tensor, captions: list[str], options: Options = Options(),
@@ -353,7 +370,8 @@ def from_images(pixels: torch.Tensor, captions: list[str], options: Options = Op
     items = [options.item(None, c, pixels=p.detach().cpu().float().clone(), label=f"{source} #{i + 1}")
              for i, (p, c) in enumerate(zip(pixels, captions))]
     found = {i: options.problem_of(i, (i.pixels.shape[1], i.pixels.shape[0])) for i in items}
-    return _finish([i for i, p in found.items() if not p], [p for p in found.values() if p], [], source, options)
+    return _finish([i for i, p in found.items() if not p], [p for p in found.values() if p], [], source, options,
+                   Origin("images", source, options))
 
 
 def fingerprint(path: str | Path) -> str:
