@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..trainer import files
 from ..trainer.log import logger
 from ..trainer.outputs import export
+from ..trainer.recipe.schema import SaveSection
 from . import ids, sockets
 from .host import loras, paths
 from .host.tiny import WEIGHT_DTYPES, load_tiny_flux
@@ -86,6 +87,20 @@ class SaveFluxLora(io.ComfyNode):
         name = path.relative_to(root.resolve()).as_posix()
         log.info("Saved LoRA %s", path)
         return io.NodeOutput(name, ui={"text": [name]})
+
+
+def save_section(prompt: dict | None, train_id: str) -> SaveSection | None:
+    """The format and precision of the Save FLUX LoRA node that saves Train node `train_id`'s LoRA
+    in the running prompt (ComfyUI's hidden PROMPT), as a recipe's save section; None without one."""
+    for node in (prompt or {}).values():
+        inputs = node.get("inputs", {}) if isinstance(node, dict) else {}
+        link = inputs.get("lora")
+        if node.get("class_type") == ids.SAVE and isinstance(link, list) and [str(x) for x in link[:2]] == \
+                [str(train_id), "1"]:
+            fmt, precision = inputs.get("format"), inputs.get("precision")
+            if fmt in export.FORMATS and precision in export.SAVE_DTYPES:
+                return SaveSection(dtype=precision, format=fmt)
+    return None
 
 
 class TinyFluxLoader(io.ComfyNode):

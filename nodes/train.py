@@ -21,7 +21,9 @@ from ..trainer.lora.targets import LayerSpec
 from ..trainer.lora.weights import LORA_DTYPES
 from ..trainer.outputs import export, progress
 from ..trainer.outputs.checkpoints import RunSettings
-from . import ids, session, sockets
+from ..trainer.recipe import from_run
+from ..trainer.recipe.schema import SaveSection
+from . import ids, lora_io, session, sockets
 from .host import loras, models, paths
 from .settings import TrainingSettings
 
@@ -30,6 +32,22 @@ log = logger(__name__)
 DEFAULT_LAYERS = "attention+mlp"
 CHECKPOINTING = {"every block": ("blocks", 1), "every 2nd block": ("blocks", 2), "every 4th block": ("blocks", 4),
                  "every block, offload to CPU": ("offload", 1), "off": ("off", 1)}
+
+
+def write_recipe(folder, config, spec, layout, dataset, run, validation, save, base: str, lora_dtype: str) -> None:
+    """The run's recipe into its folder (recipe.yaml, recipe_ai_toolkit.yaml), with the node's own
+    settings a file can't hold named there."""
+    notes = [f"model: {base}, the Train node's MODEL input (a model ComfyUI loaded: load it in ComfyUI; the "
+             "command line trains --model tiny)."]
+    if save is None:
+        notes.append("save.dtype and save.format: no Save FLUX LoRA node saves this LoRA in the workflow (written: "
+                     "fp16, kohya).")
+    if lora_dtype != "fp32":
+        notes.append(f"lora_dtype {lora_dtype}: the Train node's LoRA precision (the recipe trains in fp32).")
+    save = dataclasses.replace(save or SaveSection(), output=str(paths.runs_root()))  # where this run went
+    ran = from_run.recipe_of_run(config, spec, layout, dataset, run, validation and validation.recipe_section(),
+                                 save, notes)
+    from_run.write_run_recipe(folder, ran)
 
 
 class TrainFluxLora(io.ComfyNode):
@@ -189,6 +207,8 @@ class TrainFluxLora(io.ComfyNode):
             **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
                if text_part else {})},
             family=backend.family, variant=backend.variant, text_encoders=text_encoders)
+        write_recipe(folder.path, config, spec, backend.dims, dataset, settings, validation,
+                     lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")

@@ -14,6 +14,8 @@ from comfy_api.latest import io
 from ..trainer.data.captions import fill_triggers
 from ..trainer.loop.job import ValidationSchedule
 from ..trainer.parsing import number_list
+from ..trainer.recipe import from_run
+from ..trainer.recipe.schema import ValidationSection
 from . import ids, sockets
 from .host import sampling
 
@@ -47,6 +49,13 @@ class ValidationPlan:
         """Every prompt names a subject the dataset has (before anything is encoded)."""
         for e in self.entries:
             fill_triggers(e.prompt, triggers)
+
+    def recipe_section(self) -> tuple[ValidationSection, list[str]]:
+        """This plan as a recipe's validation section, and what that can't hold (several seeds, …)."""
+        e = self.entries
+        return from_run.validation_section([x.prompt for x in e], [x.seed for x in e], [x.guidance for x in e],
+                                           [x.steps for x in e], self.every, self.width, self.height,
+                                           self.before_training, self.sampler, self.scheduler)
 
     def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,

@@ -96,7 +96,7 @@ def test_config_write_exports_a_recipe_that_reads_back_the_same(recipe, tmp_path
         assert config_json(tmp_path / name, capsys)["settings"] == config_json(recipe, capsys)["settings"]
 
 
-def test_train_writes_checkpoints_lora_and_history_then_resume_latest_continues(recipe, tmp_path, caplog):
+def test_train_writes_checkpoints_lora_and_history_then_resume_latest_continues(recipe, tmp_path, caplog, capsys):
     assert cli.main(["train", "--config", str(recipe), "--model", "tiny", "--set", "steps=6",
                      "--set", "train.learning_rate=3e-3", "--log-every", "2"]) == 0
     run = tmp_path / "runs" / "toy_001"  # save.output, relative to the recipe's folder
@@ -104,8 +104,16 @@ def test_train_writes_checkpoints_lora_and_history_then_resume_latest_continues(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and len(summary["losses"]) == 6
     assert summary["fixed_noise_loss_after"] < summary["fixed_noise_loss_before"]
-    for name in ("loss_history.csv", "loss.png", "recipe.yaml"):
+    for name in ("loss_history.csv", "loss.png", "recipe.yaml", "recipe_ai_toolkit.yaml"):
         assert (run / name).is_file(), name
+    # the run's recipe: what trained, --set included, its folders resolved, read back by `config`
+    ran = config_json(run / "recipe.yaml", capsys)
+    wanted = config_json(recipe, capsys)["settings"]
+    wanted["train"]["steps"] = 6
+    wanted["dataset"]["folders"] = [str(tmp_path / "photos")]
+    wanted["save"]["output"] = str(tmp_path / "runs")
+    assert ran["format"] == "ours" and ran["unsupported"] == [] and ran["settings"] == wanted
+    assert config_json(run / "recipe_ai_toolkit.yaml", capsys)["format"] == "ai-toolkit"
     lora = tmp_path / "runs" / "toy_001.safetensors"
     sd, meta = export.load(lora), export.read_metadata(lora)
     assert sd and all(k.startswith("lora_unet_") for k in sd) and meta["dreambooth.steps"] == "6"

@@ -1,7 +1,9 @@
 """Host tests: the pack inside a real ComfyUI (COMFYUI_PATH), run by ComfyUI's own executor."""
 
+import importlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -324,3 +326,37 @@ def test_metadata_names_the_file_comfyui_loaded_and_the_family(host, quickstart)
     meta = host.pack.trainer.outputs.export.read_metadata(host.root / "loras" / name)
     assert meta["dreambooth.base_model"] == meta["ss_sd_model_name"] == "tiny-flux (random weights, seed 0)"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["dreambooth.family"] == "flux1"
+
+
+def test_the_run_folder_holds_the_workflows_recipe_which_reads_back_and_trains(host, quickstart, tmp_path):
+    """recipe.yaml in the quickstart's run folder is the workflow's training as our format: read back,
+    it gives the nodes' settings, and the command line trains it; recipe_ai_toolkit.yaml is the job."""
+    prompt, outputs, _ = quickstart
+    T = host.pack.trainer
+    (train,) = by_type(prompt, "FluxDreamBoothTrain")
+    name = re.search(r"run (\S+);", outputs[train]["text"][0]).group(1)
+    run = host.root / "output" / "flux_dreambooth" / name
+    back = T.recipe.formats.load(run / "recipe.yaml")
+    assert back.format == "ours" and back.unsupported == []
+    r, node = back.recipe, lambda kind: prompt[by_type(prompt, kind)[0]]["inputs"]
+    widgets, data, plan, runs = (node(k) for k in ("FluxDreamBoothTrain", "FluxDreamBoothDatasetFolder",
+                                                   "FluxDreamBoothValidation", "FluxDreamBoothRun"))
+    assert (r.train.steps, r.train.learning_rate, r.train.seed, r.train.guidance, r.train.lr_schedule) == \
+        (widgets["steps"], widgets["learning_rate"], widgets["seed"], widgets["guidance"], widgets["lr_schedule"])
+    assert Path(r.dataset.folders[0]).samefile(PACK_DIR / "trainer" / "assets" / "quickstart")
+    assert (r.dataset.trigger, r.dataset.class_word, r.dataset.resolution) == \
+        (data["trigger_word"], data["class_word"], [int(data["resolution"])])
+    assert [(g.blocks, g.rank, len(g.layer_types)) for g in r.layers.groups] == \
+        [("transformer_blocks", 8, 8), ("single_transformer_blocks", 8, 5)]  # the two LoRA Layer Group nodes
+    assert (r.validation.prompts, r.validation.seed, r.validation.steps, r.validation.size) == \
+        (plan["prompts"].splitlines(), 1, 8, 128)
+    assert (r.save.name, r.save.every, r.save.keep_last) == (runs["run_name"], runs["save_every_n_steps"],
+                                                             runs["keep_last"])
+    assert (r.save.dtype, r.save.format) == ("fp16", "kohya")  # the Save FLUX LoRA node's
+    assert "model: tiny-flux" in (run / "recipe.yaml").read_text()  # what the file can't hold, named
+    job = T.recipe.formats.load(run / "recipe_ai_toolkit.yaml")
+    assert job.format == "ai-toolkit" and job.recipe.train.steps == widgets["steps"]
+    cli = importlib.import_module(f"{T.__name__}.cli")
+    assert cli.main(["train", "--config", str(run / "recipe.yaml"), "--model", "tiny", "--set", "steps=2",
+                       "--set", "validation.prompts=[]", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{runs['run_name']}_001.safetensors").is_file()

@@ -4,6 +4,7 @@ the console shows progress, Ctrl-C is Cancel, and samples render with the librar
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -31,7 +32,7 @@ from ..outputs import checkpoints, export
 from ..outputs.checkpoints import RunFolder
 from ..outputs.progress import Progress, Sample
 from ..outputs.sample import sample
-from ..recipe import build, formats, importing, text
+from ..recipe import build, formats, from_run, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
 
@@ -239,9 +240,14 @@ def run(args) -> int:
     host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
+    # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
+    # recipe_ai_toolkit.yaml
+    ran = from_run.recipe_of_run(recipe.train, spec, backend.dims, dataset, build.run_settings(recipe),
+                                 (recipe.validation, []), dataclasses.replace(recipe.save, output=str(root.absolute())),
+                                 notes=[f"model: --model {args.model} on the command line (not a key of the file)."])
     if resume is not None:
-        note_changes(folder.path / "recipe.yaml", recipe)
-    files.write_text(folder.path / "recipe.yaml", text.to_yaml(recipe))
+        note_changes(folder.path / from_run.RECIPE_FILE, ran.recipe)
+    from_run.write_run_recipe(folder.path, ran)
     job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
                       resume=resume, validation=schedule, text_encoder=trainable), key="cli")
     main_thread = threading.current_thread() is threading.main_thread()
