@@ -45,8 +45,12 @@ def write_recipe(folder, config, spec, layout, dataset, run, validation, save, b
     if lora_dtype != "fp32":
         notes.append(f"lora_dtype {lora_dtype}: the Train node's LoRA precision (the recipe trains in fp32).")
     save = dataclasses.replace(save or SaveSection(), output=str(paths.runs_root()))  # where this run went
-    ran = from_run.recipe_of_run(config, spec, layout, dataset, run, validation and validation.recipe_section(),
-                                 save, notes)
+    try:
+        ran = from_run.recipe_of_run(config, spec, layout, dataset, run, validation and validation.recipe_section(),
+                                     save, notes)
+    except ValueError as e:  # a setting our format refuses: the run trains, without its recipe file
+        log.warning("The run's recipe is not written (recipe.yaml): %s", e)
+        return
     from_run.write_run_recipe(folder, ran)
 
 

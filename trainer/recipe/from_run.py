@@ -61,17 +61,23 @@ def _parts(items: Sequence[DatasetItem]) -> list[tuple[tuple, list[DatasetItem]]
     parts: dict[tuple, list[DatasetItem]] = {}
     for item in items:
         origin = item.origin
-        if origin is not None:
+        if origin is not None:  # one folder at several resolutions is one part (the resolution set aside)
             options = replace(origin.options, shaping=replace(origin.options.shaping, resolution=512))
             origin = replace(origin, options=options)
         parts.setdefault((origin, item.regularisation, item.loss_weight, item.network_weight), []).append(item)
     return list(parts.items())
 
 
+def _flat(origin: Origin) -> dict:
+    """A folder's options, its shaping's and augmentation's fields among them."""
+    options = dataclasses.asdict(origin.options)
+    return {**{k: v for k, v in options.items() if not isinstance(v, dict)}, **options["shaping"],
+            **options["augment"]}
+
+
 def _differences(first: Origin, other: Origin, names: Sequence[str]) -> list[str]:
-    a, b = dataclasses.asdict(first.options), dataclasses.asdict(other.options)
-    flat = lambda d: {**{k: v for k, v in d.items() if not isinstance(v, dict)}, **d["shaping"], **d["augment"]}  # noqa: E731
-    a, b = flat(a), flat(b)
+    """`other`'s options among `names` that differ from `first`'s, as 'name value'."""
+    a, b = _flat(first), _flat(other)
     return [f"{k} {b[k]!r}" for k in names if a.get(k) != b.get(k)]
 
 
