@@ -34,10 +34,10 @@ from ..outputs.sample import sample
 from ..recipe import build, formats, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
+from . import models
 
 log = logger(__name__)
 
-MODELS = ("tiny",)
 DEFAULT_OUTPUT = Path("flux_dreambooth_output")
 MIN_FREE_BYTES = 64 << 20
 
@@ -51,8 +51,10 @@ def add_arguments(sub) -> None:
                        description="Train the recipe of a config file: checkpoints, samples and loss history in "
                                    "a run folder, the LoRA beside it.")
     p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
-    p.add_argument("--model", required=True, help="the model to train on: 'tiny' (the embedded tiny FLUX, random "
-                                                  "weights); FLUX files from disk come in a later version")
+    p.add_argument("--model", required=True, metavar="tiny|FILE|FOLDER",
+                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights), a FLUX.1 transformer "
+                        "file (bf16 or fp8; a path, or a name in --models-dir), or a diffusers FLUX.1 folder")
+    models.add_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
                         "learning_rate, batch_size, seed, rank, alpha, resolution, save_every, keep_last, "
@@ -74,11 +76,8 @@ def tiny_model():
     return tiny.build(0)
 
 
-def load_model(name: str):
-    if name not in MODELS:
-        raise RecipeError(f"--model {name!r}: only 'tiny' (the embedded tiny FLUX) can be trained in this version; "
-                          "training on FLUX files from disk comes later. Use --model tiny.")
-    return tiny_model()
+def load_model(plan: models.Plan):
+    return tiny_model() if plan.loader == models.TINY else models.load(plan)
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -212,13 +211,14 @@ def run(args) -> int:
     base = Path(args.config).expanduser().absolute().parent
     # everything that can be checked before anything is loaded or written
     build.check_paths(recipe, base, imported.origins)
+    model_plan = models.plan(args)
     try:
         export.check_format(recipe.save.format, {recipe.layers.variant})
     except ValueError as e:
         raise RecipeError(f"save.format and layers.variant: {e}") from None
     root = output_root(args.out, recipe, base)
     folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
-    model = load_model(args.model)
+    model = load_model(model_plan)
     backend = model.backend()
     spec = build.layer_spec(recipe, backend.dims)
     dataset = build.dataset(recipe, base)
