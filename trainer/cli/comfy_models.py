@@ -8,6 +8,7 @@ on the library's ComfyFlux / ComfyText backends, as in the nodes."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -89,15 +90,24 @@ class ComfyModel:
         return ComfyText(self.clip, lambda: self._backend.load(self.clip.patcher))
 
 
-def load(plan) -> ComfyModel:
+def _static(loader) -> dict:
+    """ComfyUI >= 0.2x streams weights in per call on a GPU (dynamic VRAM); training needs them resident."""
+    return {"disable_dynamic": True} if "disable_dynamic" in inspect.signature(loader).parameters else {}
+
+
+def load(plan, clip_options: dict | None = None, vae_config: dict | None = None) -> ComfyModel:
+    """`clip_options`, `vae_config`: ComfyUI's text-encoder model_options and VAE config, for models of
+    other widths than FLUX.1's (the tests' toy ones); ComfyUI reads real FLUX.1 files without them."""
     comfy = import_comfy()
     files = {part: str(w.path) for part, w in plan.parts.items()}
     log.info("Loading through ComfyUI: %s, %s + %s, %s.", files[TRANSFORMER], files[CLIP_L], files[T5], files[VAE])
-    patcher = comfy.sd.load_diffusion_model(files[TRANSFORMER])
-    if type(patcher.model) is not comfy.model_base.Flux:
-        raise ValueError(f"--model {files[TRANSFORMER]}: ComfyUI loads it as {type(patcher.model).__name__}; "
-                         "expected FLUX.1 (its Flux model).")
+    patcher = comfy.sd.load_diffusion_model(files[TRANSFORMER], **_static(comfy.sd.load_diffusion_model))
+    found = type(getattr(patcher, "model", None))
+    if found is not comfy.model_base.Flux:
+        raise ValueError(f"--model {files[TRANSFORMER]}: ComfyUI loads it as {found.__name__}; expected FLUX.1 "
+                         "(its Flux model).")
     clip = comfy.sd.load_clip(ckpt_paths=[files[CLIP_L], files[T5]], embedding_directory=None,
-                              clip_type=comfy.sd.CLIPType.FLUX)
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(files[VAE]))
+                              clip_type=comfy.sd.CLIPType.FLUX, model_options=dict(clip_options or {}),
+                              **_static(comfy.sd.load_clip))
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(files[VAE]), config=vae_config)
     return ComfyModel(patcher, clip, vae, plan.name, comfy)

@@ -8,6 +8,8 @@ any width: the sizes are read from the weights, not assumed to be FLUX.1's 3072.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .layers import DOUBLE, SINGLE, VOCABULARY
@@ -39,10 +41,16 @@ NORMS = {
 }
 
 
-def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefix(state: dict) -> dict:
     if any(k.startswith(BFL_PREFIX) for k in state):
         return {k[len(BFL_PREFIX):]: v for k, v in state.items() if k.startswith(BFL_PREFIX)}
     return state
+
+
+def canonical(state: dict) -> dict:
+    """BFL keys as BFL's files name them: no checkpoint prefix, q/k norms as `.scale` (newer ComfyUI's
+    own FLUX names them `.weight`, and saves them so)."""
+    return {re.sub(r"(query_norm|key_norm)\.weight$", r"\1.scale", k): v for k, v in strip_prefix(state).items()}
 
 
 def block_count(keys, group: str) -> int:
@@ -65,7 +73,7 @@ def _fused(kind: str) -> dict[str, list[tuple[str, str]]]:
 
 def to_diffusers(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A BFL state dict as FluxTransformer2DModel's (the tensors are views or copies, dtypes kept)."""
-    bfl = strip_prefix(bfl)
+    bfl = canonical(bfl)
     out = {}
     for d, b in OUTER.items():
         for leaf in ("weight", "bias"):
@@ -119,7 +127,7 @@ def to_bfl(diffusers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """FluxTransformer2DModel's arguments, read from a BFL file's shapes. The RoPE axes are FLUX.1's
     (16, 56, 56), so the attention heads must be 128 wide, as FLUX.1's are."""
-    shapes = strip_prefix(shapes)
+    shapes = canonical(shapes)
     hidden, in_channels = shapes["img_in.weight"]
     head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if head_dim != 128:

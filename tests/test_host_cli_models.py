@@ -1,0 +1,82 @@
+"""`train --model` through ComfyUI's own loaders (COMFYUI_PATH set): ComfyUI's tiny FLUX written to
+disk as a ComfyUI user has FLUX.1 (BFL transformer, bf16 and fp8; clip_l and t5xxl; ae.safetensors),
+loaded back by the command line's ComfyUI loader, gives the in-memory model's loss; and the BFL
+layout the diffusers loader reads is ComfyUI's own."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from comfyui_host import requires_host
+from safetensors.torch import save_file
+from test_cli_models import loss_of
+
+from trainer.cli import comfy_models, diffusers_models, models, weights
+from trainer.families.flux1 import bfl, tiny
+
+pytestmark = requires_host
+
+
+@pytest.fixture(scope="module")
+def comfy_tiny(host):
+    return host.pack.nodes.host.tiny.load_tiny_flux(0)
+
+
+@pytest.fixture(scope="module")
+def models_dir(comfy_tiny, tmp_path_factory):
+    """ComfyUI's tiny FLUX as files, each from the ComfyUI object's own state dict."""
+    model, clip, vae = comfy_tiny
+    root = tmp_path_factory.mktemp("comfy_models")
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (root / sub).mkdir()
+    dit = model.model.diffusion_model.state_dict()
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
+        save_file({k: v.to(dtype).contiguous() for k, v in dit.items()},
+                  str(root / "diffusion_models" / f"flux1-tiny-{name}.safetensors"))
+    te = clip.cond_stage_model
+    save_file({k: v.contiguous() for k, v in te.clip_l.transformer.state_dict().items()},
+              str(root / "text_encoders" / "clip_l.safetensors"))
+    save_file({k: v.contiguous() for k, v in te.t5xxl.transformer.state_dict().items()
+               if k != "encoder.embed_tokens.weight"}, str(root / "text_encoders" / "t5xxl_fp16.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae.first_stage_model.state_dict().items()},
+              str(root / "vae" / "ae.safetensors"))
+    return root
+
+
+def load_through_comfyui(host, root, name):
+    args = argparse.Namespace(model=name, models_dir=root, clip_l=None, t5=None, vae=None, tokenizers=None,
+                              loader="comfyui", dtype="auto")
+    plan = models.plan(args)
+    assert plan.loader == "comfyui" and plan.parts["vae"].path == root / "vae" / "ae.safetensors"
+    tiny_host = host.pack.nodes.host.tiny
+    with tiny_host._widths_from_weights():  # ComfyUI up to v0.3.x assumes FLUX.1's full widths
+        # ComfyUI replaces clip_l's sizes by its long-CLIP check's, which start from "model_config"
+        sizes = tiny_host.TEXT_ENCODER_SIZES
+        return comfy_models.load(plan, clip_options={**sizes, "model_config": dict(sizes["clip_l_model_config"])},
+                                 vae_config=tiny_host.VAE_CONFIG)
+
+
+def test_comfyui_loader_gives_the_in_memory_models_loss(host, comfy_tiny, models_dir):
+    in_memory = loss_of(comfy_models.ComfyModel(*comfy_tiny, "tiny", comfy_models.import_comfy()))
+    loaded = load_through_comfyui(host, models_dir, "flux1-tiny-fp32.safetensors")
+    assert loss_of(loaded) == pytest.approx(in_memory, rel=1e-6)
+    fp8 = load_through_comfyui(host, models_dir, "flux1-tiny-fp8_e4m3fn.safetensors")
+    weight = fp8.patcher.model.diffusion_model.double_blocks[0].img_attn.qkv.weight  # ComfyUI's dtype for the device
+    assert torch.equal(weight.to(torch.float8_e4m3fn).to(weight.dtype), weight)  # the fp8 file's values
+    assert loss_of(fp8) == pytest.approx(in_memory, rel=0.02) and loss_of(fp8) != loss_of(loaded)
+
+
+def test_the_bfl_layout_both_loaders_read_is_comfyuis(comfy_tiny, models_dir):
+    """ComfyUI converted the diffusers-layout tiny transformer to BFL when it loaded it; bfl.py's table
+    gives the same keys and tensors, and reads ComfyUI's file back into diffusers' model exactly."""
+    model, _, _ = comfy_tiny
+    comfy_state = bfl.canonical(model.model.diffusion_model.state_dict())
+    ours = bfl.to_bfl(tiny.build(0).transformer.state_dict())
+    assert set(ours) == set(comfy_state)
+    assert all(torch.equal(ours[k], comfy_state[k].float()) for k in ours)
+    w = weights.inspect(models_dir / "diffusion_models" / "flux1-tiny-fp32.safetensors", "--model", weights.TRANSFORMER)
+    loaded = diffusers_models.transformer(w, torch.float32).state_dict()
+    reference = tiny.build(0).transformer.state_dict()
+    assert set(loaded) == set(reference) and all(torch.equal(loaded[k], reference[k]) for k in reference)
