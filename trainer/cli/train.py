@@ -34,7 +34,7 @@ from ..outputs.sample import sample
 from ..recipe import build, formats, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
-from . import models
+from . import console, models
 
 log = logger(__name__)
 
@@ -67,6 +67,7 @@ def add_arguments(sub) -> None:
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="progress lines as text, or as one JSON object per line (step, total, loss, loss_smooth, "
                         "lr, seconds_per_step, eta_seconds, peak_memory_gib) for scripts")
+    console.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -113,9 +114,11 @@ class ConsoleHost:
     """A job's JobHost on the command line: progress lines, Ctrl-C as Cancel, samples rendered by
     the library's Euler sampler with the LoRA as it is at that step."""
 
-    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False):
+    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False,
+                 shown: console.Console | None = None):
         self.model, self.recipe, self.folder, self.log_every = model, recipe, folder, max(1, log_every)
         self.log_json = log_json
+        self.console = shown or console.Console(folder, bar=False, tensorboard=False)
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
         self.size = (v.size or recipe.dataset.resolution[0]) // 8
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
@@ -142,7 +145,9 @@ class ConsoleHost:
     def on_progress(self, progress: Progress, latest: bool) -> None:
         first = self.first_step is None  # the first step of this run (after a checkpoint when resuming)
         self.first_step = progress.step if first else self.first_step
-        if first or progress.step % self.log_every == 0 or progress.step == progress.total:
+        self.console.on_progress(progress)
+        lines = self.log_json or self.console.bar is None  # the bar shows what a text line would
+        if lines and (first or progress.step % self.log_every == 0 or progress.step == progress.total):
             log.info("%s", json.dumps(vars(progress)) if self.log_json else progress.line())
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -175,6 +180,7 @@ class ConsoleHost:
 
     def on_samples(self, step: int, samples: list[Sample]) -> None:
         log.info("Samples of step %d in %s", step, self.folder / "samples")
+        self.console.on_samples(step, samples)
 
     def release_memory(self) -> None:
         pass
@@ -212,6 +218,7 @@ def run(args) -> int:
     # everything that can be checked before anything is loaded or written
     build.check_paths(recipe, base, imported.origins)
     model_plan = models.plan(args)
+    console.check(args)
     try:
         export.check_format(recipe.save.format, {recipe.layers.variant})
     except ValueError as e:
@@ -236,7 +243,9 @@ def run(args) -> int:
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
-    host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
+    log_json = args.log_format == "json"
+    shown = console.Console(folder.path, console.wants_bar(args.progress, log_json), args.report_to == "tensorboard")
+    host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     if resume is not None:
@@ -247,13 +256,15 @@ def run(args) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
     try:
-        with quantize.quantized_base(backend, recipe.train.memory.base_quantization):
+        with shown.logging_beside_the_bar(), quantize.quantized_base(backend, recipe.train.memory.base_quantization):
             outcome = job.run(host)
+        shown.on_done(outcome.steps_done, outcome.loss_before, outcome.loss_after)
     except Interrupted:
         latest = RunFolder(folder.path).latest()
         raise Interrupted(f"Stopped by Ctrl-C; the newest checkpoint is {latest}. Continue it with the same command "
                           "and --resume latest.") from None
     finally:
+        shown.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     fmt = recipe.save.format
