@@ -6,13 +6,18 @@ layout the diffusers loader reads is ComfyUI's own."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import shutil
 
 import pytest
 import torch
 from comfyui_host import requires_host
+from safetensors import safe_open
 from safetensors.torch import save_file
-from test_cli_models import loss_of
+from test_cli_models import QUICKSTART, RECIPE, loss_of
 
+from trainer import cli
 from trainer.cli import comfy_models, diffusers_models, models, weights
 from trainer.families.flux1 import bfl, tiny
 
@@ -80,3 +85,30 @@ def test_the_bfl_layout_both_loaders_read_is_comfyuis(comfy_tiny, models_dir):
     loaded = diffusers_models.transformer(w, torch.float32).state_dict()
     reference = tiny.build(0).transformer.state_dict()
     assert set(loaded) == set(reference) and all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+def test_train_on_files_through_comfyuis_loaders_end_to_end(host, models_dir, tmp_path, monkeypatch):
+    """`python -m trainer train --loader comfyui` on the files: trains, renders a validation sample
+    through the loaded VAE, and names the file in the LoRA."""
+    tiny_host = host.pack.nodes.host.tiny
+    sizes = tiny_host.TEXT_ENCODER_SIZES
+    real_load = comfy_models.load
+    monkeypatch.setattr(comfy_models, "load", lambda plan: real_load(  # the toy widths, as in load_through_comfyui
+        plan, clip_options={**sizes, "model_config": dict(sizes["clip_l_model_config"])},
+        vae_config=tiny_host.VAE_CONFIG))
+    (tmp_path / "photos").mkdir()
+    for name in ("01.jpg", "01.txt", "03.png", "03.txt"):
+        shutil.copy(QUICKSTART / name, tmp_path / "photos")
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    with tiny_host._widths_from_weights():
+        code = cli.main(["train", "--config", str(tmp_path / "recipe.yaml"), "--models-dir", str(models_dir),
+                         "--model", "flux1-tiny-bf16.safetensors", "--loader", "comfyui",
+                         "--set", 'validation.prompts=["a photo of [trigger]"]', "--set", "validation.every=2",
+                         "--set", "validation.steps=2", "--set", "validation.before_training=false"])
+    assert code == 0
+    run = tmp_path / "runs" / "toy_001"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and all(math.isfinite(v) for v in summary["losses"])
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002_00.png"]
+    with safe_open(str(tmp_path / "runs" / "toy_001.safetensors"), "pt") as f:
+        assert f.metadata()["ss_sd_model_name"] == "flux1-tiny-bf16.safetensors"
