@@ -151,3 +151,27 @@ def test_wrong_or_missing_files_are_named_before_anything_is_written(on_disk, tm
         assert cli.main(["train", "--config", str(tmp_path / "recipe.yaml"), *extra]) == 1, extra
         assert message in caplog.text, (extra, caplog.text)
         assert not (tmp_path / "runs").exists()
+
+
+def test_t5_in_comfyuis_scaled_fp8_is_multiplied_out(parts, tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled.safetensors: fp8 weights with a `scale_weight` each; read as weight × scale."""
+    from trainer.cli import diffusers_models, weights
+
+    state, scaled = parts.t5.state_dict(), {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for k, v in state.items():
+        if k.endswith(".weight") and v.ndim == 2 and ".block." in k:
+            scale = v.abs().max() / 448  # fp8 e4m3's largest value
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[k.removesuffix(".weight") + ".scale_weight"] = scale.reshape(1)
+        elif k != "encoder.embed_tokens.weight":
+            scaled[k] = v
+    save_file(scaled, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    w = weights.inspect(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors", "--t5", weights.T5)
+    loaded = diffusers_models.t5(w, torch.float32)
+    ids = tiny.ByteTokenizer()("a photo of sks toy", 64, bos=False)[None]
+    with torch.no_grad():
+        want, got = parts.t5(ids).last_hidden_state, loaded(ids).last_hidden_state
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < 0.05, error  # fp8's rounding only; unscaled, the small weights would be lost
+    block = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert torch.equal(loaded.state_dict()[block], scaled[block].float() * scaled[block[:-7] + ".scale_weight"])
