@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +114,38 @@ def test_train_on_files_through_comfyuis_loaders_end_to_end(host, models_dir, tm
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000002_00.png"]
     with safe_open(str(tmp_path / "runs" / "toy_001.safetensors"), "pt") as f:
         assert f.metadata()["ss_sd_model_name"] == "flux1-tiny-bf16.safetensors"
+
+
+def test_the_diffusers_loader_with_real_tokenizers_embeds_as_comfyui_does(host, models_dir, tmp_path):
+    """ComfyUI's CLIP-L file loaded without ComfyUI, with --tokenizers pointing at CLIP-L's and T5's
+    real tokenizers (the copies ComfyUI ships): the same token ids, and CLIP-L's pooled vector as
+    ComfyUI's own CLIP gives it. (Its heads 64 wide, as CLIP-L's: the width a clip_l file's loader assumes.)"""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+
+    sizes = host.pack.nodes.host.tiny.TEXT_ENCODER_SIZES
+    options = {**sizes, "clip_l_model_config": {**sizes["clip_l_model_config"], "num_attention_heads": 1}}
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                                       comfy.text_encoders.flux.FluxClipModel),
+                         model_options=options)
+    shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
+    clip.load_sd(tiny.seeded_weights(shapes, 1), full_model=True)
+    save_file({k: v.contiguous() for k, v in clip.cond_stage_model.clip_l.transformer.state_dict().items()},
+              str(tmp_path / "clip_l_64_wide_heads.safetensors"))
+    comfy_dir = Path(os.environ["COMFYUI_PATH"]) / "comfy"
+    shutil.copytree(comfy_dir / "sd1_tokenizer", tmp_path / "tokenizers" / "tokenizer")
+    shutil.copytree(comfy_dir / "text_encoders" / "t5_tokenizer", tmp_path / "tokenizers" / "tokenizer_2")
+    args = argparse.Namespace(model="flux1-tiny-fp32.safetensors", models_dir=models_dir,
+                              clip_l=str(tmp_path / "clip_l_64_wide_heads.safetensors"), t5=None, vae=None,
+                              tokenizers=tmp_path / "tokenizers", loader="diffusers", dtype="fp32")
+    loaded = models.load(models.plan(args))
+    caption = "a photo of sks toy on a wooden table"
+    tokens = clip.tokenize(caption)
+    comfy_ids = {k: [t[0] for t in v[0]] for k, v in tokens.items()}
+    assert loaded.clip_tokens(caption).tolist() == comfy_ids["l"][:77]
+    t5_ids = loaded.t5_tokens(caption).tolist()
+    real = comfy_ids["t5xxl"][:comfy_ids["t5xxl"].index(1) + 1]  # up to T5's </s>
+    assert t5_ids[:len(real)] == real and set(t5_ids[len(real):]) == {0}
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    assert torch.allclose(loaded.encode_text(caption)[1], pooled[0].float(), atol=1e-5)
