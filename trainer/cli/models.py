@@ -133,7 +133,8 @@ def plan(args) -> Plan:
         _check_folder(folder)
     parts = {} if folder else {TRANSFORMER: weights.inspect(where, "--model", TRANSFORMER)}
     for part, value in ((CLIP_L, args.clip_l), (T5, args.t5), (VAE, args.vae)):
-        path = _find(value, part, models_dir) if value else _default(part, models_dir) if models_dir else None
+        path = _find(value, part, models_dir) if value else \
+            _default(part, models_dir) if models_dir and folder is None else None  # a folder has its own
         if path is not None:
             parts[part] = weights.inspect(path, FLAGS[part], part)
         elif folder is None:
