@@ -3,6 +3,7 @@
     python -m trainer                      the quickstart (tiny FLUX, bundled photos); --help lists its flags
     python -m trainer config FILE [--json] what a config file sets, what it can't, what is missing
     python -m trainer train --config FILE --model tiny [--set key=value …] [--resume latest]
+    python -m trainer train --config FILE --models-dir ~/ComfyUI/models --model flux1-dev.safetensors
     python -m trainer init OUT.yaml        a new recipe: every key with its default and help
     python -m trainer keys [--markdown]    every key of our recipe format
 

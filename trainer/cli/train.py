@@ -35,10 +35,10 @@ from ..outputs.sample import sample
 from ..recipe import build, formats, from_run, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
+from . import console, models
 
 log = logger(__name__)
 
-MODELS = ("tiny",)
 DEFAULT_OUTPUT = Path("flux_dreambooth_output")
 MIN_FREE_BYTES = 64 << 20
 
@@ -52,8 +52,10 @@ def add_arguments(sub) -> None:
                        description="Train the recipe of a config file: checkpoints, samples and loss history in "
                                    "a run folder, the LoRA beside it.")
     p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
-    p.add_argument("--model", required=True, help="the model to train on: 'tiny' (the embedded tiny FLUX, random "
-                                                  "weights); FLUX files from disk come in a later version")
+    p.add_argument("--model", required=True, metavar="tiny|FILE|FOLDER",
+                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights), a FLUX.1 transformer "
+                        "file (bf16 or fp8; a path, or a name in --models-dir), or a diffusers FLUX.1 folder")
+    models.add_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
                         "learning_rate, batch_size, seed, rank, alpha, resolution, save_every, keep_last, "
@@ -66,6 +68,7 @@ def add_arguments(sub) -> None:
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="progress lines as text, or as one JSON object per line (step, total, loss, loss_smooth, "
                         "lr, seconds_per_step, eta_seconds, peak_memory_gib) for scripts")
+    console.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -75,11 +78,8 @@ def tiny_model():
     return tiny.build(0)
 
 
-def load_model(name: str):
-    if name not in MODELS:
-        raise RecipeError(f"--model {name!r}: only 'tiny' (the embedded tiny FLUX) can be trained in this version; "
-                          "training on FLUX files from disk comes later. Use --model tiny.")
-    return tiny_model()
+def load_model(plan: models.Plan):
+    return tiny_model() if plan.loader == models.TINY else models.load(plan)
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -115,9 +115,11 @@ class ConsoleHost:
     """A job's JobHost on the command line: progress lines, Ctrl-C as Cancel, samples rendered by
     the library's Euler sampler with the LoRA as it is at that step."""
 
-    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False):
+    def __init__(self, model, recipe: Recipe, folder: Path, log_every: int, log_json: bool = False,
+                 shown: console.Console | None = None):
         self.model, self.recipe, self.folder, self.log_every = model, recipe, folder, max(1, log_every)
         self.log_json = log_json
+        self.console = shown or console.Console(folder, bar=False, tensorboard=False)
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
         self.size = (v.size or recipe.dataset.resolution[0]) // 8
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
@@ -144,7 +146,9 @@ class ConsoleHost:
     def on_progress(self, progress: Progress, latest: bool) -> None:
         first = self.first_step is None  # the first step of this run (after a checkpoint when resuming)
         self.first_step = progress.step if first else self.first_step
-        if first or progress.step % self.log_every == 0 or progress.step == progress.total:
+        self.console.on_progress(progress)
+        lines = self.log_json or self.console.bar is None  # the bar shows what a text line would
+        if lines and (first or progress.step % self.log_every == 0 or progress.step == progress.total):
             log.info("%s", json.dumps(vars(progress)) if self.log_json else progress.line())
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -177,6 +181,7 @@ class ConsoleHost:
 
     def on_samples(self, step: int, samples: list[Sample]) -> None:
         log.info("Samples of step %d in %s", step, self.folder / "samples")
+        self.console.on_samples(step, samples)
 
     def release_memory(self) -> None:
         pass
@@ -213,13 +218,15 @@ def run(args) -> int:
     base = Path(args.config).expanduser().absolute().parent
     # everything that can be checked before anything is loaded or written
     build.check_paths(recipe, base, imported.origins)
+    model_plan = models.plan(args)
+    console.check(args)
     try:
         export.check_format(recipe.save.format, {recipe.layers.variant})
     except ValueError as e:
         raise RecipeError(f"save.format and layers.variant: {e}") from None
     root = output_root(args.out, recipe, base)
     folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
-    model = load_model(args.model)
+    model = load_model(model_plan)
     backend = model.backend()
     spec = build.layer_spec(recipe, backend.dims)
     dataset = build.dataset(recipe, base)
@@ -237,7 +244,9 @@ def run(args) -> int:
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
-    host = ConsoleHost(model, recipe, folder.path, args.log_every, args.log_format == "json")
+    log_json = args.log_format == "json"
+    shown = console.Console(folder.path, console.wants_bar(args.progress, log_json), args.report_to == "tensorboard")
+    host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
@@ -253,13 +262,15 @@ def run(args) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
     try:
-        with quantize.quantized_base(backend, recipe.train.memory.base_quantization):
+        with shown.logging_beside_the_bar(), quantize.quantized_base(backend, recipe.train.memory.base_quantization):
             outcome = job.run(host)
+        shown.on_done(outcome.steps_done, outcome.loss_before, outcome.loss_after)
     except Interrupted:
         latest = RunFolder(folder.path).latest()
         raise Interrupted(f"Stopped by Ctrl-C; the newest checkpoint is {latest}. Continue it with the same command "
                           "and --resume latest.") from None
     finally:
+        shown.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
     fmt = recipe.save.format

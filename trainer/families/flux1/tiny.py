@@ -100,8 +100,10 @@ def _calibrate(vae) -> None:
     vae.post_quant_conv.weight /= k
 
 
-def build(seed: int = 0, hidden_heads: int = 2, double_blocks: int = 2, single_blocks: int = 4) -> TinyFlux:
-    """The tiny set, identical for the same seed (weights come from a private RNG stream)."""
+def build(seed: int = 0, hidden_heads: int = 2, double_blocks: int = 2, single_blocks: int = 4,
+          clip_heads: int = 2) -> TinyFlux:
+    """The tiny set, identical for the same seed (weights come from a private RNG stream).
+    `clip_heads=1`: CLIP heads 64 wide, as CLIP-L's are (what a clip_l file's loader assumes)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -119,7 +121,7 @@ def build(seed: int = 0, hidden_heads: int = 2, double_blocks: int = 2, single_b
         _calibrate(vae)
         clip = CLIPTextModel(CLIPTextConfig(
             vocab_size=tok.VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=CLIP_TOKENS, pad_token_id=tok.PAD,
+            num_attention_heads=clip_heads, max_position_embeddings=CLIP_TOKENS, pad_token_id=tok.PAD,
             bos_token_id=tok.BOS, eos_token_id=tok.EOS))
         t5 = T5EncoderModel(T5Config(
             vocab_size=tok.VOCAB, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,

@@ -1,0 +1,102 @@
+"""What a weights file on disk holds, read from its safetensors header alone (no tensor is loaded):
+the check that `--model`, `--clip-l`, `--t5` and `--vae` each got the file they expect, before
+anything is loaded or written."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..families.flux1.bfl import strip_prefix
+from ..recipe.fields import RecipeError
+
+TRANSFORMER, CLIP_L, T5, VAE = "transformer", "clip_l", "t5", "vae"
+EXPECTED = {
+    TRANSFORMER: "a FLUX.1 transformer (BFL keys double_blocks.* / single_blocks.*, as in models/diffusion_models; "
+                 "or diffusers' transformer_blocks.*)",
+    CLIP_L: "a CLIP-L text encoder (keys text_model.*, as clip_l.safetensors in models/text_encoders)",
+    T5: "a T5-XXL encoder (keys encoder.block.*, as t5xxl_fp16.safetensors in models/text_encoders)",
+    VAE: "FLUX.1's VAE (16 latent channels, keys encoder.* / decoder.*, as ae.safetensors in models/vae)",
+}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A safetensors file's tensor names, shapes and dtypes, and what it is."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    kind: str  # one of the four above, or a description of something else
+
+    @property
+    def dtype(self) -> str:
+        """The dtype most of its tensors have (F8_E4M3 for an fp8 file)."""
+        counts: dict[str, int] = {}
+        for d in self.dtypes.values():
+            counts[d] = counts.get(d, 0) + 1
+        return max(counts, key=counts.get) if counts else "?"
+
+
+def read_header(path: Path) -> dict:
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:
+            raise ValueError("not a safetensors file")
+        return json.loads(f.read(size))
+
+
+def kind_of(shapes: dict[str, tuple[int, ...]]) -> str:
+    """TRANSFORMER / CLIP_L / T5 / VAE, or what else the keys say the file is."""
+    keys = set(shapes)
+    bfl = strip_prefix(shapes)
+    if "double_stream_modulation_img.lin.weight" in bfl:
+        return "a FLUX.2 transformer (this version trains FLUX.1)"
+    if any(k.startswith("distilled_guidance_layer.") for k in bfl):
+        return "a Chroma transformer (this version trains FLUX.1)"
+    if "img_in.weight" in bfl and "double_blocks.0.img_attn.qkv.weight" in bfl:
+        channels = bfl["img_in.weight"][1]
+        return TRANSFORMER if channels == 64 else \
+            f"a FLUX.1 transformer with {channels // 4}-channel input (Fill / Depth / Canny models can't be trained)"
+    if "x_embedder.weight" in keys and "transformer_blocks.0.attn.to_q.weight" in keys:
+        return TRANSFORMER
+    if any(".lora_" in k or k.startswith("lora_") for k in keys):
+        return "a LoRA"
+    if "encoder.conv_out.weight" in keys and "decoder.conv_in.weight" in keys:
+        latent = shapes["encoder.conv_out.weight"][0] // 2
+        return VAE if latent == 16 else f"a VAE with {latent} latent channels (FLUX.1's has 16" \
+                                        f"{'; 32 is FLUX.2' if latent == 32 else ''})"
+    if "text_model.embeddings.token_embedding.weight" in keys:
+        return CLIP_L
+    if "encoder.block.0.layer.0.SelfAttention.q.weight" in keys:
+        return T5
+    return "not a model this trainer knows"
+
+
+def inspect(path: Path, flag: str, expected: str) -> Weights:
+    """The header of `path`, checked to be `expected`; a RecipeError naming the flag, the file and
+    what was expected otherwise."""
+    if path.suffix.lower() == ".gguf":
+        raise RecipeError(f"{flag} {path}: a GGUF file; the command line reads .safetensors files (train GGUF "
+                          "models in ComfyUI through ComfyUI-GGUF's loader). Expected " + EXPECTED[expected] + ".")
+    if not path.is_file():
+        raise RecipeError(f"{flag} {path}: no such file. Expected {EXPECTED[expected]}.")
+    try:
+        header = read_header(path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{flag} {path}: can't be read as safetensors ({e}). Expected {EXPECTED[expected]}.") \
+            from None
+    header.pop("__metadata__", None)
+    shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+    dtypes = {k: v["dtype"] for k, v in header.items()}
+    kind = kind_of(shapes)
+    if kind != expected:
+        what = EXPECTED[kind].split(" (")[0] if kind in EXPECTED else kind
+        raise RecipeError(f"{flag} {path}: this is {what}; expected {EXPECTED[expected]}.")
+    return Weights(path, shapes, dtypes, kind)
