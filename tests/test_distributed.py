@@ -4,6 +4,7 @@ process counts both ways, and a rank killed mid-run leaves the last checkpoint w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,16 @@ import torch
 
 from trainer import cli
 from trainer.cli import train as cli_train
+from trainer.data import datasets
+from trainer.data.augment import Augmentation
+from trainer.data.encode import encode_dataset
+from trainer.data.images import Shaping
 from trainer.loop.distributed import Ranks, rebatched
+from trainer.loop.memory import MemoryConfig
+from trainer.loop.text_phase import text_targets
+from trainer.loop.trainer import TrainConfig, Trainer, step_loss
+from trainer.lora.targets import LayerSpec
+from trainer.lora.weights import LoraSet
 from trainer.outputs import checkpoints, export
 from trainer.outputs.checkpoints import RunFolder
 
@@ -183,3 +193,40 @@ def test_each_rank_trains_its_slice_and_a_resumed_epoch_is_cut_again():
     bucket = {0: "a", 1: "b", 2: "a", 3: "a", 4: "b"}.get
     assert rebatched([[0, 2], [1, 4], [3]], 1, bucket) == [[0], [2], [1], [4], [3]]
     assert rebatched([[0], [1], [2], [4], [3]], 2, bucket) == [[0, 2], [1, 4], [3]]  # one bucket per batch
+
+
+def test_the_slices_gradients_add_up_to_the_whole_batchs_with_dop_the_text_encoder_and_network_weight(recipe):
+    """What each rank computes, in one process: its slice of a batch, with the whole batch's draws.
+    The slices' gradients and losses (DOP's term too) add up to the whole batch's, live caption
+    embeddings through a trained text encoder and a photo at another LoRA multiplier included."""
+    options = datasets.Options(trigger_word="sks", class_word="toy", shaping=Shaping(64, bucketing=False),
+                               augment=Augmentation(caption_dropout=0.3, shuffle_tags=True))
+    small_flux = cli_train.tiny_model()
+    examples = encode_dataset(datasets.from_folder(recipe.parent / "photos", options), small_flux, dop_class="")[0]
+    examples[1] = dataclasses.replace(examples[1], network_weight=0.5)
+    backend = small_flux.backend()
+    config = TrainConfig(batch_size=3, dop_multiplier=0.7, text_encoder_lr=5e-4,
+                         memory=MemoryConfig(checkpointing="off"))
+    spec = LayerSpec.preset("attention", backend.dims, rank=4)
+    text = small_flux.trainable_text()
+    lora = LoraSet(spec.targets(backend.dims) + text_targets(config, text, spec), seed=1)
+    with torch.no_grad():
+        for w in lora:  # as after some training: every part has a gradient
+            w.up.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    trainer = Trainer(backend, lora, [e.copied() for e in examples], config, text)
+    results = []
+    with backend.training(lora, config.memory), trainer.text.embeddings(lora) as embed:
+        for share in (None, range(0, 1), range(1, 3), range(3, 3)):
+            trainer.preservation.start_step()
+            loss = step_loss(backend, trainer.examples, config, torch.Generator().manual_seed(7),
+                             preserve=trainer.preservation, text=embed, lora=lora, share=share)
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in trainer.params]
+            results.append((loss.detach(), trainer.preservation.total.clone(), grads))
+            lora.zero_grad(set_to_none=True)
+    (loss, kept, whole), *parts = results
+    assert float(parts[2][0]) == 0 and not any(g.any() for g in parts[2][2])  # an empty slice trains nothing
+    torch.testing.assert_close(sum(p[0] for p in parts), loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sum(p[1] for p in parts), kept, rtol=1e-5, atol=1e-7)
+    assert float(kept) > 0 and sum(bool(g.any()) for g in whole) == len(whole)
+    for k, want in enumerate(whole):
+        torch.testing.assert_close(sum(p[2][k] for p in parts), want, rtol=1e-4, atol=1e-7)
