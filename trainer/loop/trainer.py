@@ -155,8 +155,8 @@ class Trainer:
         self.dataset_change = ""  # what load_state found changed in the dataset ('' if nothing)
         self.text_note = ""  # and in the text encoder's phase
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size * (ranks.world if ranks else 1),
-                                    self.generator,
+        batch = config.batch_size * (ranks.world if ranks else 1)  # a step's photos, over all processes
+        self.sampler = EpochSampler([e.repeats for e in examples], batch, self.generator,
                                     [tuple(e.latents.shape) for e in examples])
         groups = self.text.param_groups(lora) if self.text else [{"params": lora.trainable()}]
         self.params = [p for g in groups for p in g["params"]]
