@@ -20,10 +20,10 @@ from PIL import Image
 
 from .. import files
 from ..data.captions import TRIGGER_PLACEHOLDER
-from ..data.encode import encode_dataset
+from ..data.encode import EncodeCache, encode_dataset
 from ..families.flux1 import tiny
 from ..log import logger
-from ..loop import quantize
+from ..loop import distributed, quantize
 from ..loop.job import Job, JobSpec, JobState, ValidationSchedule
 from ..loop.text_phase import text_targets
 from ..lora import text_encoder
@@ -225,13 +225,21 @@ def run(args) -> int:
     except ValueError as e:
         raise RecipeError(f"save.format and layers.variant: {e}") from None
     root = output_root(args.out, recipe, base)
-    folder, resume = run_and_checkpoint(recipe, root, args.resume.strip())
+    ranks = distributed.from_env()  # under torchrun: this process's rank (None on its own)
+    writes = ranks is None or ranks.primary
+    folder, resume = run_and_checkpoint(recipe, root, args.resume.strip()) if writes else (None, None)
+    if ranks is not None:  # rank 0's choice of run folder, before it writes into it
+        folder, resume = ranks.from_primary((folder, resume))
     model = load_model(model_plan)
     backend = model.backend()
     spec = build.layer_spec(recipe, backend.dims)
     dataset = build.dataset(recipe, base)
-    examples, skipped = encode_dataset(dataset, model, None, recipe.train.seed,
-                                       dop_class=recipe.train.preservation_class())
+    cache = EncodeCache(root / "cache", memory=False) if ranks else None  # rank 0 encodes, the others read
+    examples, skipped = distributed.primary_first(ranks, lambda: encode_dataset(
+        dataset, model, cache, recipe.train.seed, dop_class=recipe.train.preservation_class()))
+    if cache is not None and not writes and cache.misses:
+        log.warning("Rank %d encoded %d item(s) rank 0 did not leave in %s: is that folder on a disk all "
+                    "processes share?", ranks.rank, cache.misses, cache.folder)
     for problem in skipped:
         log.warning("Left out: %s", problem)
     trainable = model.trainable_text() if recipe.train.text_encoder_lr > 0 else None
@@ -245,22 +253,26 @@ def run(args) -> int:
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
     log_json = args.log_format == "json"
-    shown = console.Console(folder.path, console.wants_bar(args.progress, log_json), args.report_to == "tensorboard")
+    # the bar and TensorBoard are rank 0's, as every file is
+    shown = console.Console(folder.path, writes and console.wants_bar(args.progress, log_json),
+                            writes and args.report_to == "tensorboard")
     host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
-    # recipe_ai_toolkit.yaml
+    # recipe_ai_toolkit.yaml; rank 0's to write
     ran = from_run.recipe_of_run(recipe.train, spec, backend.dims, dataset, build.run_settings(recipe),
                                  (recipe.validation, []), dataclasses.replace(recipe.save, output=str(root.absolute())),
                                  notes=[f"model: --model {args.model} on the command line (not a key of the file)."])
-    if resume is not None:
+    if resume is not None and writes:
         note_changes(folder.path / from_run.RECIPE_FILE, ran.recipe)
-    from_run.write_run_recipe(folder.path, ran)
+    if writes:
+        from_run.write_run_recipe(folder.path, ran)
     job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
-                      resume=resume, validation=schedule, text_encoder=trainable), key="cli")
+                      resume=resume, validation=schedule, text_encoder=trainable, ranks=ranks), key="cli")
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, host.on_interrupt) if main_thread else None
+    # Ctrl-C is rank 0's to act on: the other ranks wait for it in the next step, then torchrun ends them
+    previous = signal.signal(signal.SIGINT, host.on_interrupt if writes else signal.SIG_IGN) if main_thread else None
     try:
         with shown.logging_beside_the_bar(), quantize.quantized_base(backend, recipe.train.memory.base_quantization):
             outcome = job.run(host)
@@ -273,6 +285,9 @@ def run(args) -> int:
         shown.close()
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+    if not writes:
+        ranks.finish()  # rank 0 writes the LoRA and the summary
+        return 0
     fmt = recipe.save.format
     lora_path = files.write_safetensors(
         root / f"{folder.path.name}.safetensors",
@@ -285,4 +300,6 @@ def run(args) -> int:
     files.write_json(folder.path / "summary.json", summary, indent=1)
     log.info("Done: %d steps in %.1f s; fixed-noise loss %.4f -> %.4f. LoRA %s; run folder %s.",
              outcome.steps_done, seconds, outcome.loss_before, outcome.loss_after, lora_path, folder.path)
+    if ranks is not None:
+        ranks.finish()
     return 0

@@ -38,6 +38,7 @@ from ..lora.weights import LoraSet
 from ..outputs import checkpoints, export, progress
 from ..outputs.checkpoints import RunFolder, RunSettings
 from ..outputs.progress import Progress, Sample
+from .distributed import Ranks
 from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
@@ -90,6 +91,7 @@ class JobSpec:
     resume: Path | None = None
     validation: ValidationSchedule | None = None
     text_encoder: TrainableText | None = None  # what the targets' text-encoder part trains on (text_phase.py)
+    ranks: Ranks | None = None  # a data-parallel run (distributed.py): only rank 0 writes the run's files
 
 
 @dataclass
@@ -170,6 +172,7 @@ class Job:
         self.tracker = progress.ProgressTracker(spec.config.steps, spec.backend.device)
         self.notes: list[str] = []
         self._told: set[str] = set()
+        self.writes = spec.ranks is None or spec.ranks.primary  # checkpoints, samples, plots
 
     # ----- state, from any thread ----------------------------------------------------------------
     @property
@@ -195,7 +198,7 @@ class Job:
                 owned = [e.copied() for e in spec.examples]
                 lora = LoraSet(spec.targets, spec.lora_dtype, spec.config.seed).to(spec.backend.device)
                 job.enter_context(spec.backend.resident(lora, spec.config.memory))  # swapped blocks stay off
-                trainer = Trainer(spec.backend, lora, owned, spec.config, spec.text_encoder)
+                trainer = Trainer(spec.backend, lora, owned, spec.config, spec.text_encoder, spec.ranks)
                 if spec.resume is not None:
                     trainer.load_state(checkpoints.load_state(spec.resume))
                 self.trainer = trainer
@@ -330,6 +333,8 @@ class Job:
             host.on_status(JobState.TRAINING, note)
 
     def _at_pause(self, host: JobHost) -> None:
+        if not self.writes:
+            return
         step, config, trainer = self.trainer.step, self.spec.config, self.trainer
         self._tell(host, trainer.dataset_change)
         self._tell(host, trainer.text_note)
@@ -374,7 +379,7 @@ class Job:
 
     def _finish_files(self, host: JobHost, render: bool, checkpoint: bool = True) -> None:
         """At the end, however it came: the last checkpoint, last samples, grid, strip, plots."""
-        if self.trainer is None:
+        if self.trainer is None or not self.writes:
             return
         if checkpoint:
             self._save_checkpoint(host)
@@ -387,6 +392,6 @@ class Job:
         self._write_plots()
 
     def _write_plots(self) -> None:
-        if self.tracker.history:
+        if self.tracker.history and self.writes:
             progress.write_history(self.spec.run.path, self.tracker.history)
             progress.write_loss_plot(self.spec.run.path / "loss.png", self.tracker.history)

@@ -22,6 +22,7 @@ from ..lora.weights import LoraSet
 from . import flow, optimizers, schedules
 from .batches import EpochSampler, caption_texts, choose
 from .config import LR_SCHEDULES, TrainConfig, check_batch_size  # noqa: F401 (the loop's public names)
+from .distributed import Ranks, check_batch, rebatched
 from .preservation import Preservation, check_examples
 from .resume import dataset_change, example_key
 from .text_phase import Embed, TextPhase, check_resume
@@ -77,8 +78,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, generator: torch.Generator,
               scale: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
-              preserve: Preservation | None = None, text: Embed | None = None, lora: LoraSet | None = None
-              ) -> torch.Tensor:
+              preserve: Preservation | None = None, text: Embed | None = None, lora: LoraSet | None = None,
+              share: range | None = None) -> torch.Tensor:
     """Forward and backward one batch; returns its mean loss, on the device (reading it is a
     sync). Gradients accumulate in the LoRA. With `preserve` (DOP), the subjects' class captions
     add their preservation term on the same noisy latents and σ (into `preserve.total`). With
@@ -86,25 +87,34 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
     instead of taken from the cache; DOP's class captions too, for the LoRA's side of its term (its
     frozen target keeps the cached, frozen encoder's embeddings). With `lora`,
     photos of a dataset with a network_weight other than 1 train with the LoRA at that multiplier.
-    Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own."""
+    Examples whose tensors don't stack (another bucket, a longer caption) go in a pass of their own.
+    `share` (several processes, distributed.py): the positions in `batch` this process trains; the
+    random draws are those of the whole batch, and the loss is still divided by the whole batch."""
     groups: dict[tuple, list] = {}
-    for e in batch:
+    for position, e in enumerate(batch):
         latents, context, pooled, caption = choose(e, generator)
-        if text is not None:
+        mine = share is None or position in share
+        if text is not None and mine:
             context, pooled = text(caption, context, pooled)
         version = caption_texts(e).index(caption) if preserve is not None and e.preserve else 0
         kept = e.preserve[version] if preserve is not None and e.preserve else None  # its class caption
         live = None  # the class caption through the trained text encoder, for the LoRA's side of DOP
-        if kept is not None and text is not None:
+        if kept is not None and text is not None and mine:
             live = text(e.preserved_captions[version], *kept)
         key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0], e.network_weight)
-        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept, live))
+        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept, live, mine))
     total = torch.zeros((), device=backend.device)
     for key, group in groups.items():
+        shape = (len(group), *group[0][0].shape)
+        noise = torch.randn(shape, generator=generator)  # drawn on the CPU: same on every device
+        sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*shape[-2:]), generator)
+        if share is not None:  # this process's part of the group
+            rows = [i for i, g in enumerate(group) if g[6]]
+            group, noise, sigmas = [group[i] for i in rows], noise[rows], sigmas[rows]
+            if not group:
+                continue
         latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
         weights = torch.tensor([g[3] for g in group])
-        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: same on every device
-        sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*latents.shape[-2:]), generator)
         latents, noise, sigmas, context, pooled, weights = (
             _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
         noisy = flow.noisy_latents(latents, noise, sigmas)
@@ -130,10 +140,13 @@ class Trainer:
     (on CPU) in another process: step, RNG, batch order, optimizer, schedule, loss scale, EMA."""
 
     def __init__(self, backend: FluxBackend, lora: LoraSet, examples: list[Example], config: TrainConfig,
-                 text_encoder: TrainableText | None = None):
-        """`text_encoder`: the encoders the LoRA's text-encoder part trains on (text_phase.py)."""
+                 text_encoder: TrainableText | None = None, ranks: Ranks | None = None):
+        """`text_encoder`: the encoders the LoRA's text-encoder part trains on (text_phase.py).
+        `ranks`: this process's place in a data-parallel run (distributed.py), None on its own."""
         check_batch_size(config, examples)
-        self.backend, self.lora, self.examples, self.config = backend, lora, examples, config
+        if ranks is not None:
+            check_batch(ranks, config.batch_size, len(examples))
+        self.backend, self.lora, self.examples, self.config, self.ranks = backend, lora, examples, config, ranks
         self.text = TextPhase.of(config, lora, text_encoder)
         self.step = 0
         self._losses: list[float] = []
@@ -142,7 +155,8 @@ class Trainer:
         self.dataset_change = ""  # what load_state found changed in the dataset ('' if nothing)
         self.text_note = ""  # and in the text encoder's phase
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.sampler = EpochSampler([e.repeats for e in examples], config.batch_size, self.generator,
+        batch = config.batch_size * (ranks.world if ranks else 1)  # a step's photos, over all processes
+        self.sampler = EpochSampler([e.repeats for e in examples], batch, self.generator,
                                     [tuple(e.latents.shape) for e in examples])
         groups = self.text.param_groups(lora) if self.text else [{"params": lora.trainable()}]
         self.params = [p for g in groups for p in g["params"]]
@@ -220,12 +234,17 @@ class Trainer:
                 batch = [self.examples[i] for i in self.sampler.next_batch()]
                 loss += step_loss(self.backend, batch, self.config, self.generator,
                                   lambda part: self.scaler.scale(part / accumulate), preserve=preserve,
-                                  text=embed, lora=self.lora) / accumulate
+                                  text=embed, lora=self.lora,
+                                  share=self.ranks.share(len(batch)) if self.ranks else None) / accumulate
         except BaseException:  # interrupted mid-step (the host may raise from inside the model):
             self.generator.set_state(rng)  # leave the state as after the last whole step, so a
             self.sampler.queue = queue  # checkpoint saved now resumes exactly
             self.optimizer.zero_grad(set_to_none=True)
             raise
+        if self.ranks is not None:  # the whole batch's gradients and loss, on every process
+            loss, *preserved = self.ranks.reduce_step(self.params, [loss] + ([preserve.total] if preserve else []))
+            if preserve is not None:
+                preserve.total = preserved[0]
         self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -270,6 +289,7 @@ class Trainer:
         """Everything but the examples, as plain tensors and numbers (torch.load(weights_only=True))."""
         return {"step": self.step, "losses": list(self.losses), "generator": self.generator.get_state(),
                 "queue": [list(b) for b in self.sampler.queue], "examples": [example_key(e) for e in self.examples],
+                "batch": self.sampler.batch_size,
                 "lora": {k: v.detach().cpu() for k, v in self.lora.state_dict().items()},
                 "variants": self.lora.variants(),
                 "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
@@ -304,6 +324,8 @@ class Trainer:
         if self.dataset_change:
             log.warning("%s", self.dataset_change)
             queue = []  # the old batch order names the old dataset's examples: shuffle the current ones
+        elif state.get("batch", self.sampler.batch_size) != self.sampler.batch_size:  # another number of processes
+            queue = rebatched(queue, self.sampler.batch_size, lambda i: self.sampler.buckets[i])
         self.sampler.queue = queue
         self.step, self._losses, self._pending, self._pending_norms = state["step"], list(state["losses"]), [], []
         self._use_config_rates()
