@@ -179,7 +179,8 @@ class TrainFluxLora(io.ComfyNode):
                                            dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
-        base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
+        unknown = f"unknown {backend.family.label} [{backend.variant}]"
+        base = base or getattr(model.model, "flux_dreambooth_name", unknown)
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.triggers, base, {
             "resolution": resolution, "learning_rate": config.learning_rate, "seed": config.seed,
@@ -188,7 +189,7 @@ class TrainFluxLora(io.ComfyNode):
             **({"base_model_loras": ", ".join(base_loras)} if base_loras else {}),
             **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
                if text_part else {})},
-            family=backend.family, variant=backend.variant, text_encoders=text_encoders)
+            family=backend.family.name, variant=backend.variant, text_encoders=text_encoders)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")

@@ -11,6 +11,7 @@ from trainer.data.augment import Augmentation
 from trainer.data.captions import preservation_caption
 from trainer.data.encode import encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.loop import flow
 from trainer.loop.memory import MemoryConfig
 from trainer.loop.preservation import Preservation
@@ -151,16 +152,16 @@ def test_the_gradient_is_the_subject_loss_plus_the_preservation_term(tiny_flux, 
     generator = torch.Generator().manual_seed(5)  # by hand: the same draws, one graph, the target from the bare model
     latents = torch.stack([e.latents for e in batch])
     noise = torch.randn(latents.shape, generator=generator)
-    sigmas = config.timesteps.sample(2, flow.image_seq_len(*latents.shape[-2:]), generator)
+    sigmas = config.timesteps.sample(2, backend.family.tokens(*latents.shape[-2:]), generator)
     noisy = flow.noisy_latents(latents, noise, sigmas)
     context, pooled = (torch.stack([e.preserve[0][i] for e in batch]) for i in range(2))
     with torch.no_grad():
-        target = backend.velocity(noisy, sigmas, context, pooled, 1.0)
+        target = backend.velocity(noisy, sigmas, Conditioning(context, pooled))
     with backend.lora_applied(lora):
-        v = backend.velocity(noisy, sigmas, torch.stack([e.context for e in batch]),
-                             torch.stack([e.pooled for e in batch]), 1.0)
+        v = backend.velocity(noisy, sigmas, Conditioning.of([(e.context, e.pooled) for e in batch]))
         subject = flow.flow_matching_loss(v, flow.velocity_target(latents, noise)).mean()
-        kept = (backend.velocity(noisy, sigmas, context, pooled, 1.0) - target).square().flatten(1).mean(1).mean()
+        kept = (backend.velocity(noisy, sigmas, Conditioning(context, pooled)) - target).square().flatten(1).mean(1)
+        kept = kept.mean()
         (subject + multiplier * kept).backward()
     for got, want in zip(trained, (p.grad for p in lora.trainable())):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
@@ -186,9 +187,9 @@ def class_drift(backend, lora, examples) -> float:
                 noise = torch.randn((1, *e.latents.shape), generator=generator)
                 noisy, s = flow.noisy_latents(e.latents[None], noise, torch.tensor([sigma])), torch.tensor([sigma])
                 context, pooled = e.preserve[0][0][None], e.preserve[0][1][None]
-                on = backend.velocity(noisy, s, context, pooled, 1.0)
+                on = backend.velocity(noisy, s, Conditioning(context, pooled))
                 with lora.disabled():
-                    off = backend.velocity(noisy, s, context, pooled, 1.0)
+                    off = backend.velocity(noisy, s, Conditioning(context, pooled))
                 total.append((on - off).square().mean().item())
     return sum(total) / len(total)
 

@@ -128,11 +128,6 @@ class TimestepSampling:
         return bell_weight(sigmas) if self.mode == "weighted" else torch.ones_like(sigmas, dtype=torch.float32)
 
 
-def image_seq_len(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
-    """Number of image tokens FLUX makes from a latent: one per 2×2 patch."""
-    return (latent_height // patch_size) * (latent_width // patch_size)
-
-
 def sampling_sigmas(steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
     """The σ schedule FLUX samples with: 1 → 0 in `steps` Euler steps, shifted like training."""
     t = torch.linspace(1.0, 0.0, steps + 1)

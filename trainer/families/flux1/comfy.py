@@ -16,6 +16,7 @@ from torch import nn
 
 from ...lora.weights import LoraWeight
 from ..backend import FluxBackend
+from . import FAMILY
 from .layers import FluxDims
 
 
@@ -30,6 +31,7 @@ def _unsupported(params) -> str | None:
 
 
 class ComfyFlux(FluxBackend):
+    family = FAMILY
     split_layers = False
 
     def __init__(self, base_model, device: torch.device, training_flag: Callable[[bool], None] | None = None):
@@ -78,11 +80,12 @@ class ComfyFlux(FluxBackend):
             if self.training_flag:
                 self.training_flag(False)
 
-    def velocity(self, latents, sigmas, context, pooled, guidance):
+    def velocity(self, latents, sigmas, cond):
+        self.check_conditioning(cond)
         dtype, device = self.compute_dtype, self.device
         timestep = self.model.model_sampling.timestep(sigmas.to(device)).float()
-        out = self.dit(latents.to(device, dtype), timestep, context.to(device, dtype),
-                       y=pooled.to(device, dtype), guidance=self.guidance_tensor(guidance, latents.shape[0]),
+        out = self.dit(latents.to(device, dtype), timestep, cond.context.to(device, dtype),
+                       y=cond.pooled.to(device, dtype), guidance=self.guidance_tensor(cond.guidance, latents.shape[0]),
                        transformer_options={"optimized_attention_override": sdpa_attention})
         return out.float()
 
