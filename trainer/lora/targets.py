@@ -208,7 +208,8 @@ class LayerSpec:
     def resolved(self, layout: ModelLayout) -> "LayerSpec":
         """The selection for this model: its preset names expanded in the model family's layer names
         (a recipe's selection is only known once the model's depths are; see recipe.build.RecipeLayers)."""
-        return LayerSpec(tuple(g.expanded(layout.vocabulary) for g in self.groups))
+        groups = tuple(g.expanded(layout.vocabulary) for g in self.groups)
+        return self if all(a is b for a, b in zip(groups, self.groups)) else LayerSpec(groups)
 
     def to_json(self) -> str:
         return json.dumps([asdict(g) for g in self.groups])
