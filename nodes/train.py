@@ -43,7 +43,10 @@ class TrainFluxLora(io.ComfyNode):
                         "ComfyUI loaded it (bf16, fp16 or fp8), on a background thread. Cancel stops it "
                         "within a step.",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 model to train on (dev, schnell, Krea…)."),
+                io.Model.Input("model", tooltip="The FLUX model to train on: FLUX.1 (dev, schnell, Krea…) or FLUX.2 "
+                               "([klein] 4B / 9B, [dev]; needs ComfyUI ≥ 0.3.72). For [klein], load the base "
+                               "weights: base and distilled files can't be told apart, and LoRAs trained on "
+                               "distilled klein give grey, washed-out images."),
                 io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once (and to train, with "
                                              "Training Settings' text_encoder_lr)."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode the images once."),

@@ -16,8 +16,11 @@ from ...trainer.data.encode import weights_fingerprint
 from ...trainer.families.flux1.comfy import ComfyFlux
 from ...trainer.families.flux1.comfy_text import ComfyText
 from ...trainer.families.flux2.comfy import ComfyFlux2
+from ...trainer.log import logger
 from ...trainer.loop import quantize
 from . import gguf
+
+log = logger(__name__)
 
 
 def set_training_kernels(on: bool) -> None:
@@ -36,7 +39,11 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
         raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 and FLUX.2 "
                          "models (load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
     patcher = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model
-    return backend(patcher.model, patcher.load_device, training_flag=set_training_kernels), patcher
+    trained = backend(patcher.model, patcher.load_device, training_flag=set_training_kernels)
+    if trained.family.name == "flux2" and trained.variant == "klein":
+        log.warning("FLUX.2 [klein]: train on the base weights. Base and distilled klein have the same keys, so this "
+                    "can't tell which was loaded; LoRAs trained on distilled klein give grey, washed-out images.")
+    return trained, patcher
 
 
 # ComfyUI's model class (model_base) -> the backend of its family
