@@ -139,3 +139,54 @@ def test_tiny_flux2_trains_and_its_file_loads_with_every_key_in_the_stock_lora_l
     change, error = (trained - base).abs().max(), (from_file - trained).abs().max()
     assert change > 1e-3 and error < 1e-3 * change, (change, error)
     assert meta["dreambooth.family"] == "flux2" and meta["modelspec.architecture"] == "flux-2-klein/lora"
+
+
+def test_comfyui_and_diffusers_flux2_backends_agree(flux2):
+    """The toy FLUX.2's weights mapped into diffusers' Flux2Transformer2DModel (ComfyUI's own
+    flux_to_diffusers, plus the timestep and shared-modulation layers it leaves out) give the same
+    loss and LoRA gradients as ComfyUI's model, also with checkpointing."""
+    import comfy.utils
+    from diffusers import Flux2Transformer2DModel
+
+    T = flux2.trainer
+    model = _model(flux2, guidance=True)
+    sd = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    cfg = model.model.model_config.unet_config
+    key_map = comfy.utils.flux_to_diffusers(cfg)
+    key_map.update({f"time_guidance_embed.{d}.linear_{i + 1}.weight": f"{b}.{layer}.weight"
+                    for d, b in (("timestep_embedder", "time_in"), ("guidance_embedder", "guidance_in"))
+                    for i, layer in enumerate(("in_layer", "out_layer"))})
+    key_map.update({f"{m}.linear.weight": f"{m}.lin.weight" for m in
+                    ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")})
+    reference = Flux2Transformer2DModel(num_layers=cfg["depth"], num_single_layers=cfg["depth_single_blocks"],
+                                        attention_head_dim=128, num_attention_heads=cfg["num_heads"],
+                                        joint_attention_dim=cfg["context_in_dim"], guidance_embeds=True)
+    converted = {}
+    for name in reference.state_dict():
+        src = key_map[name]
+        if isinstance(src, str):
+            converted[name] = sd[src]
+        elif src[1] is not None:
+            converted[name] = sd[src[0]].narrow(*src[1])
+        else:
+            converted[name] = src[2](sd[src[0]])
+    reference.load_state_dict(converted)
+
+    LayerGroup = T.lora.targets.LayerGroup
+    spec = T.lora.targets.LayerSpec((
+        LayerGroup("transformer_blocks", 0, 2, ("attn.to_q", "attn.to_v", "attn.to_out.0", "ff.linear_in",
+                                                "attn.add_k_proj", "ff_context.linear_out"), 4, 2.0),
+        LayerGroup("single_transformer_blocks", 0, 2, ("attn.to_k", "proj_mlp", "attn.to_out"), 3)))
+    torch.manual_seed(3)
+    batch = (torch.randn(2, 128, 4, 4), torch.randn(2, 128, 4, 4), _cond(T, 2, guidance=3.5), torch.tensor([0.3, 0.8]))
+    M = T.loop.memory.MemoryConfig
+    from importlib import import_module
+
+    diffusers_backend = import_module(f"{flux2.__name__}.trainer.families.flux2.diffusers").DiffusersFlux2
+    ref_loss, ref_grads = _grads(T, diffusers_backend(reference), spec, M("off"), batch)
+    host = _backend(flux2, model)
+    for memory in (M("off"), M("blocks")):
+        loss, grads = _grads(T, host, spec, memory, batch)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert (g - r).abs().max() <= 1e-4 * r.abs().max()
