@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.families.flux1.layers import DOUBLE, SINGLE, VOCABULARY
+from ..trainer.families.flux1.layers import DOUBLE, SINGLE
+from ..trainer.families.flux1.layers import VOCABULARY as FLUX1
+from ..trainer.families.flux2.layers import VOCABULARY as FLUX2
 from ..trainer.lora.targets import LayerGroup, LayerSpec, parse_layer_types, preset_names
 from ..trainer.lora.variants import VARIANTS
 from . import ids, sockets
@@ -34,9 +36,12 @@ class LoraLayerGroup(io.ComfyNode):
                              tooltip="End of the range, exclusive as in mflux: 38 covers all single blocks, 19 all "
                                      "double blocks."),
                 io.String.Input("layer_types", default="proj_out, proj_mlp, attn.to_q, attn.to_k, attn.to_v",
-                                tooltip=f"Comma-separated diffusers names. Single blocks: {VOCABULARY.names(SINGLE)}. "
-                                        f"Double blocks: {VOCABULARY.names(DOUBLE)}. "
-                                        f"Presets: {', '.join(preset_names())}. "
+                                tooltip="Comma-separated diffusers names. "
+                                        f"FLUX.1 single blocks: {FLUX1.names(SINGLE)}; "
+                                        f"double blocks: {FLUX1.names(DOUBLE)}. "
+                                        f"FLUX.2 single blocks: {FLUX2.names(SINGLE)}; "
+                                        f"double blocks: {FLUX2.names(DOUBLE)}. "
+                                        f"Presets (the same layers in each family): {', '.join(preset_names())}. "
                                         "Attention (q, k, v) holds likeness; projections and MLPs hold style."),
                 io.Int.Input("rank", default=8, min=1, max=256,
                              tooltip="LoRA rank: 4–8 for a pet or object, 8–16 for a face, 16–32 for a style. "

@@ -65,7 +65,10 @@ class TrainFluxLora(io.ComfyNode):
                         "ComfyUI loaded it (bf16, fp16 or fp8), on a background thread. Cancel stops it "
                         "within a step.",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 model to train on (dev, schnell, Krea…)."),
+                io.Model.Input("model", tooltip="The FLUX model to train on: FLUX.1 (dev, schnell, Krea…) or FLUX.2 "
+                               "([klein] 4B / 9B, [dev]; needs ComfyUI ≥ 0.3.72). For [klein], load the base "
+                               "weights: base and distilled files can't be told apart, and LoRAs trained on "
+                               "distilled klein give grey, washed-out images."),
                 io.Clip.Input("clip", tooltip="Its text encoders, to encode the captions once (and to train, with "
                                              "Training Settings' text_encoder_lr)."),
                 io.Vae.Input("vae", tooltip="Its VAE, to encode the images once."),
@@ -201,7 +204,8 @@ class TrainFluxLora(io.ComfyNode):
                                            dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
-        base = base or getattr(model.model, "flux_dreambooth_name", f"unknown FLUX.1 [{backend.variant}]")
+        unknown = f"unknown {backend.family.label} [{backend.variant}]"
+        base = base or getattr(model.model, "flux_dreambooth_name", unknown)
         resolution = ",".join(str(r) for r in sorted({i.shaping.resolution for i in dataset.items}))
         metadata = export.LoraMetadata(spec, dataset.triggers, base, {
             "resolution": resolution, "learning_rate": config.learning_rate, "seed": config.seed,
@@ -210,7 +214,7 @@ class TrainFluxLora(io.ComfyNode):
             **({"base_model_loras": ", ".join(base_loras)} if base_loras else {}),
             **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
                if text_part else {})},
-            family=backend.family, variant=backend.variant, text_encoders=text_encoders)
+            family=backend.family.name, variant=backend.variant, text_encoders=text_encoders)
         write_recipe(folder.path, config, spec, backend.dims, dataset, settings, validation,
                      lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -122,3 +124,59 @@ def test_compile_that_cannot_work_here_is_refused_by_name(monkeypatch):
     with pytest.raises(RuntimeError, match=r"compile is on.*no C compiler.*turn compile off"):
         BlockRunner([block], [True], [("img", "txt")], MemoryConfig(compile=True), CPU)
     assert "forward" not in block.__dict__
+
+
+@dataclasses.dataclass
+class Modulation:
+    """Shaped like ComfyUI's ModulationOut: FLUX.2's blocks get a tuple of these, made at model level."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+
+class SharedModulationBlock(nn.Module):
+    """Shaped like ComfyUI's FLUX.2 single block: its modulation comes in as (Modulation, None)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.linear = nn.Linear(d, d)
+
+    def forward(self, x, vec):
+        mod, _ = vec
+        x += self.linear(self.norm(x) * (1 + mod.scale) + mod.shift)
+        return x
+
+
+def _shared_modulation_grads(memory):
+    """Gradients of a LoRA-like weight on the shared modulation layer (before the blocks) and on
+    the blocks: the modulation's tensors must travel through checkpoints as inputs."""
+    torch.manual_seed(0)
+    blocks = [SharedModulationBlock(8).requires_grad_(False) for _ in range(3)]
+    shared = torch.randn(8, 16, requires_grad=True)
+    delta = torch.zeros(8, 8, requires_grad=True)
+    with torch.no_grad():
+        delta.normal_()
+    hooks = [b.linear.register_forward_hook(lambda m, a, o: o + a[0] @ delta) for b in blocks[:1]]
+    runner = BlockRunner(blocks, [True, False, False], [("x",)] * 3, memory, CPU) if memory else None
+    try:
+        x, t = torch.randn(2, 5, 8), torch.randn(2, 1, 8)
+        shift, scale = (t @ shared).chunk(2, dim=-1)
+        vec = (Modulation(shift, scale), None)
+        for b in blocks:
+            x = b(x, vec)
+        x.square().mean().backward()
+    finally:
+        if runner:
+            runner.restore()
+        for h in hooks:
+            h.remove()
+    return shared.grad, delta.grad
+
+
+@pytest.mark.parametrize("memory", [MemoryConfig("blocks"), MemoryConfig("offload")])
+def test_modulation_passed_as_dataclasses_keeps_its_gradient_through_checkpoints(memory):
+    plain = _shared_modulation_grads(MemoryConfig("off"))
+    got = _shared_modulation_grads(memory)
+    for g, r in zip(got, plain):
+        assert r is not None and r.abs().max() > 0 and torch.allclose(g, r, atol=1e-6)

@@ -11,6 +11,7 @@ from trainer.data.augment import Augmentation
 from trainer.data.captions import preservation_caption
 from trainer.data.encode import encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.loop import flow
 from trainer.loop.memory import MemoryConfig
 from trainer.loop.preservation import Preservation
@@ -130,10 +131,11 @@ def test_the_frozen_target_is_the_model_without_the_lora(tiny_flux, examples):
     backend.velocity = velocity
     (_, subject, _), (frozen_grad, frozen_args, target), (_, class_args, with_lora) = calls
     assert not frozen_grad and torch.equal(frozen_args[0], subject[0]) and torch.equal(frozen_args[1], subject[1])
-    assert torch.equal(frozen_args[2], torch.stack([e.preserve[0][0] for e in examples[:2]]))  # the class captions
+    assert torch.equal(frozen_args[2].context, torch.stack([e.preserve[0][0] for e in examples[:2]]))  # class captions
     bare = velocity(*frozen_args)  # no hooks attached now: the model as loaded
     assert torch.allclose(target, bare, atol=1e-6)
-    assert torch.equal(class_args[2], frozen_args[2]) and (with_lora - bare).abs().max() > 1e-3  # the LoRA side
+    assert torch.equal(class_args[2].context, frozen_args[2].context)
+    assert (with_lora - bare).abs().max() > 1e-3  # the LoRA side
 
 
 MODES = [MemoryConfig("off"), MemoryConfig("blocks"), MemoryConfig("offload"), MemoryConfig("blocks", swap_blocks=3)]
@@ -153,16 +155,16 @@ def test_the_gradient_is_the_subject_loss_plus_the_preservation_term(tiny_flux, 
     generator = torch.Generator().manual_seed(5)  # by hand: the same draws, one graph, the target from the bare model
     latents = torch.stack([e.latents for e in batch])
     noise = torch.randn(latents.shape, generator=generator)
-    sigmas = config.timesteps.sample(2, flow.image_seq_len(*latents.shape[-2:]), generator)
+    sigmas = config.timesteps.sample(2, backend.family.tokens(*latents.shape[-2:]), generator)
     noisy = flow.noisy_latents(latents, noise, sigmas)
     context, pooled = (torch.stack([e.preserve[0][i] for e in batch]) for i in range(2))
     with torch.no_grad():
-        target = backend.velocity(noisy, sigmas, context, pooled, 1.0)
+        target = backend.velocity(noisy, sigmas, Conditioning(context, pooled))
     with backend.lora_applied(lora):
-        v = backend.velocity(noisy, sigmas, torch.stack([e.context for e in batch]),
-                             torch.stack([e.pooled for e in batch]), 1.0)
+        v = backend.velocity(noisy, sigmas, Conditioning.of([(e.context, e.pooled) for e in batch]))
         subject = flow.flow_matching_loss(v, flow.velocity_target(latents, noise)).mean()
-        kept = (backend.velocity(noisy, sigmas, context, pooled, 1.0) - target).square().flatten(1).mean(1).mean()
+        kept = (backend.velocity(noisy, sigmas, Conditioning(context, pooled)) - target).square().flatten(1).mean(1)
+        kept = kept.mean()
         (subject + multiplier * kept).backward()
     for got, want in zip(trained, (p.grad for p in lora.trainable())):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
@@ -188,9 +190,9 @@ def class_drift(backend, lora, examples) -> float:
                 noise = torch.randn((1, *e.latents.shape), generator=generator)
                 noisy, s = flow.noisy_latents(e.latents[None], noise, torch.tensor([sigma])), torch.tensor([sigma])
                 context, pooled = e.preserve[0][0][None], e.preserve[0][1][None]
-                on = backend.velocity(noisy, s, context, pooled, 1.0)
+                on = backend.velocity(noisy, s, Conditioning(context, pooled))
                 with lora.disabled():
-                    off = backend.velocity(noisy, s, context, pooled, 1.0)
+                    off = backend.velocity(noisy, s, Conditioning(context, pooled))
                 total.append((on - off).square().mean().item())
     return sum(total) / len(total)
 
@@ -252,10 +254,11 @@ def test_dop_in_the_text_encoders_phase_reads_class_captions_through_the_trained
         seen.append((target, with_lora))
     frozen = [torch.stack([e.preserve[0][i] for e in examples[:2]]) for i in range(2)]
     for target, _ in seen:  # the target: the cached class captions of the frozen encoder, every time
-        assert torch.equal(target[2], frozen[0]) and torch.equal(target[3], frozen[1])
+        assert torch.equal(target[2].context, frozen[0]) and torch.equal(target[2].pooled, frozen[1])
     (_, first), (_, second) = seen
-    assert (first[3] - frozen[1]).abs().max() > 1e-3  # CLIP-L's pooled vector through the LoRA…
-    assert (first[3] - second[3]).abs().max() > 1e-3  # …which moves when the LoRA does
+    first, second = first[2].pooled.detach(), second[2].pooled.detach()
+    assert (first - frozen[1]).abs().max() > 1e-3  # CLIP-L's pooled vector through the LoRA…
+    assert (first - second).abs().max() > 1e-3  # …which moves when the LoRA does
     _, without = _te_dop_step(tiny_flux, examples, lora, text, 0.0)
     _, with_dop = _te_dop_step(tiny_flux, examples, lora, text, 1.0)
     difference = max((a - b).abs().max().item() for a, b in zip(with_dop, without))

@@ -6,6 +6,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from trainer import files
+from trainer.families.conditioning import Conditioning
 from trainer.families.flux1.diffusers import DiffusersFlux
 from trainer.families.flux1.layers import DOUBLE, SINGLE, FluxDims
 from trainer.lora.targets import LayerGroup, LayerSpec
@@ -54,7 +55,8 @@ def test_kohya_file_stands_for_exactly_the_trained_update():
 
 def _velocity(backend, lora=None):
     torch.manual_seed(0)
-    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.5]), torch.randn(1, 10, 64), torch.randn(1, 64), 3.5)
+    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.5]),
+            Conditioning(torch.randn(1, 10, 64), torch.randn(1, 64), 3.5))
     with torch.no_grad():
         if lora is None:
             return backend.velocity(*args)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from trainer.families.flux1 import FAMILY as FLUX1
 from trainer.loop import flow
 
 
@@ -70,7 +71,7 @@ def test_sampling_sigmas_run_from_noise_to_image():
     s = flow.sampling_sigmas(20, 1024)
     assert s[0] == pytest.approx(1.0) and s[-1] == 0.0 and len(s) == 21
     assert torch.all(s[1:] < s[:-1])
-    assert flow.image_seq_len(128, 128) == 4096 and not math.isnan(float(s.sum()))
+    assert FLUX1.tokens(128, 128) == 4096 and not math.isnan(float(s.sum()))  # 1024² in 2×2 patches
 
 
 def _draw(n=20000, seq=256, **settings):

@@ -132,7 +132,8 @@ def _loss_and_lora_grads(T, backend, spec, memory, batch, guidance):
         for i, w in enumerate(lora):
             w.up.copy_(torch.randn(w.up.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
     with backend.training(lora, memory):
-        v = backend.velocity(T.loop.flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, guidance)
+        v = backend.velocity(T.loop.flow.noisy_latents(lat, noise, sig), sig,
+                             T.families.conditioning.Conditioning(ctx, pooled, guidance))
         loss = T.loop.flow.flow_matching_loss(v, T.loop.flow.velocity_target(lat, noise)).mean()
         loss.backward()
     return loss.item(), [p.grad for p in lora.parameters()]

@@ -72,7 +72,8 @@ def test_stock_lora_loader_computes_what_training_computed(host, variant, caplog
     spec = T.lora.targets.LayerSpec(_groups(LayerGroup, variant))
     lora = T.lora.weights.LoraSet(spec.targets(backend.dims), seed=5)
     torch.manual_seed(3)
-    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.6]), torch.randn(1, 7, 64), torch.randn(1, 64), 3.5)
+    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.6]),
+            T.families.conditioning.Conditioning(torch.randn(1, 7, 64), torch.randn(1, 64), 3.5))
     with torch.no_grad():
         base = backend.velocity(*args)
         with backend.lora_applied(lora):  # DoRA measures the frozen rows on its first call

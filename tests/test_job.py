@@ -16,6 +16,7 @@ from trainer import files
 from trainer.data import datasets
 from trainer.data.encode import encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.loop import job as jobs
 from trainer.loop import trainer as loop
 from trainer.loop.job import Job, JobSpec, JobState, ValidationSchedule
@@ -79,7 +80,7 @@ class RecordingHost:
             if should_stop():
                 return None
             with backend.lora_applied(lora):
-                latents = sample(backend, context, pooled, 8, 8, steps=3, seed=i)
+                latents = sample(backend, Conditioning(context[None], pooled[None], 3.5), 8, 8, steps=3, seed=i)
             pixels = self.model.decode(latents)
             image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             path = files.write_image(job.spec.run.path / "samples" / f"step_{step:06d}_{i:02d}.png", image)

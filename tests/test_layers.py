@@ -87,7 +87,8 @@ def test_alpha_sets_the_scale():
 
 def test_layer_type_text_and_presets():
     assert parse_layer_types("proj_out, attn.to_q  proj_out", SINGLE) == ("proj_out", "attn.to_q")
-    assert parse_layer_types("attention", DOUBLE)[:3] == ("attn.to_q", "attn.to_k", "attn.to_v")
+    assert parse_layer_types("attention", DOUBLE, FLUX1.vocabulary)[:3] == ("attn.to_q", "attn.to_k", "attn.to_v")
+    assert parse_layer_types("attention proj_out", SINGLE) == ("attention", "proj_out")  # expanded by the model
     spec = LayerSpec.preset("attention+mlp", FluxDims(256, 1024, 2, 4), rank=4)
     assert len(spec.targets(FluxDims(256, 1024, 2, 4))) == 2 * 12 + 4 * 5
 

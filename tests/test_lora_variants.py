@@ -12,6 +12,7 @@ from torch import nn
 from trainer.data import datasets
 from trainer.data.encode import encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.families.flux1.layers import DOUBLE, SINGLE, FluxDims
 from trainer.loop import flow
 from trainer.loop.memory import MemoryConfig
@@ -218,7 +219,8 @@ def test_dora_diffusers_file_loads_into_diffusers_with_the_same_outputs(tmp_path
                       LayerGroup(SINGLE, 1, 3, ("attn.to_k", "proj_mlp"), 4, None, "dora")))
     lora = LoraSet(spec.targets(backend.dims), seed=1)
     torch.manual_seed(0)
-    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.5]), torch.randn(1, 10, 64), torch.randn(1, 64), 3.5)
+    args = (torch.randn(1, 16, 8, 8), torch.tensor([0.5]),
+            Conditioning(torch.randn(1, 10, 64), torch.randn(1, 64), 3.5))
     with torch.no_grad(), backend.lora_applied(lora):
         base = backend.velocity(*args)
     _perturb(lora, scale=0.05)
@@ -271,10 +273,10 @@ def test_memory_modes_give_the_same_loss_and_gradients(tiny_flux, variant):
     def step(memory):
         lora = LoraSet(spec.targets(backend.dims), seed=5)
         with torch.no_grad(), backend.lora_applied(lora):
-            backend.velocity(lat, sig, ctx, pooled, 1.0)
+            backend.velocity(lat, sig, Conditioning(ctx, pooled))
         _perturb(lora, scale=0.1)
         with backend.training(lora, memory):
-            v = backend.velocity(flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, 1.0)
+            v = backend.velocity(flow.noisy_latents(lat, noise, sig), sig, Conditioning(ctx, pooled))
             loss = flow.flow_matching_loss(v, flow.velocity_target(lat, noise)).mean()
             loss.backward()
         return loss.item(), [p.grad for p in lora.parameters()]

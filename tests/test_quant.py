@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from trainer.families.conditioning import Conditioning
 from trainer.families.flux1.comfy import _fresh_copy
 from trainer.loop import flow, quantize
 from trainer.loop.memory import BlockSwap, MemoryConfig
@@ -45,7 +46,7 @@ def _step(backend, memory):
         for i, w in enumerate(lora):
             w.up.copy_(torch.randn(w.up.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
     with backend.training(lora, memory):
-        v = backend.velocity(flow.noisy_latents(lat, noise, sig), sig, ctx, pooled, 1.0)
+        v = backend.velocity(flow.noisy_latents(lat, noise, sig), sig, Conditioning(ctx, pooled))
         loss = flow.flow_matching_loss(v, flow.velocity_target(lat, noise)).mean()
         loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in lora.parameters()])

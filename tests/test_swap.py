@@ -17,6 +17,7 @@ from trainer import files
 from trainer.data import datasets
 from trainer.data.encode import encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.loop import trainer as loop
 from trainer.loop.job import Job, JobSpec, ValidationSchedule
 from trainer.loop.memory import MemoryConfig, swapped_indices
@@ -97,7 +98,7 @@ class CountingHost:
         backend = self.job.spec.backend
         context, pooled = self.model.encode_text("a photo of sks toy")
         with torch.inference_mode(), backend.lora_applied(lora):  # as on ComfyUI's node thread
-            latents = sample(backend, context, pooled, 8, 8, steps=2, seed=0)
+            latents = sample(backend, Conditioning(context[None], pooled[None], 3.5), 8, 8, steps=2, seed=0)
         self.images[step] = latents.clone()
         pixels = self.model.decode(latents)
         image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -7,6 +7,7 @@ import torch
 from trainer.data import datasets
 from trainer.data.encode import Example, encode_dataset
 from trainer.data.images import Shaping
+from trainer.families.conditioning import Conditioning
 from trainer.loop.memory import MemoryConfig, compile_problem
 from trainer.loop.trainer import TrainConfig, fixed_noise_loss, train
 from trainer.lora.targets import LayerSpec
@@ -78,7 +79,7 @@ def _saved_bytes(tiny_flux, examples, memory) -> int:
         return t
 
     with backend.training(lora, memory), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        backend.velocity(e.latents[None], torch.tensor([0.5]), e.context[None], e.pooled[None], 1.0).sum()
+        backend.velocity(e.latents[None], torch.tensor([0.5]), Conditioning.of([(e.context, e.pooled)])).sum()
     params = {p.untyped_storage().data_ptr() for p in tiny_flux.transformer.parameters()}
     return sum(n for ptr, n in storages.items() if ptr not in params)
 

@@ -21,6 +21,7 @@ from . import files
 from .data import datasets
 from .data.encode import encode_dataset
 from .data.images import Shaping
+from .families.conditioning import Conditioning
 from .families.flux1 import tiny
 from .log import logger
 from .loop.trainer import TrainConfig, fixed_noise_loss, train
@@ -56,12 +57,12 @@ def run(out: Path, steps: int, learning_rate: float, rank: int, resolution: int,
     log.info("Tiny FLUX %s, %d images at %d², %d LoRA layers (rank %d), %d steps.",
              backend.dims, len(examples), resolution, len(lora), rank, steps)
 
-    context, pooled = model.encode_text(PROMPT)
+    prompt = Conditioning.of([model.encode_text(PROMPT)], guidance=3.5)
     latent = resolution // 8
 
     def render() -> Image.Image:
         with backend.lora_applied(lora):
-            return to_image(model.decode(sample(backend, context, pooled, latent, latent, seed=seed)))
+            return to_image(model.decode(sample(backend, prompt, latent, latent, seed=seed)))
 
     loss_before = fixed_noise_loss(backend, lora, examples, config.guidance)
     before = render()

@@ -15,8 +15,12 @@ import torch
 from ...trainer.data.encode import weights_fingerprint
 from ...trainer.families.flux1.comfy import ComfyFlux
 from ...trainer.families.flux1.comfy_text import ComfyText
+from ...trainer.families.flux2.comfy import ComfyFlux2
+from ...trainer.log import logger
 from ...trainer.loop import quantize
 from . import gguf
+
+log = logger(__name__)
 
 
 def set_training_kernels(on: bool) -> None:
@@ -30,11 +34,26 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
     With dynamic VRAM (ComfyUI ≥ 0.2x on a GPU) weights are streamed in per call; training needs
     them resident, so it runs on a non-dynamic clone of the same model, as ComfyUI's own trainer
     does. Nothing is loaded here: call `load_for_training` once the dataset is encoded."""
-    if not isinstance(model.model, comfy.model_base.Flux) or type(model.model).__name__ != "Flux":
-        raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 models "
-                         "(load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
+    backend = BACKENDS.get(type(model.model).__name__) if isinstance(model.model, comfy.model_base.Flux) else None
+    if backend is None:
+        raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 and FLUX.2 "
+                         "models (load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
     patcher = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model
-    return ComfyFlux(patcher.model, patcher.load_device, training_flag=set_training_kernels), patcher
+    trained = backend(patcher.model, patcher.load_device, training_flag=set_training_kernels)
+    if trained.family.name == "flux2" and trained.variant == "klein":
+        log.warning("FLUX.2 [klein]: train on the base weights. Base and distilled klein have the same keys, so this "
+                    "can't tell which was loaded; LoRAs trained on distilled klein give grey, washed-out images.")
+    return trained, patcher
+
+
+# ComfyUI's model class (model_base) -> the backend of its family
+BACKENDS = {"Flux": ComfyFlux, "Flux2": ComfyFlux2}
+
+
+def reads_pooled(model) -> bool:
+    """Whether the MODEL's family reads a pooled text vector (FLUX.1's CLIP-L; FLUX.2 none)."""
+    backend = BACKENDS.get(type(model.model).__name__)
+    return backend is None or backend.family.pooled
 
 
 def load_for_training(patcher, keep_off: Sequence[str] = (), again: bool = False, also: Sequence = ()) -> None:
@@ -106,6 +125,9 @@ def sampling_as_loaded(patcher):
 def trainable_text(clip, patcher, keep_off: Sequence[str] = ()) -> ComfyText:
     """The workflow's CLIP as text encoders a run trains (text_encoder_lr > 0); whenever the run needs
     them on the device they are loaded together with the transformer `patcher`."""
+    if not reads_pooled(patcher):
+        raise ValueError("text_encoder_lr is above 0, but training the text encoder is for FLUX.1's CLIP-L and "
+                         "T5 only; FLUX.2's Qwen3 / Mistral encoder stays frozen. Set text_encoder_lr to 0.")
     return ComfyText(clip, lambda: load_for_training(patcher, keep_off, again=True, also=(clip.patcher,)))
 
 
@@ -121,7 +143,7 @@ class ComfyEncoders:
 
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
-        return cond[0], pooled[0]
+        return cond[0], pooled[0] if reads_pooled(self.model) and pooled is not None else None
 
     def identity(self) -> dict[str, str]:
         """The encoders' weights (and any LoRA patched onto them), and the latent normalisation."""

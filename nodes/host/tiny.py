@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import comfy.model_base
 import comfy.model_detection
+import comfy.ops
 import comfy.sd
 import comfy.supported_models_base
 import comfy.text_encoders.flux
 import torch
 
+from ...trainer.families import flux2
 from ...trainer.families.flux1 import tiny
 
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -75,3 +78,44 @@ def load_tiny_flux(seed: int, weight_dtype: str = "default"):
     if missing or unexpected:
         raise RuntimeError(f"Tiny FLUX text encoders did not load: missing {missing}, unexpected {unexpected}.")
     return model, clip, vae
+
+
+# A FLUX.2 at toy width: the real block structure (shared modulation, SwiGLU, no biases, 4-axis RoPE,
+# 128 latent channels in 1×1 patches), 2 heads of 128 as ComfyUI's detection reads from the weights.
+TINY_FLUX2 = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 64,
+              "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+              "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False,
+              "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+              "default_ref_method": "index", "ref_index_scale": 10.0}
+
+
+def check_flux2() -> None:
+    """FLUX.2 needs a ComfyUI that has it (model_base.Flux2): else an error naming the version."""
+    if not hasattr(comfy.model_base, "Flux2"):
+        try:
+            from comfyui_version import __version__ as version
+        except ImportError:
+            version = "older"
+        raise ValueError(f"FLUX.2 needs ComfyUI ≥ {flux2.MIN_COMFYUI} (FLUX.2 [klein]: ≥ {flux2.MIN_COMFYUI_KLEIN}); "
+                         f"this ComfyUI is {version}. Update ComfyUI to train FLUX.2, or pick FLUX.1.")
+
+
+def tiny_flux2_weights(seed: int, guidance: bool = False) -> dict[str, torch.Tensor]:
+    """Seeded weights of the toy FLUX.2 in BFL names, as a FLUX.2 file holds them (with a
+    guidance embedding, [dev]'s layout; without, [klein]'s)."""
+    from comfy.ldm.flux.model import Flux
+
+    with torch.device("meta"):
+        dit = Flux(operations=comfy.ops.disable_weight_init, guidance_embed=guidance, **TINY_FLUX2)
+    return tiny.seeded_weights({k: tuple(v.shape) for k, v in dit.state_dict().items()}, seed)
+
+
+def load_tiny_flux2(seed: int, guidance: bool = False, weight_dtype: str = "default"):
+    """The toy FLUX.2 as a MODEL, loaded by ComfyUI's own loader (its detection, model_base.Flux2)."""
+    check_flux2()
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype is {weight_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}.")
+    options = {"dtype": WEIGHT_DTYPES[weight_dtype]} if WEIGHT_DTYPES[weight_dtype] else {}
+    model = comfy.sd.load_diffusion_model_state_dict(tiny_flux2_weights(seed, guidance), model_options=options)
+    model.model.flux_dreambooth_name = f"tiny-flux2 {'dev' if guidance else 'klein'} (random weights, seed {seed})"
+    return model

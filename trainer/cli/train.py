@@ -21,6 +21,7 @@ from PIL import Image
 from .. import files
 from ..data.captions import TRIGGER_PLACEHOLDER
 from ..data.encode import EncodeCache, encode_dataset
+from ..families.conditioning import Conditioning
 from ..families.flux1 import tiny
 from ..log import logger
 from ..loop import distributed, quantize
@@ -166,12 +167,12 @@ class ConsoleHost:
             trainable = self.model.trainable_text()
             with torch.no_grad(), text_encoder.applied(trainable, lora):
                 encoded = [trainable.encode(p) for p in self.prompts]
-        for i, (prompt, (context, pooled)) in enumerate(zip(self.prompts, encoded)):
+        for i, (prompt, embedded) in enumerate(zip(self.prompts, encoded)):
             if should_stop():
                 return None
             with backend.lora_applied(lora):
-                latents = sample(backend, context.to(backend.device), pooled.to(backend.device), self.size,
-                                 self.size, v.steps, v.guidance, v.seed)
+                latents = sample(backend, Conditioning.of([embedded], v.guidance), self.size, self.size, v.steps,
+                                 v.seed)
             pixels = self.model.decode(latents.cpu()).cpu()
             image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
             path = files.write_image(self.folder / "samples" / f"step_{step:06d}_{i:02d}.png", image)
@@ -249,6 +250,7 @@ def run(args) -> int:
     metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
         "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
         "run": folder.path.name, "recipe": text.to_json(recipe)},
+        family=backend.family.name, variant=backend.variant,
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None

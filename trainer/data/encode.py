@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from .. import files
+from ..families.conditioning import Text
 from ..log import logger
 from . import images
 from .captions import preservation_caption, shuffled_tags
@@ -28,7 +29,8 @@ log = logger(__name__)
 
 @dataclass
 class Example:
-    """One training image, encoded: model-space latents (C, h, w), T5 tokens (L, D), CLIP pooled (D,).
+    """One training image, encoded: model-space latents (C, h, w), text tokens (L, D), and for families
+    that read one (FLUX.1) the pooled CLIP vector (D,), else None.
     `views` are extra latents of the same image (augmented), `texts` extra caption variants (tag
     shuffles), `dropout_text` the trigger-only caption used with probability `dropout_rate`; each
     with the caption it encodes. `preserve` holds each of these captions with the trigger word
@@ -37,7 +39,7 @@ class Example:
 
     latents: torch.Tensor
     context: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     caption: str = ""
     source: str = ""
     repeats: int = 1
@@ -57,8 +59,9 @@ class Example:
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
-        pair = lambda t: (t[0].clone(), t[1].clone())  # noqa: E731
-        return replace(self, latents=self.latents.clone(), context=self.context.clone(), pooled=self.pooled.clone(),
+        pair = lambda t: (t[0].clone(), None if t[1] is None else t[1].clone())  # noqa: E731
+        return replace(self, latents=self.latents.clone(), context=self.context.clone(),
+                       pooled=None if self.pooled is None else self.pooled.clone(),
                        views=[v.clone() for v in self.views], texts=[pair(t) for t in self.texts],
                        dropout_text=pair(self.dropout_text) if self.dropout_text else None,
                        preserve=[pair(t) for t in self.preserve])
@@ -72,7 +75,7 @@ class Encoders(Protocol):
         """(B, 3, H, W) in [0, 1] -> (B, 16, H/8, W/8) latents as the transformer sees them."""
 
     def encode_text(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """caption -> (T5 tokens (L, D), CLIP pooled (D,))."""
+        """caption -> (text tokens (L, D), pooled vector (D,) or None where the family reads none)."""
 
     def identity(self) -> dict[str, str]:
         """Fingerprints of the image and text encoders ('images', 'text'), for cache keys."""
@@ -180,10 +183,11 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
     planned, skipped = plan(dataset)
     ids = encoders.identity()
 
-    def text(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        got = cache.get(key("text", ids["text"], caption), lambda: dict(zip(("context", "pooled"),
-                                                                            encoders.encode_text(caption))))
-        return got["context"], got["pooled"]
+    def text(caption: str) -> Text:
+        def compute():
+            return {n: t for n, t in zip(("context", "pooled"), encoders.encode_text(caption)) if t is not None}
+        got = cache.get(key("text", ids["text"], caption), compute)
+        return got["context"], got.get("pooled")
 
     examples = []
     for n, (item, bucket) in enumerate(planned):

@@ -1,7 +1,7 @@
-"""One FLUX, two implementations: ComfyUI's (BFL layout, fused q/k/v) and diffusers'.
+"""A model of some family, as something to train: ComfyUI's (BFL layout, fused q/k/v) or diffusers'.
 
-A backend knows where a LoRA target lives in its model, which blocks there are, and how to ask
-the model for a velocity. Everything else (the LoRA maths, the loop) is shared, so both train the
+A backend knows its family (spec.py), where a LoRA target lives in its model, which blocks there
+are, and how to ask the model for a velocity. Everything else (the LoRA maths, the loop) is shared, so both train the
 same thing and a test can hold them to the same loss and gradients.
 """
 
@@ -16,10 +16,12 @@ from ..loop.blocks import BlockRunner
 from ..loop.memory import BlockSwap, MemoryConfig, swapped_indices
 from ..lora.targets import ModelLayout
 from ..lora.weights import LoraSet, LoraWeight, attach, detach_all
+from .conditioning import Conditioning
+from .spec import Family
 
 
 class FluxBackend:
-    family = "flux1"
+    family: Family
     dims: ModelLayout
     guidance_embed: bool
     split_layers: bool  # one Linear per diffusers name (True) or BFL's fused layers (False)
@@ -28,9 +30,9 @@ class FluxBackend:
 
     @property
     def variant(self) -> str:
-        """The architecture, read from the weights: dev (and its fine-tunes, Krea among them) has a
-        guidance embedding, schnell has none."""
-        return "dev" if self.guidance_embed else "schnell"
+        """The architecture, read from the weights: FLUX.1 dev (and its fine-tunes, Krea among them)
+        has a guidance embedding, schnell has none."""
+        return self.family.variant(self.guidance_embed)
 
     def layer(self, w: LoraWeight) -> nn.Module:
         raise NotImplementedError
@@ -39,8 +41,7 @@ class FluxBackend:
         """(BFL block name, module, residual-stream args it changes in place) for every block."""
         raise NotImplementedError
 
-    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-                 pooled: torch.Tensor, guidance: float) -> torch.Tensor:
+    def velocity(self, latents: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's velocity prediction (float32) for noisy latents at σ."""
         raise NotImplementedError
 
@@ -111,6 +112,14 @@ class FluxBackend:
         with_lora = {w.target.block for w in lora.transformer()}
         names, modules, streams = zip(*self.blocks())
         return BlockRunner(list(modules), [n in with_lora for n in names], list(streams), memory, self.device)
+
+    def check_conditioning(self, cond: Conditioning) -> None:
+        """`cond` carries what this family reads and nothing it would drop."""
+        if cond.references:
+            raise ValueError(f"The batch has reference images, which this {self.family.label} model does not take in "
+                             "(reference images are for edit models: Kontext, FLUX.2).")
+        if self.family.pooled and cond.pooled is None:
+            raise ValueError(f"{self.family.label} needs the pooled text vector (CLIP-L's); the conditioning has none.")
 
     def guidance_tensor(self, guidance: float, batch: int) -> torch.Tensor | None:
         if not self.guidance_embed:

@@ -14,6 +14,7 @@ Three things happen per block, whichever model the block comes from:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from contextlib import contextmanager
 
@@ -37,16 +38,21 @@ def protect_stream(streams: list[torch.Tensor]):
 
 
 def _flatten(args: tuple, kwargs: dict):
-    """Tensors of (args, kwargs), one level deep into tuples/lists, and a function to put
-    new tensors back in their places."""
+    """Tensors of (args, kwargs), found inside tuples, lists and dataclasses too (FLUX.2 blocks get
+    their modulation as tuples of ComfyUI's ModulationOut), and a function to put new tensors back
+    in their places."""
     tensors: list[torch.Tensor] = []
 
     def take(v):
         if isinstance(v, torch.Tensor):
             tensors.append(v)
             return len(tensors) - 1
-        if isinstance(v, (tuple, list)) and v and all(isinstance(x, torch.Tensor) for x in v):
-            return type(v)(take(x) for x in v)
+        if isinstance(v, (tuple, list)) and v:
+            slots = [take(x) for x in v]
+            return ("seq", slots) if any(s is not None for s in slots) else None
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            slots = {f.name: take(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return ("fields", slots) if any(s is not None for s in slots.values()) else None
         return None
 
     slots_a = [take(a) for a in args]
@@ -57,7 +63,11 @@ def _flatten(args: tuple, kwargs: dict):
             return original
         if isinstance(slot, int):
             return new[slot]
-        return type(slot)(new[s] for s in slot)
+        kind, inner = slot
+        if kind == "seq":
+            return type(original)(put(s, o, new) for s, o in zip(inner, original))
+        return dataclasses.replace(original, **{k: put(s, getattr(original, k), new)
+                                                for k, s in inner.items() if s is not None})
 
     def rebuild(new):
         return (tuple(put(s, a, new) for s, a in zip(slots_a, args)),

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-TIMESTEP_SAMPLINGS = ("flux_shift", "logit_normal", "uniform", "sigmoid", "weighted", "mode", "cosmap")
+TIMESTEP_SAMPLINGS = ("flux_shift", "logit_normal", "uniform", "sigmoid", "weighted", "mode", "cosmap", "flux2_shift")
+SIZE_SHIFTS = ("flux_shift", "flux2_shift")  # shifted by the image's token count
 MODE_SCALE_RANGE = (-1.0, 2 / (math.pi - 2))  # where the mode density stays a density on [0, 1] (SD3 paper)
 
 
@@ -79,11 +80,14 @@ class TimestepSampling:
     flux_shift:   logit-normal, then FLUX's shift for the image's token count (kohya's
                   `flux_shift`, ai-toolkit's `timestep_type: flux_shift`): larger images train at
                   noisier σ, as they are sampled.
+    flux2_shift:  musubi-tuner's name for the same on FLUX.2 (its `flux2_shift`): the token count
+                  is the loaded family's (FLUX.2: one token per latent pixel), so on either family
+                  it equals flux_shift; accepted so musubi's FLUX.2 settings read as they are.
     sigmoid:      σ = sigmoid(n), n ~ N(0, 1): ai-toolkit's `timestep_type: sigmoid`.
     weighted:     σ ~ U(0, 1) with the loss weighted by a bell over σ: ai-toolkit's `weighted`.
     mode:         SD3's mode sampling, mass at mid σ by `mode_scale` (diffusers' `mode`).
     cosmap:       SD3's CosMap density.
-    `shift` ≠ 1 then applies SD3's fixed shift (every mode but flux_shift, which shifts by size).
+    `shift` ≠ 1 then applies SD3's fixed shift (every mode but the two that shift by size).
     """
 
     mode: str = "flux_shift"
@@ -101,8 +105,8 @@ class TimestepSampling:
             (low <= self.mode_scale <= high,
              f"mode_scale is {self.mode_scale}; keep it between {low:g} and {high:.2f} (1.29 is diffusers' value)."),
             (self.shift > 0, f"shift is {self.shift}; use a value above 0 (1 = no shift, 3.0 is SD3's)."),
-            (self.shift == 1 or self.mode != "flux_shift",
-             f"shift is {self.shift} with timestep_sampling flux_shift, which already shifts by image size; set "
+            (self.shift == 1 or self.mode not in SIZE_SHIFTS,
+             f"shift is {self.shift} with timestep_sampling {self.mode}, which already shifts by image size; set "
              "shift to 1, or pick another timestep_sampling (sigmoid, logit_normal) to shift by a fixed value."),
         ]
         for ok, message in checks:
@@ -110,7 +114,7 @@ class TimestepSampling:
                 raise ValueError(message)
 
     def sample(self, n: int, image_seq_len: int, generator: torch.Generator) -> torch.Tensor:
-        if self.mode in ("logit_normal", "flux_shift", "sigmoid"):
+        if self.mode in ("logit_normal", "sigmoid", *SIZE_SHIFTS):
             mean, std = (0.0, 1.0) if self.mode == "sigmoid" else (self.logit_mean, self.logit_std)
             sigmas = compute_density_for_timestep_sampling("logit_normal", n, mean, std, generator=generator)
         elif self.mode == "mode":
@@ -119,18 +123,13 @@ class TimestepSampling:
             sigmas = compute_density_for_timestep_sampling("uniform", n, generator=generator)
             if self.mode == "cosmap":
                 sigmas = cosmap_sigmas(sigmas)
-        if self.mode == "flux_shift":
+        if self.mode in SIZE_SHIFTS:
             return time_shift(flux_mu(image_seq_len), sigmas)
         return fixed_shift(self.shift, sigmas) if self.shift != 1 else sigmas
 
     def loss_weights(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Per-sample weight of the loss that this sampling implies (ai-toolkit's `weighted`), else 1."""
         return bell_weight(sigmas) if self.mode == "weighted" else torch.ones_like(sigmas, dtype=torch.float32)
-
-
-def image_seq_len(latent_height: int, latent_width: int, patch_size: int = 2) -> int:
-    """Number of image tokens FLUX makes from a latent: one per 2×2 patch."""
-    return (latent_height // patch_size) * (latent_width // patch_size)
 
 
 def sampling_sigmas(steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..families.backend import FluxBackend
+from ..families.conditioning import Conditioning
 from ..lora.weights import LoraSet
 
 
@@ -40,25 +41,23 @@ class Preservation:
     def start_step(self) -> None:
         self.total = torch.zeros((), device=self.device)
 
-    def per_sample(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-                   pooled: torch.Tensor, guidance: float,
-                   live: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def per_sample(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                   live: Conditioning | None = None) -> torch.Tensor:
         """multiplier × the MSE (per sample, shape [B]) between the LoRA's and the frozen model's
-        velocity for the class captions; only the LoRA's side has a graph. `context`/`pooled`: the
-        frozen encoder's embeddings (the target's); `live`: the trained encoder's, for the LoRA's
-        side in the text encoder's phase (else the frozen ones)."""
+        velocity for the class captions; only the LoRA's side has a graph. `cond`: the frozen
+        encoder's embeddings (the target's); `live`: the trained encoder's, for the LoRA's side in
+        the text encoder's phase (else the frozen ones)."""
         with torch.no_grad(), self.lora.disabled():
-            target = backend.velocity(noisy, sigmas, context, pooled, guidance)
-        v_pred = backend.velocity(noisy, sigmas, *(live or (context, pooled)), guidance)
+            target = backend.velocity(noisy, sigmas, cond)
+        v_pred = backend.velocity(noisy, sigmas, live or cond)
         return self.multiplier * (v_pred.float() - target.float()).square().flatten(1).mean(dim=1)
 
-    def backward(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor,
-                 pooled: torch.Tensor, guidance: float, batch_size: int,
-                 scale: Callable[[torch.Tensor], torch.Tensor],
-                 live: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def backward(self, backend: FluxBackend, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning,
+                 batch_size: int, scale: Callable[[torch.Tensor], torch.Tensor],
+                 live: Conditioning | None = None) -> None:
         """The term of a group of `batch_size` photos, its gradients added into the LoRA's (through
         `scale`, as the subject's loss: gradient accumulation, fp16 loss scaling)."""
-        term = self.per_sample(backend, noisy, sigmas, context, pooled, guidance, live).sum() / batch_size
+        term = self.per_sample(backend, noisy, sigmas, cond, live).sum() / batch_size
         scale(term).backward()
         self.total += term.detach()
 

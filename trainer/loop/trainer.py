@@ -16,9 +16,11 @@ import torch
 
 from ..data.encode import Example
 from ..families.backend import FluxBackend
+from ..families.conditioning import Conditioning
 from ..log import logger
 from ..lora.text_encoder import TrainableText
 from ..lora.weights import LoraSet
+from ..outputs.checkpoints import check_family
 from . import flow, optimizers, schedules
 from .batches import EpochSampler, caption_texts, choose
 from .config import LR_SCHEDULES, TrainConfig, check_batch_size  # noqa: F401 (the loop's public names)
@@ -107,30 +109,30 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
     for key, group in groups.items():
         shape = (len(group), *group[0][0].shape)
         noise = torch.randn(shape, generator=generator)  # drawn on the CPU: same on every device
-        sigmas = config.timesteps.sample(len(group), flow.image_seq_len(*shape[-2:]), generator)
+        sigmas = config.timesteps.sample(len(group), backend.family.tokens(*shape[-2:]), generator)
         if share is not None:  # this process's part of the group
             rows = [i for i, g in enumerate(group) if g[6]]
             group, noise, sigmas = [group[i] for i in rows], noise[rows], sigmas[rows]
             if not group:
                 continue
-        latents, context, pooled = (torch.stack([g[i] for g in group]) for i in range(3))
+        latents = torch.stack([g[0] for g in group])
+        cond = Conditioning.of([(g[1], g[2]) for g in group], config.guidance).to(backend.device, _to_device)
         weights = torch.tensor([g[3] for g in group])
-        latents, noise, sigmas, context, pooled, weights = (
-            _to_device(t, backend.device) for t in (latents, noise, sigmas, context, pooled, weights))
+        latents, noise, sigmas, weights = (_to_device(t, backend.device) for t in (latents, noise, sigmas, weights))
         noisy = flow.noisy_latents(latents, noise, sigmas)
         multiplier = key[-1]  # ai-toolkit's network_weight of these photos' dataset; backward recomputes blocks
         with lora.multiplied(multiplier) if lora is not None and multiplier != 1.0 else nullcontext():
-            v_pred = backend.velocity(noisy, sigmas, context, pooled, config.guidance)
+            v_pred = backend.velocity(noisy, sigmas, cond)
             per_sample = (config.loss.per_sample(v_pred, flow.velocity_target(latents, noise), sigmas)
                           * config.timesteps.loss_weights(sigmas).to(v_pred.device))
             loss = (per_sample * weights).sum() / len(batch)
             scale(loss).backward()
         total += loss.detach()
         if group[0][4] is not None:  # DOP, with a backward of its own: the two graphs are never held at once
-            kept = [_to_device(torch.stack([g[4][i] for g in group]), backend.device) for i in range(2)]
+            kept = Conditioning.of([g[4] for g in group], config.guidance).to(backend.device, _to_device)
             live = None if group[0][5] is None else \
-                tuple(_to_device(torch.stack([g[5][i] for g in group]), backend.device) for i in range(2))
-            preserve.backward(backend, noisy, sigmas, *kept, config.guidance, len(batch), scale, live=live)
+                Conditioning.of([g[5] for g in group], config.guidance).to(backend.device, _to_device)
+            preserve.backward(backend, noisy, sigmas, kept, len(batch), scale, live=live)
     return total
 
 
@@ -306,6 +308,7 @@ class Trainer:
         if state["step"] > self.config.steps:
             raise ValueError(f"The checkpoint is at step {state['step']}, past steps ({self.config.steps}); "
                              "raise steps to continue training it.")
+        check_family(state, self.backend.family)
         check_variants(state.get("variants") or {}, self.lora.variants())
         check_resume(self.lora, state["lora"])
         self.lora.load_state_dict(state["lora"])
@@ -387,14 +390,14 @@ def fixed_noise_loss(backend: FluxBackend, lora: LoraSet, examples: list[Example
     with backend.lora_applied(lora):
         for e in examples:
             latents = e.latents[None].to(backend.device)
-            context, pooled = text(e.caption, e.context, e.pooled) if text else (e.context, e.pooled)
+            cond = Conditioning.of([text(e.caption, e.context, e.pooled) if text else (e.context, e.pooled)],
+                                   guidance).to(backend.device)
             for s in sigmas:
                 if should_stop():
                     return float("nan")
                 noise = torch.randn(latents.shape, generator=generator).to(backend.device)
                 sigma = torch.tensor([s])
-                v = backend.velocity(flow.noisy_latents(latents, noise, sigma.to(backend.device)), sigma,
-                                     context[None], pooled[None], guidance)
+                v = backend.velocity(flow.noisy_latents(latents, noise, sigma.to(backend.device)), sigma, cond)
                 total += flow.flow_matching_loss(v, flow.velocity_target(latents, noise)).item()
                 count += 1
     return total / count

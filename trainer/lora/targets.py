@@ -13,7 +13,7 @@ rows); its `ModelLayout` gives the sizes of the loaded model. Nothing here knows
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from .variants import check_variant
@@ -60,6 +60,11 @@ def _layer_types(blocks: str) -> dict[str, tuple[str, str | None]]:
     return known
 
 
+def _preset_names(blocks: str) -> set[str]:
+    """The presets some family has for `blocks`: a group may name one until the model is known."""
+    return {name for v in _known_vocabularies() for name, groups in v.presets.items() if blocks in groups}
+
+
 @dataclass(frozen=True)
 class LayerGroup:
     """One group of a selection: the same layer types, rank and alpha on a range of blocks.
@@ -88,7 +93,7 @@ class LayerGroup:
             raise ValueError(f"blocks is {self.blocks!r}; choose {' or '.join(map(repr, groups))}.")
         if not self.layer_types:
             raise ValueError(f"layer_types for {self.blocks} is empty; choose from: {', '.join(known)}.")
-        unknown = [t for t in self.layer_types if t not in known]
+        unknown = [t for t in self.layer_types if t not in known and t not in _preset_names(self.blocks)]
         if unknown:
             raise ValueError(f"Unknown layer type {', '.join(map(repr, unknown))} for {self.blocks}; "
                              f"valid choices: {', '.join(known)}.")
@@ -103,6 +108,17 @@ class LayerGroup:
     @property
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def expanded(self, vocabulary: LayerVocabulary) -> "LayerGroup":
+        """With any preset name ("attention") replaced by its layer types in `vocabulary`, the loaded
+        family's: a preset means the same layers in every family, named as that family names them."""
+        presets = {name: groups[self.blocks] for name, groups in vocabulary.presets.items() if self.blocks in groups}
+        if not any(t in presets for t in self.layer_types):
+            return self
+        types: list[str] = []
+        for name in self.layer_types:
+            types.extend(t for t in presets.get(name, (name,)) if t not in types)
+        return replace(self, layer_types=tuple(types))
 
     def check(self, layout: ModelLayout) -> None:
         """Against the loaded model: its family's names and its depth."""
@@ -159,7 +175,7 @@ class LayerSpec:
         vocabulary = layout.vocabulary
         seen: dict[str, int] = {}
         targets = []
-        for gi, group in enumerate(self.groups):
+        for gi, group in enumerate(self.resolved(layout).groups):
             group.check(layout)
             for block in range(group.start, group.end):
                 for layer in group.layer_types:
@@ -172,6 +188,10 @@ class LayerSpec:
                     bfl = f"{vocabulary.groups[group.blocks]}.{block}.{module}"
                     in_features, out_features = layout.shape(bfl)
                     rows = layout.rows(part, out_features)
+                    overlap = [t for t in targets if t.bfl_module == bfl and t.rows[0] < rows[1] > rows[0] < t.rows[1]]
+                    for other in overlap[:1]:
+                        raise ValueError(f"{name} and {other.name} are the same rows of one fused layer ({bfl}); "
+                                         "select the whole layer or its parts, not both.")
                     # a LoKr's rank sizes its second factor: at least half of it trains it whole (LyCORIS's
                     # linear_dim 10000 = full), so any rank is meaningful there
                     if group.variant != "lokr" and group.rank > min(in_features, rows[1] - rows[0]):
@@ -186,9 +206,10 @@ class LayerSpec:
         return targets
 
     def resolved(self, layout: ModelLayout) -> "LayerSpec":
-        """The selection for this model: itself (a recipe's selection is only known once the model's
-        depths are; see recipe.build.RecipeLayers)."""
-        return self
+        """The selection for this model: its preset names expanded in the model family's layer names
+        (a recipe's selection is only known once the model's depths are; see recipe.build.RecipeLayers)."""
+        groups = tuple(g.expanded(layout.vocabulary) for g in self.groups)
+        return self if all(a is b for a, b in zip(groups, self.groups)) else LayerSpec(groups)
 
     def to_json(self) -> str:
         return json.dumps([asdict(g) for g in self.groups])
@@ -232,10 +253,12 @@ class LayerSpec:
                          for blocks, types in presets[name].items()))
 
 
-def parse_layer_types(text: str, blocks: str) -> tuple[str, ...]:
-    """'attn.to_q, attn.to_k proj_out' -> ('attn.to_q', 'attn.to_k', 'proj_out'); presets expand."""
-    presets = {name: types for v in _known_vocabularies() for name, groups in v.presets.items()
-               for group, types in groups.items() if group == blocks}
+def parse_layer_types(text: str, blocks: str, vocabulary: LayerVocabulary | None = None) -> tuple[str, ...]:
+    """'attn.to_q, attn.to_k proj_out' -> ('attn.to_q', 'attn.to_k', 'proj_out'). Presets expand in
+    `vocabulary` (the loaded family's); without one they stay names, expanded once the model is known
+    (LayerSpec.resolved), since each family names a preset's layers its own way."""
+    presets = {} if vocabulary is None else {name: groups[blocks] for name, groups in vocabulary.presets.items()
+                                             if blocks in groups}
     out: list[str] = []
     for name in (t for t in text.replace(",", " ").split() if t):
         out.extend(n for n in presets.get(name, (name,)) if n not in out)

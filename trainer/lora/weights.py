@@ -169,19 +169,27 @@ class _LoraHook:
 
 def attach(lora: LoraSet, layer_of: Callable[[LoraWeight], nn.Module], split: bool) -> list:
     """Hook every weight into its layer and return the handles. With `split` (diffusers) each
-    target is a layer of its own; otherwise (BFL) the targets of a fused layer share one hook."""
+    target is a layer of its own unless `layer_of` gives several the same fused layer; otherwise
+    (BFL) the targets of a fused layer share one hook."""
     handles = []
     try:
         for weights in lora.by_module().values():
-            for group in ([[w] for w in weights] if split else [weights]):
+            groups = [weights]
+            if split:  # one layer per target, except where diffusers fuses too (FLUX.2's single blocks)
+                by_layer: dict[int, list[LoraWeight]] = {}
+                for w in weights:
+                    by_layer.setdefault(id(layer_of(w)), []).append(w)
+                groups = list(by_layer.values())
+            for group in groups:
                 layer = layer_of(group[0])
                 t = group[0].target
-                expected = (t.in_features, t.rows[1] - t.rows[0] if split else t.out_features)
+                whole = split and layer.out_features == t.rows[1] - t.rows[0]
+                expected = (t.in_features, t.rows[1] - t.rows[0] if whole else t.out_features)
                 if (layer.in_features, layer.out_features) != expected:
                     raise ValueError(f"{t.name} expects a {expected[0]}→{expected[1]} layer but the model's is "
                                      f"{layer.in_features}→{layer.out_features}: the model is not FLUX.1-shaped "
                                      f"(its {t.component}).")
-                handles.append(layer.register_forward_hook(_LoraHook(lora, group, whole=split)))
+                handles.append(layer.register_forward_hook(_LoraHook(lora, group, whole=whole)))
     except BaseException:
         detach_all(handles)
         raise

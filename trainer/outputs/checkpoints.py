@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import files
-from ..families.flux1.layers import FluxDims
+from .. import families, files
 from ..lora.targets import LayerSpec, LoraTarget
 from ..lora.text_encoder import TEXT_COMPONENTS
 from ..lora.weights import LoraSet
@@ -224,11 +223,26 @@ def latest_checkpoint(root: str | Path, name: str) -> Path | None:
     return max(found, key=_written, default=None)
 
 
-def describe(spec: LayerSpec, dims: FluxDims, lora: LoraSet | None = None) -> dict:
+def describe(spec: LayerSpec, dims, lora: LoraSet | None = None) -> dict:
     """What a checkpoint records besides the trainer's state, to rebuild its LoRA on its own: the
-    transformer's layer selection and sizes, and the text-encoder targets of `lora` (if any)."""
+    model family, the transformer's layer selection and sizes (`dims`, the family's layout), and the
+    text-encoder targets of `lora` (if any)."""
     text = [asdict(w.target) for w in lora.part(*TEXT_COMPONENTS)] if lora is not None else []
-    return {"spec": spec.to_json(), "dims": list(astuple(dims)), "text_targets": text}
+    return {"family": families.of_layout(dims).name, "spec": spec.to_json(), "dims": list(astuple(dims)),
+            "text_targets": text}
+
+
+def family_of(state: dict) -> families.Family:
+    """The family a checkpoint trained (checkpoints from before families: FLUX.1)."""
+    return families.family(state.get("family", "flux1"))
+
+
+def check_family(state: dict, family: families.Family, checkpoint: str | Path = "The checkpoint") -> None:
+    """A checkpoint resumes only on a model of the family it trained."""
+    saved = family_of(state)
+    if saved != family:
+        raise ValueError(f"{checkpoint} trained a {saved.label} LoRA, but the MODEL is {family.label}: load the "
+                         f"{saved.label} model it trained on to resume it, or clear resume_from to start a fresh run.")
 
 
 def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
@@ -236,7 +250,7 @@ def load_trained_lora(checkpoint: str | Path) -> export.TrainedLora:
     or save in any format. Its kohya form is the checkpoint's file itself, as written while the
     model was at hand (DoRA's dora_scale is relative to the base weights)."""
     state = load_state(checkpoint)
-    targets = LayerSpec.from_json(state["spec"]).targets(FluxDims(*state["dims"]))
+    targets = LayerSpec.from_json(state["spec"]).targets(family_of(state).layout(*state["dims"]))
     targets += [LoraTarget(**{**t, "rows": tuple(t["rows"])}) for t in state.get("text_targets", [])]
     dtype = next(iter(state["lora"].values())).dtype
     lora = LoraSet(targets, dtype)

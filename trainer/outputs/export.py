@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .. import __version__, files
+from .. import __version__, families, files
 from ..lora import text_encoder
 from ..lora.targets import LayerSpec
 from ..lora.text_encoder import T5XXL
@@ -29,7 +29,6 @@ from ..lora.weights import LoraSet, fused_up
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = ("kohya", "diffusers")
-MODELSPEC_FAMILIES = {"flux1": "flux-1"}  # modelspec.architecture's names: flux-1-dev/lora, flux-1-schnell/lora
 
 
 def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -112,7 +111,7 @@ class LoraMetadata:
     trigger_word: str | tuple[str, ...] = ""  # one subject's trigger word, or one per subject (Dataset.triggers)
     base_model: str = ""  # what it was trained on: the file the host loaded (flux1-krea-dev.safetensors)
     extra: dict[str, str] = field(default_factory=dict)  # resolution, learning rate, seed, run…
-    family: str = "flux1"  # the model family (FluxBackend.family)
+    family: str = "flux1"  # the model family's name (FluxBackend.family.name)
     variant: str = "dev"  # its architecture: "dev" (guidance-distilled: dev, Krea…) or "schnell"
     text_encoders: tuple[str, ...] = ()  # the text encoders it trains too ("clip_l", "t5xxl")
 
@@ -145,7 +144,7 @@ class LoraMetadata:
             "ss_base_model_version": self.family,
             "ss_sd_model_name": self.base_model,
             "ss_steps": str(steps),
-            "modelspec.architecture": f"{MODELSPEC_FAMILIES.get(self.family, self.family)}-{self.variant}/lora",
+            "modelspec.architecture": f"{families.family(self.family).modelspec}-{self.variant}/lora",
             "modelspec.trigger_phrase": ", ".join(self.triggers),
             "dreambooth.text_encoders": ",".join(self.text_encoders),
             "ss_network_train_unet_only": str(not self.text_encoders),

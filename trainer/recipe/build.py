@@ -78,8 +78,9 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
     try:
         if layers.groups:
             spec = LayerSpec(tuple(LayerGroup(g.blocks, g.start, g.end or layout.depth(g.blocks),
-                                              parse_layer_types(" ".join(g.layer_types), g.blocks), g.rank,
-                                              g.alpha or None, **group_variant(g, variant)) for g in layers.groups))
+                                              parse_layer_types(" ".join(g.layer_types), g.blocks, layout.vocabulary),
+                                              g.rank, g.alpha or None, **group_variant(g, variant))
+                                   for g in layers.groups))
             spec.targets(layout)
             return spec
         if not layers.layer_types:
@@ -90,7 +91,7 @@ def layer_spec(recipe: Recipe, layout: ModelLayout) -> LayerSpec:
         groups = [layers.blocks] if layers.blocks else list(layout.vocabulary.layers)
         built = []
         for blocks in groups:
-            types = parse_layer_types(" ".join(layers.layer_types), blocks)
+            types = parse_layer_types(" ".join(layers.layer_types), blocks, layout.vocabulary)
             if not layers.blocks:  # both groups: each takes the names it has
                 types = tuple(t for t in types if t in layout.vocabulary.layers.get(blocks, {}))
                 if not types:

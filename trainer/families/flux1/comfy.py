@@ -16,7 +16,7 @@ from torch import nn
 
 from ...lora.weights import LoraWeight
 from ..backend import FluxBackend
-from .layers import FluxDims
+from . import FAMILY
 
 
 def _unsupported(params) -> str | None:
@@ -30,6 +30,7 @@ def _unsupported(params) -> str | None:
 
 
 class ComfyFlux(FluxBackend):
+    family = FAMILY
     split_layers = False
 
     def __init__(self, base_model, device: torch.device, training_flag: Callable[[bool], None] | None = None):
@@ -37,20 +38,25 @@ class ComfyFlux(FluxBackend):
         switches the host into its autograd-friendly kernels (ComfyUI's `in_training`)."""
         dit = base_model.diffusion_model
         params = dit.params
-        problem = _unsupported(params)
-        if problem:
-            raise ValueError(f"This model has {problem}; this pack trains FLUX.1 models "
-                             "(dev, schnell, Krea, Kontext-free fine-tunes).")
+        self.check_params(params)
         self.model, self.dit = base_model, dit
         self.training_flag = training_flag
-        self.dims = FluxDims(params.hidden_size, int(params.hidden_size * params.mlp_ratio),
-                             params.depth, params.depth_single_blocks)
+        self.dims = self.family.layout(params.hidden_size, int(params.hidden_size * params.mlp_ratio),
+                                       params.depth, params.depth_single_blocks)
         self.guidance_embed = bool(params.guidance_embed)
         if hasattr(base_model, "get_dtype_inference"):
             self.compute_dtype = base_model.get_dtype_inference()
         else:
             self.compute_dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
         self.device = torch.device(device)
+
+    @staticmethod
+    def check_params(params) -> None:
+        """The loaded `comfy.ldm.flux` model is one this family trains."""
+        problem = _unsupported(params)
+        if problem:
+            raise ValueError(f"This model has {problem}; this backend trains FLUX.1 models "
+                             "(dev, schnell, Krea, Kontext-free fine-tunes).")
 
     def layer(self, w: LoraWeight) -> nn.Module:
         return self.dit.get_submodule(w.target.bfl_module)
@@ -78,11 +84,12 @@ class ComfyFlux(FluxBackend):
             if self.training_flag:
                 self.training_flag(False)
 
-    def velocity(self, latents, sigmas, context, pooled, guidance):
+    def velocity(self, latents, sigmas, cond):
+        self.check_conditioning(cond)
         dtype, device = self.compute_dtype, self.device
         timestep = self.model.model_sampling.timestep(sigmas.to(device)).float()
-        out = self.dit(latents.to(device, dtype), timestep, context.to(device, dtype),
-                       y=pooled.to(device, dtype), guidance=self.guidance_tensor(guidance, latents.shape[0]),
+        out = self.dit(latents.to(device, dtype), timestep, cond.context.to(device, dtype),
+                       y=cond.pooled.to(device, dtype), guidance=self.guidance_tensor(cond.guidance, latents.shape[0]),
                        transformer_options={"optimized_attention_override": sdpa_attention})
         return out.float()
 

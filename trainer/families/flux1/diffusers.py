@@ -7,6 +7,7 @@ from torch import nn
 
 from ...lora.weights import LoraWeight
 from ..backend import FluxBackend
+from . import FAMILY
 from .layers import FluxDims
 
 
@@ -33,6 +34,7 @@ def image_ids(height: int, width: int, device) -> torch.Tensor:
 
 
 class DiffusersFlux(FluxBackend):
+    family = FAMILY
     split_layers = True
 
     def __init__(self, transformer: nn.Module):
@@ -56,8 +58,10 @@ class DiffusersFlux(FluxBackend):
         return ([(f"double_blocks.{i}", b, ()) for i, b in enumerate(t.transformer_blocks)]
                 + [(f"single_blocks.{i}", b, ()) for i, b in enumerate(t.single_transformer_blocks)])
 
-    def velocity(self, latents, sigmas, context, pooled, guidance):
+    def velocity(self, latents, sigmas, cond):
+        self.check_conditioning(cond)
         b, _, h, w = latents.shape
+        context, pooled, guidance = cond.context, cond.pooled, cond.guidance
         dtype, device = self.compute_dtype, self.device
         out = self.transformer(
             hidden_states=pack_latents(latents).to(device, dtype),
