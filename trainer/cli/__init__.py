@@ -6,6 +6,7 @@
     python -m trainer train --config FILE --models-dir ~/ComfyUI/models --model flux1-dev.safetensors
     python -m trainer init OUT.yaml        a new recipe: every key with its default and help
     python -m trainer keys [--markdown]    every key of our recipe format
+    python -m trainer pretrain --out DIR   the tiny FLUX's weights, pretrained on the shapes world
 
 Exit codes: 0 done, 1 failed (the message says why), 2 an unreadable or unsupported config file
 or a bad command line, 130 stopped by Ctrl-C (after writing a checkpoint).
@@ -24,12 +25,12 @@ from ..data.datasets import DatasetError
 from ..log import ROOT, logger
 from ..recipe.fields import RecipeError
 from ..recipe.text import UnreadableConfig
-from . import commands, train
+from . import commands, pretrain, train
 
 log = logger(__name__)
 
 SUBCOMMANDS = {"config": commands.add_config, "train": train.add_arguments, "init": commands.add_init,
-               "keys": commands.add_keys}
+               "keys": commands.add_keys, "pretrain": pretrain.add_arguments}
 EXIT_OK, EXIT_FAILED, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 

@@ -6,9 +6,12 @@ fetching 30 GB of real weights. Tokens are plain UTF-8 bytes, so no tokenizer fi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ...data.encode import weights_fingerprint
 from .diffusers import DiffusersFlux
@@ -38,10 +41,12 @@ class TinyFlux:
     t5: torch.nn.Module
     seed: int
     tokenizer: ByteTokenizer = ByteTokenizer()
+    pretrained: bool = False  # weights from `python -m trainer pretrain` (else seeded random ones)
 
     @property
     def name(self) -> str:
-        return f"tiny-flux (random weights, seed {self.seed})"
+        return f"tiny-flux ({'pretrained on the shapes world' if self.pretrained else 'random weights'}, " \
+               f"seed {self.seed})"
 
     def backend(self) -> DiffusersFlux:
         return DiffusersFlux(self.transformer)
@@ -129,3 +134,26 @@ def build(seed: int = 0, hidden_heads: int = 2, double_blocks: int = 2, single_b
     for m in (transformer, vae, clip, t5):
         m.eval().requires_grad_(False)
     return TinyFlux(transformer, vae, clip, t5, seed)
+
+
+PRETRAINED = Path(__file__).resolve().parents[2] / "assets" / "tiny_flux"
+COMPONENTS = ("transformer", "vae", "clip", "t5")
+BUILD_KEY = "flux_dreambooth.tiny"  # the build arguments, in each file's header
+
+
+def load_pretrained(folder: Path = PRETRAINED) -> TinyFlux:
+    """The tiny set `python -m trainer pretrain --out FOLDER` wrote (one safetensors file per model)."""
+    missing = [f"{name}.safetensors" for name in COMPONENTS if not (folder / f"{name}.safetensors").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no {', '.join(missing)}: write the pretrained tiny FLUX there with "
+                                f"`python -m trainer pretrain --out {folder}`.")
+    with safe_open(str(folder / "transformer.safetensors"), "pt") as f:
+        build_args = json.loads((f.metadata() or {})[BUILD_KEY])
+    model = build(**build_args)
+    for name in COMPONENTS:
+        module = getattr(model, name)
+        with safe_open(str(folder / f"{name}.safetensors"), "pt") as f:
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+        module.load_state_dict(state, strict=True)
+    model.pretrained = True
+    return model
