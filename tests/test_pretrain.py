@@ -20,7 +20,7 @@ def test_the_vae_stage_lowers_the_reconstruction_error_on_scenes_it_never_saw():
     model = tiny.build(0, hidden_heads=1)
     held_out = _scenes(8, 32, seed=99)
     before = autoencoder.reconstruction_error(model.vae, held_out)
-    settings = autoencoder.VaeSettings(steps=30, batch_size=4, size=32)
+    settings = autoencoder.VaeSettings(steps=250, batch_size=8, size=32)
     autoencoder.train_vae(model.vae, settings, seed=0, photos=run.QUICKSTART_PHOTOS)
     after = autoencoder.reconstruction_error(model.vae, held_out)
     assert after < 0.7 * before, (before, after)
