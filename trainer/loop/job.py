@@ -17,7 +17,6 @@ A job ends in one of four ways:
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from contextlib import ExitStack
@@ -39,26 +38,11 @@ from ..outputs import checkpoints, export, progress
 from ..outputs.checkpoints import RunFolder, RunSettings
 from ..outputs.progress import Progress, Sample
 from .distributed import Ranks
+from .probe import PROBE_EXAMPLES, probe_examples  # noqa: F401 (the job's, imported from here)
 from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
 _FINAL = "final"  # the worker's last pause, before it lets go of the model
-PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on this many
-
-
-def probe_examples(examples: list[Example], count: int = PROBE_EXAMPLES) -> list[Example]:
-    """Where the fixed-noise loss is measured: the subjects' own photos, never regularisation or
-    class images, taken in turn from each subject (at least one of each) up to `count`."""
-    by_subject: dict[str, list[Example]] = {}
-    for e in examples:
-        if not e.regularisation:
-            by_subject.setdefault(e.subject, []).append(e)
-    if not by_subject:  # only regularisation images: measure on those
-        return examples[:count]
-    in_turn = [e for group in itertools.zip_longest(*by_subject.values()) for e in group if e is not None]
-    return in_turn[:max(count, len(by_subject))]
-
-
 class JobState(str, Enum):
     TRAINING = "training"
     STOPPING = "stopping"  # Stop asked for: finish after this step, with every output
