@@ -14,6 +14,7 @@ from ..data.datasets import CAPTION_SOURCES, PROBLEMS
 from ..loop.config import TrainConfig
 from ..lora.variants import VARIANTS
 from ..outputs.export import FORMATS, SAVE_DTYPES
+from ..outputs.scores import DEFAULT_MAX_DRIFT
 from . import fields
 from .fields import Key, Reader, RecipeError, check
 
@@ -198,12 +199,20 @@ class ValidationSection:
     guidance: float = field(default=3.5, **_help("FLUX guidance of the samples (3.5 for dev)."))
     size: int = field(default=0, **_help("Sample size in pixels; 0: the first training resolution."))
     before_training: bool = field(default=True, **_help("Also render before the first step, to compare against."))
+    scores: str = field(default="", **_help(
+        "Likeness and drift at every render, and the best checkpoint (README: Scores): a folder with a "
+        "transformers CLIP or SigLIP vision model (relative to this file), or 'pixels' (a fixed pooling "
+        "embedder, meaningful only for the tiny model); empty: no scores."))
+    max_drift: float = field(default=DEFAULT_MAX_DRIFT, **_help(
+        "The best checkpoint is the most alike of those whose drift (1 − cosine similarity of the class and "
+        "unrelated prompts' samples to the base model's) is at most this; 0.1–0.3."))
 
     def __post_init__(self):
         check("validation", [(self.every >= 1, f"every is {self.every}; render at least every 1 step."),
                              (self.steps >= 1, f"steps is {self.steps}; sample with at least 1 step (20 usual)."),
                              (self.size == 0 or (self.size >= 16 and self.size % 16 == 0),
-                              f"size is {self.size}; use 0 or a multiple of 16.")])
+                              f"size is {self.size}; use 0 or a multiple of 16."),
+                             (self.max_drift > 0, f"max_drift is {self.max_drift}; use a value above 0 (0.1–0.3).")])
 
 
 @dataclass
