@@ -203,6 +203,9 @@ class TrainFluxLora(io.ComfyNode):
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed,
                                            dop_class=config.preservation_class())
         renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
+        scored = validation and validation.scoring(dataset)
+        if validation and not scored:
+            log.info("No likeness/drift scores: connect Load CLIP Vision to Validation Samples' clip_vision for them.")
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
         unknown = f"unknown {backend.family.label} [{backend.variant}]"
         base = base or getattr(model.model, "flux_dreambooth_name", unknown)
@@ -221,7 +224,7 @@ class TrainFluxLora(io.ComfyNode):
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
-                      resume, validation and validation.schedule(), text_encoder=trainable)
+                      resume, validation and validation.schedule(), text_encoder=trainable, scoring=scored or None)
         with models.quantized_base(patcher, backend, config.memory.base_quantization):
             # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
             models.load_for_training(patcher, keep_off)
@@ -239,7 +242,7 @@ class TrainFluxLora(io.ComfyNode):
                    + (f"\nLeft out: {'; '.join(skipped)}" if skipped else "")
                    + "".join(f"\n{note}" for note in outcome.notes))
         log.info("Trained: %s", summary)
-        plot = progress.to_pixels(progress.loss_plot(outcome.history))[None]
+        plot = progress.to_pixels(progress.loss_plot(outcome.history, outcome.scores))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot
         ui = {"text": [summary], "fixed_noise_loss": [before, after]}  # samples show in the node's panel
         clip_out = loras.apply_lora_to_clip(clip, trained, 1.0) if text_part else clip

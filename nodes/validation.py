@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..trainer.data.captions import fill_triggers
+from ..trainer.loop import scoring
 from ..trainer.loop.job import ValidationSchedule
+from ..trainer.loop.scoring import ScoringPlan
+from ..trainer.outputs import scores
 from ..trainer.parsing import number_list
 from ..trainer.recipe import from_run
 from ..trainer.recipe.schema import ValidationSection
 from . import ids, sockets
-from .host import sampling
+from .host import sampling, vision
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class ValidationPlan:
     sampler: str
     scheduler: str
     before_training: bool
+    clip_vision: object | None = None  # ComfyUI's CLIP_VISION: likeness and drift at every render
+    max_drift: float = scores.DEFAULT_MAX_DRIFT
 
     def schedule(self) -> ValidationSchedule:
         return ValidationSchedule(self.every, self.before_training, len(self.entries))
@@ -56,6 +61,13 @@ class ValidationPlan:
         return from_run.validation_section([x.prompt for x in e], [x.seed for x in e], [x.guidance for x in e],
                                            [x.steps for x in e], self.every, self.width, self.height,
                                            self.before_training, self.sampler, self.scheduler)
+
+    def scoring(self, dataset) -> ScoringPlan | None:
+        """Likeness and drift for this set (None without a CLIP_VISION: no scores)."""
+        if self.clip_vision is None:
+            return None
+        return scoring.plan(vision.ClipVisionEmbedder(self.clip_vision), dataset, [e.prompt for e in self.entries],
+                            self.max_drift)
 
     def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,
@@ -107,13 +119,26 @@ class ValidationSamples(io.ComfyNode):
                 io.Boolean.Input("before_training", default=True,
                                  tooltip="Also render the set before the first step: the base model to compare "
                                          "against."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Load CLIP Vision's model (clip_vision_vit_l, SigLIP): scores every render "
+                                            "— likeness (how alike the [trigger] prompts' samples and your photos "
+                                            "are, mean cosine similarity, higher is better) and drift (how far the "
+                                            "class-word and unrelated prompts moved from the base model's samples, "
+                                            "1 − cosine, lower is better) — into scores.csv/json, the panel and "
+                                            "the loss plot, and names the best checkpoint. Not connected: no "
+                                            "scores."),
+                io.Float.Input("max_drift", default=scores.DEFAULT_MAX_DRIFT, min=0.01, max=2.0, step=0.01,
+                               optional=True,
+                               tooltip="The best checkpoint is the highest likeness among those with drift at "
+                                       "most this (if none, the least drift). 0.1–0.3; lower keeps the base "
+                                       "model's look for everything else."),
             ],
             outputs=[sockets.Validation.Output(display_name="validation")],
         )
 
     @classmethod
     def execute(cls, prompts, seeds, guidance, sample_steps, width, height, every_n_steps, sampler_name,
-                scheduler, before_training) -> io.NodeOutput:
+                scheduler, before_training, clip_vision=None, max_drift=scores.DEFAULT_MAX_DRIFT) -> io.NodeOutput:
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not lines:
             raise ValueError("prompts is empty; write at least one prompt (one per line).")
@@ -121,5 +146,8 @@ class ValidationSamples(io.ComfyNode):
                                  number_list(guidance, float, "guidance", "3.5, 4.0"),
                                  number_list(sample_steps, int, "sample_steps", "20, 28"))
         entries = tuple(EvalEntry(*e) for e in grid)
+        if clip_vision is not None:
+            vision.ClipVisionEmbedder(clip_vision)  # a wrong socket, by name, now
+            scoring.check([e.prompt for e in entries], max_drift)
         return io.NodeOutput(ValidationPlan(entries, every_n_steps, width, height, sampler_name, scheduler,
-                                            before_training))
+                                            before_training, clip_vision, max_drift))

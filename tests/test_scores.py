@@ -76,6 +76,7 @@ def test_drift_prompts_put_the_class_word_in_place_of_the_trigger():
     got = scoring.drift_prompts(["a photo of [trigger]", "[trigger] on a beach", "a red cube"], ["sks"], ["dog"])
     assert got[:2] == ("a photo of dog", "dog on a beach") and got[2:] == scores.UNRELATED_PROMPTS
     assert scoring.drift_prompts(["a photo of [trigger]"], ["sks"], [""])[0] == "a photo of"
+    assert scoring.drift_prompts(["a photo of [trigger] dog"], ["sks"], ["dog"])[0] == "a photo of dog"
 
 
 @pytest.fixture

@@ -80,3 +80,16 @@ class Renderer:
             samples.append(Sample(step, i, e.label(self.triggers), path))
             images.append(image.cpu())
         return samples, torch.cat(images)
+
+    def render_prompts(self, model, prompts: Sequence[str], should_stop: Callable[[], bool] = lambda: False,
+                       clip=None) -> torch.Tensor:
+        """For the scores: each prompt (triggers filled in) with the first entry's seed, guidance and
+        steps, not saved: (N, H, W, 3). `clip` as in `render`."""
+        e, images = self.entries[0], []
+        for prompt in prompts:
+            if should_stop():
+                raise RenderStopped
+            image = render(model, self.vae, encode_prompt(clip or self.clip, prompt), e.seed, e.steps, e.guidance,
+                           self.sampler, self.scheduler, self.width, self.height)
+            images.append(image.cpu())
+        return torch.cat(images)

@@ -10,11 +10,14 @@ again. What the host must offer besides a JobHost:
         each prompt (triggers filled in) with the validation seed, guidance and steps; `lora` None:
         the base model as loaded. None if `should_stop()` cut it short.
     on_scores(score: Score, rows: list[Score]) -> None   (optional) show the newest score
+    after_embedding() -> None   (optional) put the model back for training (ComfyUI loads the
+        vision model onto the device to embed, which may move the transformer off)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -52,8 +55,15 @@ def drift_prompts(prompts: Sequence[str], triggers: Sequence[str], class_words: 
     """The validation prompts that name a subject, with its class word in place of its trigger word
     ('a photo of [trigger]' -> 'a photo of person'), then the unrelated prompts; each once."""
     words = [*(c.strip() for c in class_words), *[""] * len(triggers)][:len(triggers)]
-    classed = [" ".join(fill_triggers(p, words).split()) for p in prompts if names_subject(p)]
+    classed = [_once(" ".join(fill_triggers(p, words).split()), words) for p in prompts if names_subject(p)]
     return tuple(dict.fromkeys([p for p in classed if p] + list(scores.UNRELATED_PROMPTS)))
+
+
+def _once(prompt: str, words: Sequence[str]) -> str:
+    """'a photo of toy toy' (from '[trigger] toy') as 'a photo of toy'."""
+    for word in filter(None, words):
+        prompt = re.sub(rf"\b({re.escape(word)})( \1\b)+", r"\1", prompt)
+    return prompt
 
 
 def names_subject(prompt: str) -> bool:
@@ -101,7 +111,7 @@ class Scorer:
         self.plan, self.folder = plan, folder
         earlier = scores.load_scores(folder)  # a resumed run's: the steps up to its checkpoint
         self.rows: list[Score] = [r for r in earlier if resumed_step is not None and r.step <= resumed_step]
-        self.references = plan.embedder(plan.references)
+        self.references: torch.Tensor | None = None  # embedded at the first score, inside a pause
         self.base: torch.Tensor | None = None
         self.base_renders = 0  # how often the base samples were rendered in this process (tests)
 
@@ -133,6 +143,15 @@ class Scorer:
         """Likeness of this render's subject images, drift of the drift prompts rendered with `lora`."""
         if any(r.step == step for r in self.rows):
             return None
+        try:
+            return self._score(host, lora, step, images, should_stop)
+        finally:
+            if hasattr(host, "after_embedding"):
+                host.after_embedding()
+
+    def _score(self, host, lora, step: int, images: torch.Tensor, should_stop: Callable[[], bool]) -> Score | None:
+        if self.references is None:
+            self.references = self.plan.embedder(self.plan.references)
         base = self._base(host, should_stop)
         shifted = None if base is None else host.render_prompts(lora, list(self.plan.drift_prompts), should_stop)
         if shifted is None:
