@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from trainer import cli
+from trainer.cli import embedder
 from trainer.cli import train as cli_train
 from trainer.loop import scoring
 from trainer.outputs import scores
@@ -72,11 +73,49 @@ def test_best_is_the_most_alike_checkpoint_within_max_drift():
     assert scores.best(rows, []) is None
 
 
+def test_the_loss_plot_draws_likeness_and_drift_when_there_are_scores():
+    import numpy as np
+
+    from trainer.outputs import progress
+
+    history = [(s, 1.0 / s, 1.0 / s, 1e-3) for s in range(1, 21)]
+    rows = [Score(0, 0.3, 0.0), Score(10, 0.5, 0.1), Score(20, 0.6, 0.2)]
+
+    def has(image, colour):
+        return bool((np.asarray(image) == colour).all(-1).any())
+
+    plain, scored = progress.loss_plot(history), progress.loss_plot(history, rows)
+    assert not has(plain, (30, 150, 60)) and not has(plain, (200, 50, 40))
+    assert has(scored, (30, 150, 60)) and has(scored, (200, 50, 40))  # likeness green, drift red
+
+
 def test_drift_prompts_put_the_class_word_in_place_of_the_trigger():
     got = scoring.drift_prompts(["a photo of [trigger]", "[trigger] on a beach", "a red cube"], ["sks"], ["dog"])
     assert got[:2] == ("a photo of dog", "dog on a beach") and got[2:] == scores.UNRELATED_PROMPTS
     assert scoring.drift_prompts(["a photo of [trigger]"], ["sks"], [""])[0] == "a photo of"
     assert scoring.drift_prompts(["a photo of [trigger] dog"], ["sks"], ["dog"])[0] == "a photo of dog"
+
+
+@pytest.mark.parametrize("kind", ["CLIPVisionModelWithProjection", "CLIPModel"])
+def test_a_local_transformers_vision_model_embeds_for_the_command_line(tmp_path, kind):
+    import transformers
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=16)
+    torch.manual_seed(0)
+    if kind == "CLIPModel":
+        config = transformers.CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2), vision_config=vision,
+                                         projection_dim=16)
+    else:
+        config = transformers.CLIPVisionConfig(**vision)
+    getattr(transformers, kind)(config).save_pretrained(tmp_path / "vision")
+    embed = embedder.load(str(Path("vision")), tmp_path, torch.device("cpu"))
+    photos = torch.rand(3, 48, 40, 3, generator=torch.Generator().manual_seed(0))
+    out = embed(photos)
+    assert out.shape == (3, 16)
+    assert scores.likeness(embed(photos[:1]), out[:1]) == pytest.approx(1.0, abs=1e-5)
+    assert scores.drift(embed(photos.flip(1)), out) > 1e-4  # upside down: another embedding
 
 
 @pytest.fixture

@@ -3,12 +3,13 @@ embedder the scores use (../../trainer/outputs/scores.py), and a toy-width one f
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import comfy.clip_vision
 import torch
+
+from ...trainer import files
 
 TINY_CONFIG = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32,
                "image_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64,
@@ -49,7 +50,7 @@ def tiny_clip_vision(seed: int = 0):
                                                                   if k not in ("model_type", "torch_dtype")}))
     with tempfile.TemporaryDirectory() as folder:  # ComfyUI up to v0.3.x reads the config from a file only
         path = Path(folder) / "tiny_clip_vision.json"
-        path.write_text(json.dumps(TINY_CONFIG))
+        files.write_json(path, TINY_CONFIG)
         model = comfy.clip_vision.ClipVisionModel(str(path))
     missing, _ = model.load_sd(reference.state_dict())
     if missing:

@@ -40,10 +40,11 @@ class VisionModel:
         x = scores.channels_last(images).float().permute(0, 3, 1, 2)
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
         x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.device)
-        if hasattr(self.model, "get_image_features"):
-            return self.model.get_image_features(pixel_values=x).float().cpu()
+        if hasattr(self.model, "get_image_features"):  # CLIPModel, SiglipModel: a tensor, or (transformers 5)
+            out = self.model.get_image_features(pixel_values=x)  # an output whose pooler_output is projected
+            return (out if isinstance(out, torch.Tensor) else out.pooler_output).float().cpu()
         out = self.model(pixel_values=x)
-        found = getattr(out, "image_embeds", None)
+        found = getattr(out, "image_embeds", None)  # CLIPVisionModelWithProjection; else the pooled output
         return (found if found is not None else out.pooler_output).float().cpu()
 
 
