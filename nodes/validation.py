@@ -5,6 +5,7 @@ images the same LoRA gives in a workflow (an evaluation matrix: prompts × seeds
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,9 +59,15 @@ class ValidationPlan:
     def recipe_section(self) -> tuple[ValidationSection, list[str]]:
         """This plan as a recipe's validation section, and what that can't hold (several seeds, …)."""
         e = self.entries
-        return from_run.validation_section([x.prompt for x in e], [x.seed for x in e], [x.guidance for x in e],
-                                           [x.steps for x in e], self.every, self.width, self.height,
-                                           self.before_training, self.sampler, self.scheduler)
+        section, notes = from_run.validation_section([x.prompt for x in e], [x.seed for x in e],
+                                                     [x.guidance for x in e], [x.steps for x in e], self.every,
+                                                     self.width, self.height, self.before_training, self.sampler,
+                                                     self.scheduler)
+        if self.clip_vision is None:
+            return section, notes
+        return dataclasses.replace(section, max_drift=self.max_drift), notes + [
+            "validation.scores: the scores' CLIP_VISION is a model ComfyUI loaded; on the command line set "
+            "validation.scores to a transformers CLIP/SigLIP folder."]
 
     def scoring(self, dataset) -> ScoringPlan | None:
         """Likeness and drift for this set (None without a CLIP_VISION: no scores)."""

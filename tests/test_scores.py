@@ -154,6 +154,7 @@ def test_a_run_scores_every_validation_step_names_its_best_checkpoint_and_resume
     assert (run / "checkpoints" / f"step_{best:06d}").is_dir()
     assert f"best checkpoint: step {best} (likeness" in caplog.text
     assert json.loads((run / "summary.json").read_text())["best_checkpoint"] == best
+    assert 'scores: "pixels"' in (run / "recipe.yaml").read_text()  # the run's recipe scores too
     assert base_renders == [["a photo of toy", *scores.UNRELATED_PROMPTS]]  # once, with the class word
     assert len(list((run / scoring.BASE_FOLDER).glob("base_*.png"))) == 4
     before = {p.name: p.stat().st_mtime_ns for p in (run / scoring.BASE_FOLDER).iterdir()}

@@ -231,6 +231,12 @@ def note_changes(previous: Path, recipe: Recipe) -> None:
         log.info("Resuming with changed settings: %s.", "; ".join(changed))
 
 
+def scored_validation(recipe: Recipe, base: Path):
+    """The validation section as the run's recipe holds it: a scores model folder made absolute."""
+    folder = embedder.check(recipe.validation.scores, base) if recipe.validation.scores else None
+    return dataclasses.replace(recipe.validation, scores=str(folder.absolute())) if folder else recipe.validation
+
+
 def run(args) -> int:
     started = time.perf_counter()
     imported = formats.load(args.config)
@@ -299,7 +305,8 @@ def run(args) -> int:
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
     # recipe_ai_toolkit.yaml; rank 0's to write
     ran = from_run.recipe_of_run(recipe.train, spec, backend.dims, dataset, build.run_settings(recipe),
-                                 (recipe.validation, []), dataclasses.replace(recipe.save, output=str(root.absolute())),
+                                 (scored_validation(recipe, base), []),
+                                 dataclasses.replace(recipe.save, output=str(root.absolute())),
                                  notes=[f"model: --model {args.model} on the command line (not a key of the file)."])
     if resume is not None and writes:
         note_changes(folder.path / from_run.RECIPE_FILE, ran.recipe)
