@@ -62,5 +62,7 @@ def test_validation_with_a_clip_vision_scores_every_render_and_names_the_best_ch
     assert base == ["a photo of toy on the beach", "a bowl of fruit on a wooden table",
                     "a city street at night, rain", "a mountain lake at sunrise"]  # class word for the trigger
     assert len(list((folder / "scores").glob("base_*.png"))) == len(base)
+    recipe = (folder / "recipe.yaml").read_text()
+    assert "max_drift: 0.5" in recipe and "the scores' CLIP_VISION is a model ComfyUI loaded" in recipe
     load = host.nodes.NODE_CLASS_MAPPINGS["FluxDreamBoothLoadCheckpoint"].INPUT_TYPES()["required"]["checkpoint"]
     assert load[1]["default"] == f"scored_001/checkpoints/step_{best:06d}"
