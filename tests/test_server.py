@@ -295,3 +295,44 @@ def test_an_ai_toolkit_job_pasted_into_import_training_config_in_a_real_browser(
     assert "3 steps at learning_rate 0.002" in summary and "Unsupported: none" in summary
     assert trained.startswith("3 steps") and "run toy_import_001" in trained  # the job's, not the template's
     assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_panel_draws_likeness_and_drift_beside_the_loss(server):
+    """The panel fed the pack's events as the server sends them (progress, scores, the best-checkpoint
+    note): the scores show in the status line and as two more lines on the chart, the note keeps it."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    workflow = quickstart_template(server)
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        result = page.evaluate("""(id) => {
+            const api = window.comfyAPI?.api?.api ?? window.app.api;  // the object the pack's scripts listen on
+            const send = (type, detail) => api.dispatchEvent(new CustomEvent(type, {detail: {node: String(id),
+                                                                                             ...detail}}));
+            send("flux_dreambooth.status", {state: "training", message: "", run: "scored_001"});
+            for (const step of [1, 2, 3, 4])
+                send("flux_dreambooth.progress", {step, total: 4, loss: 1 / step, loss_smooth: 1 / step, lr: 1e-3,
+                     seconds_per_step: 0.5, eta_seconds: 2, peak_memory_gib: 1, memory_device: "RAM"});
+            send("flux_dreambooth.scores", {step: 2, likeness: 0.25, drift: 0.05});
+            send("flux_dreambooth.scores", {step: 4, likeness: 0.3125, drift: 0.125});
+            send("flux_dreambooth.status", {state: "training", message: "best checkpoint: step 4", run: "scored_001"});
+            const panel = app.graph.getNodeById(id).fluxPanel;
+            const c = panel.canvas, data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let green = 0, red = 0;
+            for (let i = 0; i < data.length; i += 4) {
+                green += data[i] === 0x4c && data[i + 1] === 0xaf && data[i + 2] === 0x50;
+                red += data[i] === 0xe0 && data[i + 1] === 0x55 && data[i + 2] === 0x45;
+            }
+            return {status: panel.status.textContent, points: panel.points.length, scores: panel.scores.length,
+                    green, red};
+        }""", train_id)
+        browser.close()
+    assert "likeness 0.313 · drift 0.125 (step 4)" in result["status"], result
+    assert "best checkpoint: step 4" in result["status"], result
+    assert result["points"] == 4 and result["scores"] == 2, result  # the note kept the chart
+    assert result["green"] > 0 and result["red"] > 0, result
+    assert not errors, errors
