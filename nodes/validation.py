@@ -98,7 +98,8 @@ class ValidationSamples(io.ComfyNode):
             display_name="Validation Samples",
             category=sockets.Category.TRAINING,
             description="Renders a fixed evaluation set every N steps while training, through ComfyUI's own "
-                        "sampler, so you can judge likeness as it trains and pick the best checkpoint.",
+                        "sampler, so you can judge likeness as it trains and pick the best checkpoint. With a "
+                        "CLIP_VISION it scores likeness and drift at every render and names the best checkpoint.",
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of [trigger]",
                                 tooltip="One prompt per line; [trigger] becomes the dataset's trigger word (a "
