@@ -96,6 +96,17 @@ def test_drift_prompts_put_the_class_word_in_place_of_the_trigger():
     assert scoring.drift_prompts(["a photo of [trigger] dog"], ["sks"], ["dog"])[0] == "a photo of dog"
 
 
+def test_a_run_resumed_from_an_earlier_checkpoint_keeps_only_the_rows_up_to_it(tmp_path):
+    rows = [Score(s, 0.1 * s, 0.01 * s) for s in (0, 2, 4, 6)]
+    scores.write_scores(tmp_path, rows)
+    plan = scoring.ScoringPlan(scores.PooledPixels(), torch.zeros(1, 8, 8, 3), (0,), ("a bowl of fruit",))
+    assert [r.step for r in scoring.Scorer(plan, tmp_path, resumed_step=4).rows] == [0, 2, 4]
+    assert scoring.Scorer(plan, tmp_path, resumed_step=None).rows == []  # a fresh run keeps none
+    (tmp_path / scores.SCORES_JSON).write_text('{"rows": [{"step": "x"}]}')
+    with pytest.raises(ValueError, match="not a scores file"):
+        scoring.Scorer(plan, tmp_path, resumed_step=4)
+
+
 @pytest.mark.parametrize("kind", ["CLIPVisionModelWithProjection", "CLIPModel"])
 def test_a_local_transformers_vision_model_embeds_for_the_command_line(tmp_path, kind):
     import transformers
