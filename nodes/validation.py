@@ -73,8 +73,11 @@ class ValidationPlan:
         """Likeness and drift for this set (None without a CLIP_VISION: no scores)."""
         if self.clip_vision is None:
             return None
-        return scoring.plan(vision.ClipVisionEmbedder(self.clip_vision), dataset, [e.prompt for e in self.entries],
-                            self.max_drift)
+        e = self.entries[0]  # the scores' renders take the first entry's seed, guidance and steps
+        how = f"seed {e.seed}, {e.steps} steps, guidance {e.guidance:g}, {self.width}×{self.height}, " \
+              f"{self.sampler}/{self.scheduler}"
+        return scoring.plan(vision.ClipVisionEmbedder(self.clip_vision), dataset, [x.prompt for x in self.entries],
+                            self.max_drift, how)
 
     def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,

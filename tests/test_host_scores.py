@@ -58,7 +58,9 @@ def test_validation_with_a_clip_vision_scores_every_render_and_names_the_best_ch
     assert re.search(rf"best checkpoint: step {best} \(likeness -?\d\.\d{{3}}, drift \d\.\d{{3}}\)", text), text
     events = [d for e, d in host.server.events if e == "flux_dreambooth.scores"]
     assert [d["step"] for d in events] == [0, 2, 4] and events[-1]["drift"] == saved["rows"][-1]["drift"]
-    base = json.loads((folder / "scores" / "base.json").read_text())["prompts"]
+    kept = json.loads((folder / "scores" / "base.json").read_text())
+    assert kept["render"] == "seed 7, 3 steps, guidance 3.5, 64×64, euler/simple"
+    base = kept["prompts"]
     assert base == ["a photo of toy on the beach", "a bowl of fruit on a wooden table",
                     "a city street at night, rain", "a mountain lake at sunrise"]  # class word for the trigger
     assert len(list((folder / "scores").glob("base_*.png"))) == len(base)

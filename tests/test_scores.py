@@ -178,6 +178,11 @@ def test_a_run_scores_every_validation_step_names_its_best_checkpoint_and_resume
     assert len(base_renders) == 1  # the base samples came from the run folder
     assert {p.name: p.stat().st_mtime_ns for p in (run / scoring.BASE_FOLDER).iterdir()} == before
     assert resumed["best"]["step"] in [int(c.name.split("_")[1]) for c in RunFolder(run).checkpoints()]
+    # another validation seed: the kept base samples no longer match, so they are rendered again
+    assert cli.main(["train", "--config", str(recipe), "--model", "tiny", "--set", "steps=8",
+                     "--set", "validation.seed=7", "--resume", "latest"]) == 0
+    assert len(base_renders) == 2
+    assert json.loads((run / scoring.BASE_FOLDER / "base.json").read_text())["render"].startswith("seed 7,")
 
 
 def test_scores_without_a_subject_prompt_or_with_a_missing_model_folder_fail_by_name(recipe, caplog):

@@ -297,7 +297,8 @@ def run(args) -> int:
     host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
     scored = None
     if schedule and recipe.validation.scores and writes:
-        scored = scoring.plan(embedder.load(v.scores, base, backend.device), dataset, v.prompts, v.max_drift)
+        scored = scoring.plan(embedder.load(v.scores, base, backend.device), dataset, v.prompts, v.max_drift,
+                              f"seed {v.seed}, {v.steps} steps, guidance {v.guidance:g}, {host.size * 8} px")
     elif v.scores and not v.prompts:
         log.warning("validation.scores is set but validation.prompts is empty: no renders, so no scores.")
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),

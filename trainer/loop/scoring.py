@@ -49,6 +49,7 @@ class ScoringPlan:
     subject_entries: tuple[int, ...]  # which images of a validation render show the subject
     drift_prompts: tuple[str, ...]  # rendered with and without the LoRA, same seeds
     max_drift: float = scores.DEFAULT_MAX_DRIFT
+    render_key: str = ""  # how the host renders them (seed, steps, size…): kept base samples must match it
 
 
 def drift_prompts(prompts: Sequence[str], triggers: Sequence[str], class_words: Sequence[str]) -> tuple[str, ...]:
@@ -98,12 +99,12 @@ def check(prompts: Sequence[str], max_drift: float) -> None:
 
 
 def plan(embedder: scores.ImageEmbedder, dataset: Dataset, prompts: Sequence[str],
-         max_drift: float = scores.DEFAULT_MAX_DRIFT) -> ScoringPlan:
+         max_drift: float = scores.DEFAULT_MAX_DRIFT, render_key: str = "") -> ScoringPlan:
     """Scoring for a validation set of `prompts` (in render order, `[trigger]` not yet filled in)."""
     check(prompts, max_drift)
     subject = tuple(i for i, p in enumerate(prompts) if names_subject(p))
     return ScoringPlan(embedder, reference_images(dataset), subject,
-                       drift_prompts(prompts, dataset.triggers, class_words(dataset)), max_drift)
+                       drift_prompts(prompts, dataset.triggers, class_words(dataset)), max_drift, render_key)
 
 
 class Scorer:
@@ -113,7 +114,6 @@ class Scorer:
         self.rows: list[Score] = [r for r in earlier if resumed_step is not None and r.step <= resumed_step]
         self.references: torch.Tensor | None = None  # embedded at the first score, inside a pause
         self.base: torch.Tensor | None = None
-        self.base_renders = 0  # how often the base samples were rendered in this process (tests)
 
     def _base(self, host, should_stop: Callable[[], bool]) -> torch.Tensor | None:
         """The base model's embeddings of the drift prompts: from the run folder, else rendered now."""
@@ -121,12 +121,13 @@ class Scorer:
             return self.base
         where, prompts = self.folder / BASE_FOLDER, list(self.plan.drift_prompts)
         paths = [where / f"base_{i:02d}.png" for i in range(len(prompts))]
+        wanted = {"prompts": prompts, "render": self.plan.render_key}
         try:
-            kept = json.loads((where / "base.json").read_text(encoding="utf-8")).get("prompts") == prompts
+            kept = json.loads((where / "base.json").read_text(encoding="utf-8")) == wanted
         except (OSError, ValueError):
             kept = False
         if kept and all(p.is_file() for p in paths):
-            images = torch.stack([to_pixels(Image.open(p)) for p in paths])
+            images = torch.stack([_read(p) for p in paths])
         else:
             rendered = host.render_prompts(None, prompts, should_stop)
             if rendered is None:
@@ -134,8 +135,7 @@ class Scorer:
             images = scores.quantized(scores.channels_last(rendered.cpu()))
             for image, path in zip(images, paths):
                 files.write_image(path, Image.fromarray((image.numpy() * 255).round().astype(np.uint8)))
-            files.write_json(where / "base.json", {"prompts": prompts})
-            self.base_renders += 1
+            files.write_json(where / "base.json", wanted)
         self.base = self.plan.embedder(images)
         return self.base
 
@@ -173,3 +173,8 @@ class Scorer:
         if self.rows:
             scores.write_scores(self.folder, self.rows, chosen)
         return chosen
+
+
+def _read(path: Path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return to_pixels(image)
