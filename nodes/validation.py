@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from comfy_api.latest import io
 
 from ..trainer.data.captions import fill_triggers
+from ..trainer.log import logger
 from ..trainer.loop import scoring
 from ..trainer.loop.job import ValidationSchedule
 from ..trainer.loop.scoring import ScoringPlan
@@ -22,6 +23,8 @@ from ..trainer.recipe import from_run
 from ..trainer.recipe.schema import ValidationSection
 from . import ids, sockets
 from .host import sampling, vision
+
+log = logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
     if not section.prompts:
         return None
     size = section.size or resolution
+    if section.scores:
+        log.info("validation.scores %r is the command line's: in ComfyUI, connect Load CLIP Vision to a Validation "
+                 "Samples node's clip_vision for scores.", section.scores)
     entries = tuple(EvalEntry(p, section.seed, section.guidance, section.steps) for p in section.prompts)
     return ValidationPlan(entries, section.every, size, size, "euler", "simple", section.before_training)
 
