@@ -52,8 +52,10 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
         live = None  # the class caption through the trained text encoder, for the LoRA's side of DOP
         if kept is not None and text is not None and mine:
             live = text(e.preserved_captions[version], *kept)
-        key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0], e.network_weight)
-        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept, live, mine))
+        control = e.control_of(latents)  # an edit pair's source (Kontext), shaped as this view
+        key = (tuple(latents.shape), context.shape[0], None if kept is None else kept[0].shape[0],
+               None if control is None else tuple(control.shape), e.network_weight)
+        groups.setdefault(key, []).append((latents, context, pooled, e.loss_weight, kept, live, mine, control))
     total = torch.zeros((), device=backend.device)
     for key, group in groups.items():
         shape = (len(group), *group[0][0].shape)
@@ -65,7 +67,8 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
             if not group:
                 continue
         latents = torch.stack([g[0] for g in group])
-        cond = Conditioning.of([(g[1], g[2]) for g in group], config.guidance).to(backend.device, _to_device)
+        cond = Conditioning.of([(g[1], g[2]) for g in group], config.guidance, references(group))
+        cond = cond.to(backend.device, _to_device)
         weights = torch.tensor([g[3] for g in group])
         latents, noise, sigmas, weights = (_to_device(t, backend.device) for t in (latents, noise, sigmas, weights))
         noisy = flow.noisy_latents(latents, noise, sigmas)
@@ -78,8 +81,15 @@ def step_loss(backend: FluxBackend, batch: list[Example], config: TrainConfig, g
             scale(loss).backward()
         total += loss.detach()
         if group[0][4] is not None:  # DOP, with a backward of its own: the two graphs are never held at once
-            kept = Conditioning.of([g[4] for g in group], config.guidance).to(backend.device, _to_device)
+            kept = Conditioning.of([g[4] for g in group], config.guidance, references(group)).to(backend.device,
+                                                                                                  _to_device)
             live = None if group[0][5] is None else \
-                Conditioning.of([g[5] for g in group], config.guidance).to(backend.device, _to_device)
+                Conditioning.of([g[5] for g in group], config.guidance, references(group)).to(backend.device,
+                                                                                               _to_device)
             preserve.backward(backend, noisy, sigmas, kept, len(batch), scale, live=live)
     return total
+
+
+def references(group: list) -> tuple[torch.Tensor, ...]:
+    """The group's edit sources (Kontext), stacked as one reference batch; () for plain photos."""
+    return () if group[0][7] is None else (torch.stack([g[7] for g in group]),)

@@ -326,7 +326,7 @@ def fixed_noise_loss(backend: FluxBackend, lora: LoraSet, examples: list[Example
         for e in examples:
             latents = e.latents[None].to(backend.device)
             cond = Conditioning.of([text(e.caption, e.context, e.pooled) if text else (e.context, e.pooled)],
-                                   guidance).to(backend.device)
+                                   guidance, () if e.control is None else (e.control[None],)).to(backend.device)
             for s in sigmas:
                 if should_stop():
                     return float("nan")
