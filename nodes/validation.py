@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io
 
+from ..trainer.data import images
 from ..trainer.data.captions import fill_triggers
 from ..trainer.loop.job import ValidationSchedule
 from ..trainer.parsing import number_list
@@ -41,6 +42,7 @@ class ValidationPlan:
     sampler: str
     scheduler: str
     before_training: bool
+    reference_image: object = None  # IMAGE an edit model (Kontext) edits; None: the dataset's first control image
 
     def schedule(self) -> ValidationSchedule:
         return ValidationSchedule(self.every, self.before_training, len(self.entries))
@@ -57,9 +59,14 @@ class ValidationPlan:
                                            [x.steps for x in e], self.every, self.width, self.height,
                                            self.before_training, self.sampler, self.scheduler)
 
-    def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
+    def renderer(self, clip, vae, triggers: Sequence[str], folder, dataset=None) -> sampling.Renderer:
+        """With the reference image an edit LoRA is judged on: `reference_image`, else the first
+        control image of an edit-pair `dataset` (Kontext), else none."""
+        reference = self.reference_image
+        if reference is None and dataset is not None and dataset.items and dataset.items[0].control is not None:
+            reference = images.to_tensor(images.open_rgb(dataset.items[0].control))
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,
-                                 triggers, folder)
+                                 triggers, folder, reference)
 
 
 def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
@@ -107,13 +114,19 @@ class ValidationSamples(io.ComfyNode):
                 io.Boolean.Input("before_training", default=True,
                                  tooltip="Also render the set before the first step: the base model to compare "
                                          "against."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="For an edit LoRA (FLUX.1 Kontext): the image every prompt edits, as the "
+                                       "stock ReferenceLatent node passes it (fitted to width × height). "
+                                       "Unconnected: the first control image of the dataset, so the samples show "
+                                       "the training edit; use a photo the LoRA has not seen to judge how it "
+                                       "generalises."),
             ],
             outputs=[sockets.Validation.Output(display_name="validation")],
         )
 
     @classmethod
     def execute(cls, prompts, seeds, guidance, sample_steps, width, height, every_n_steps, sampler_name,
-                scheduler, before_training) -> io.NodeOutput:
+                scheduler, before_training, reference_image=None) -> io.NodeOutput:
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not lines:
             raise ValueError("prompts is empty; write at least one prompt (one per line).")
@@ -122,4 +135,4 @@ class ValidationSamples(io.ComfyNode):
                                  number_list(sample_steps, int, "sample_steps", "20, 28"))
         entries = tuple(EvalEntry(*e) for e in grid)
         return io.NodeOutput(ValidationPlan(entries, every_n_steps, width, height, sampler_name, scheduler,
-                                            before_training))
+                                            before_training, None if reference_image is None else reference_image[:1]))

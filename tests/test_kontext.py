@@ -136,3 +136,57 @@ def test_fixed_noise_loss_falls_by_a_fifth_on_tiny_kontext(tiny_flux):
     after = fixed_noise_loss(backend, lora, examples)
     assert result.steps_done == 30 and set(calls) == {1}  # every step saw its reference
     assert after < 0.8 * before, (before, after)
+
+
+AI_TOOLKIT_KONTEXT = """\
+job: extension
+config:
+  name: recolour_kontext
+  process:
+    - type: sd_trainer
+      network:
+        type: lora
+        linear: 16
+        linear_alpha: 16
+      datasets:
+        - folder_path: {targets}
+          control_path: {controls}
+          caption_ext: txt
+          resolution: [64]
+      train:
+        steps: 3
+        lr: 1e-4
+        batch_size: 1
+      model:
+        name_or_path: black-forest-labs/FLUX.1-Kontext-dev
+        arch: flux_kontext
+"""
+
+
+def test_an_ai_toolkit_kontext_job_imports_its_control_path_and_builds_pairs(pairs):
+    from trainer.recipe import ai_toolkit, build, formats
+
+    path = pairs / "job.yaml"
+    path.write_text(AI_TOOLKIT_KONTEXT.format(targets="targets", controls="controls"))
+    imported = formats.load(path)
+    assert not [u.key for u in imported.unsupported if "control" in u.key], imported.unsupported
+    assert imported.recipe.dataset.control_path == ["controls"]
+    dataset = build.dataset(imported.recipe, pairs)
+    assert controls.has_controls(dataset) and dataset.items[0].control == pairs / "controls" / "01_blue_circle.png"
+    again = formats.loads(ai_toolkit.write(imported.recipe), path)  # written back as ai-toolkit, read again
+    assert again.recipe.dataset.control_path == ["controls"]
+
+
+def test_a_recipe_names_a_missing_control_path_and_a_count_that_does_not_match(pairs):
+    from trainer.recipe import build, formats
+    from trainer.recipe.fields import RecipeError
+
+    path = pairs / "job.yaml"
+    path.write_text(AI_TOOLKIT_KONTEXT.format(targets="targets", controls="no_such_folder"))
+    imported = formats.load(path)
+    with pytest.raises(RecipeError, match=r"control_path.*no_such_folder.*does not exist"):
+        build.check_paths(imported.recipe, pairs, imported.origins)
+    from trainer.recipe.schema import DatasetSection
+
+    with pytest.raises(RecipeError, match="control_path names 2 folder"):
+        DatasetSection(folders=["a"], control_path=["b", "c"])

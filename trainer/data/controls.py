@@ -72,3 +72,9 @@ def has_controls(dataset: Dataset) -> bool:
         raise DatasetError(f"Some datasets have a control_folder and some not ({plain} has no control image): an edit "
                            "LoRA (Kontext) trains on pairs only; give every chained dataset its control_folder.")
     return paired == {True}
+
+
+def variant(base: str, dataset: Dataset) -> str:
+    """The architecture a LoRA file names (modelspec `flux-1-kontext-dev/lora`): an edit LoRA trained
+    on pairs is Kontext's, else the loaded model's own (`dev`, `schnell`)."""
+    return f"kontext-{base}" if has_controls(dataset) else base
