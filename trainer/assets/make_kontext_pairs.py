@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .. import files
+
 ROOT = Path(__file__).resolve().parent / "kontext"
 SIZE = 96
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -47,9 +49,9 @@ def write(root: Path = ROOT, seed: int = 0) -> list[str]:
         x, y = rng.randint(8, SIZE - size - 8), rng.randint(8, SIZE - size - 8)
         box = (x, y, x + size, y + size)
         name = f"{i + 1:02d}_{colour}_{shape}"
-        _draw(shape, COLOURS[colour], box).save(root / "controls" / f"{name}.png", optimize=True)
-        _draw(shape, EDIT, box).save(root / "targets" / f"{name}.png", optimize=True)
-        (root / "targets" / f"{name}.txt").write_text(CAPTION.format(shape=shape) + "\n")
+        files.write_image(root / "controls" / f"{name}.png", _draw(shape, COLOURS[colour], box), optimize=True)
+        files.write_image(root / "targets" / f"{name}.png", _draw(shape, EDIT, box), optimize=True)
+        files.write_text(root / "targets" / f"{name}.txt", CAPTION.format(shape=shape) + "\n")
         names.append(name)
     return names
 
