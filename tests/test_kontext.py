@@ -190,3 +190,28 @@ def test_a_recipe_names_a_missing_control_path_and_a_count_that_does_not_match(p
 
     with pytest.raises(RecipeError, match="control_path names 2 folder"):
         DatasetSection(folders=["a"], control_path=["b", "c"])
+
+
+def test_the_command_line_trains_pairs_into_a_kontext_lora_whose_samples_edit_the_first_control(pairs, capsys):
+    from trainer import cli
+    from trainer.outputs import export
+
+    recipe = pairs / "recipe.yaml"
+    recipe.write_text("dataset:\n  folders: [targets]\n  control_path: [controls]\n  trigger: ''\n  resolution: [64]\n"
+                      "  bucketing: false\ntrain:\n  steps: 2\nvalidation:\n  prompts: ['make the circle red']\n"
+                      "  every: 2\n  steps: 2\n  before_training: false\nsave:\n  name: edit\n  output: runs\n")
+    seen = []
+    from trainer.families.flux1 import diffusers as flux1_diffusers
+
+    real = flux1_diffusers.DiffusersFlux.velocity
+    flux1_diffusers.DiffusersFlux.velocity = lambda self, x, s, c: seen.append(len(c.references)) or real(self, x, s, c)
+    try:
+        assert cli.main(["train", "--config", str(recipe), "--model", "tiny"]) == 0
+    finally:
+        flux1_diffusers.DiffusersFlux.velocity = real
+    meta = export.read_metadata(pairs / "runs" / "edit_001.safetensors")
+    assert meta["modelspec.architecture"] == "flux-1-kontext-dev/lora" and meta["dreambooth.family"] == "flux1"
+    assert set(seen) == {1}  # training, the fixed-noise loss and the samples all saw the reference
+    assert sorted((pairs / "runs" / "edit_001" / "samples").glob("step_000002_*.png"))
+    ran = (pairs / "runs" / "edit_001" / "recipe.yaml").read_text()
+    assert "control_path" in ran and str(pairs / "controls") in ran

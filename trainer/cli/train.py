@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .. import files
+from ..data import controls
 from ..data.captions import TRIGGER_PLACEHOLDER
 from ..data.encode import EncodeCache, encode_dataset
 from ..families.conditioning import Conditioning
@@ -127,6 +128,7 @@ class ConsoleHost:
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
         self.first_step: int | None = None
+        self.references: tuple[torch.Tensor, ...] = ()  # an edit LoRA's samples edit the first control image
 
     def on_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -171,8 +173,8 @@ class ConsoleHost:
             if should_stop():
                 return None
             with backend.lora_applied(lora):
-                latents = sample(backend, Conditioning.of([embedded], v.guidance), self.size, self.size, v.steps,
-                                 v.seed)
+                latents = sample(backend, Conditioning.of([embedded], v.guidance, self.references), self.size,
+                                 self.size, v.steps, v.seed)
             pixels = self.model.decode(latents.cpu()).cpu()
             image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
             path = files.write_image(self.folder / "samples" / f"step_{step:06d}_{i:02d}.png", image)
@@ -250,7 +252,7 @@ def run(args) -> int:
     metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
         "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
         "run": folder.path.name, "recipe": text.to_json(recipe)},
-        family=backend.family.name, variant=backend.variant,
+        family=backend.family.name, variant=controls.variant(backend.variant, dataset),
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
@@ -259,6 +261,8 @@ def run(args) -> int:
     shown = console.Console(folder.path, writes and console.wants_bar(args.progress, log_json),
                             writes and args.report_to == "tensorboard")
     host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
+    if examples[0].control is not None:  # Kontext pairs: samples edit the first control image, as the nodes do
+        host.references = (examples[0].control[None],)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
