@@ -14,6 +14,7 @@ from .host.tiny import WEIGHT_DTYPES, load_tiny_flux
 
 log = logger(__name__)
 NO_FILE = "(none)"
+TINY_FAMILIES = {"FLUX.1": False, "FLUX.1 Kontext": True}  # the Tiny FLUX's family input: whether it is Kontext
 
 
 class ApplyFluxLora(io.ComfyNode):
@@ -119,11 +120,17 @@ class TinyFluxLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Store the transformer like the stock UNET loader would (fp8_e4m3fn, "
                                        "bf16…), to try those training paths."),
+                io.Combo.Input("family", options=list(TINY_FAMILIES), default="FLUX.1", optional=True,
+                               tooltip="Which model to stand in for: FLUX.1 (dev), or FLUX.1 Kontext [dev], the "
+                                       "edit model (the same architecture; train it on edit pairs: the dataset's "
+                                       "control_folder, and render with a reference image)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")],
         )
 
     @classmethod
-    def execute(cls, seed, weight_dtype) -> io.NodeOutput:
-        return io.NodeOutput(*load_tiny_flux(seed, weight_dtype))
+    def execute(cls, seed, weight_dtype, family="FLUX.1") -> io.NodeOutput:
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"family is {family!r}; choose {' or '.join(TINY_FAMILIES)}.")
+        return io.NodeOutput(*load_tiny_flux(seed, weight_dtype, kontext=TINY_FAMILIES[family]))

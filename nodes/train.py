@@ -10,6 +10,7 @@ import time
 import torch
 from comfy_api.latest import io
 
+from ..trainer.data import controls
 from ..trainer.data.encode import EncodeCache, encode_dataset
 from ..trainer.log import logger
 from ..trainer.loop.config import LR_SCHEDULES, TrainConfig
@@ -202,7 +203,7 @@ class TrainFluxLora(io.ComfyNode):
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed,
                                            dop_class=config.preservation_class())
-        renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
+        renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples", dataset)
         scored = validation and validation.scoring(dataset)
         if validation and not scored:
             log.info("No likeness/drift scores: connect Load CLIP Vision to Validation Samples' clip_vision for them.")
@@ -217,7 +218,8 @@ class TrainFluxLora(io.ComfyNode):
             **({"base_model_loras": ", ".join(base_loras)} if base_loras else {}),
             **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
                if text_part else {})},
-            family=backend.family.name, variant=backend.variant, text_encoders=text_encoders)
+            family=backend.family.name, variant=controls.variant(backend.variant, dataset),
+            text_encoders=text_encoders)
         write_recipe(folder.path, config, spec, backend.dims, dataset, settings, validation,
                      lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from comfy_api.latest import io
 
+from ..trainer.data import images
 from ..trainer.data.captions import fill_triggers
 from ..trainer.log import logger
 from ..trainer.loop import scoring
@@ -50,6 +51,7 @@ class ValidationPlan:
     before_training: bool
     clip_vision: object | None = None  # ComfyUI's CLIP_VISION: likeness and drift at every render
     max_drift: float = scores.DEFAULT_MAX_DRIFT
+    reference_image: object = None  # IMAGE an edit model (Kontext) edits; None: the dataset's first control image
 
     def schedule(self) -> ValidationSchedule:
         return ValidationSchedule(self.every, self.before_training, len(self.entries))
@@ -82,9 +84,14 @@ class ValidationPlan:
         return scoring.plan(vision.ClipVisionEmbedder(self.clip_vision), dataset, [x.prompt for x in self.entries],
                             self.max_drift, how)
 
-    def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
+    def renderer(self, clip, vae, triggers: Sequence[str], folder, dataset=None) -> sampling.Renderer:
+        """With the reference image an edit LoRA is judged on: `reference_image`, else the first
+        control image of an edit-pair `dataset` (Kontext), else none."""
+        reference = self.reference_image
+        if reference is None and dataset is not None and dataset.items and dataset.items[0].control is not None:
+            reference = images.to_tensor(images.open_rgb(dataset.items[0].control))
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,
-                                 triggers, folder)
+                                 triggers, folder, reference)
 
 
 def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
@@ -149,13 +156,20 @@ class ValidationSamples(io.ComfyNode):
                                tooltip="The best checkpoint is the highest likeness among those with drift at "
                                        "most this (if none, the least drift). 0.1–0.3; lower keeps the base "
                                        "model's look for everything else."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="For an edit LoRA (FLUX.1 Kontext): the image every prompt edits, as the "
+                                       "stock ReferenceLatent node passes it (fitted to width × height). "
+                                       "Unconnected: the first control image of the dataset, so the samples show "
+                                       "the training edit; use a photo the LoRA has not seen to judge how it "
+                                       "generalises."),
             ],
             outputs=[sockets.Validation.Output(display_name="validation")],
         )
 
     @classmethod
     def execute(cls, prompts, seeds, guidance, sample_steps, width, height, every_n_steps, sampler_name,
-                scheduler, before_training, clip_vision=None, max_drift=scores.DEFAULT_MAX_DRIFT) -> io.NodeOutput:
+                scheduler, before_training, clip_vision=None, max_drift=scores.DEFAULT_MAX_DRIFT,
+                reference_image=None) -> io.NodeOutput:
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not lines:
             raise ValueError("prompts is empty; write at least one prompt (one per line).")
@@ -167,4 +181,5 @@ class ValidationSamples(io.ComfyNode):
             vision.ClipVisionEmbedder(clip_vision)  # a wrong socket, by name, now
             scoring.check([e.prompt for e in entries], max_drift)
         return io.NodeOutput(ValidationPlan(entries, every_n_steps, width, height, sampler_name, scheduler,
-                                            before_training, clip_vision, max_drift))
+                                            before_training, clip_vision, max_drift,
+                                            None if reference_image is None else reference_image[:1]))

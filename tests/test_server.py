@@ -171,11 +171,10 @@ def test_a_second_training_waits_for_the_first(server):
     assert len({first, second, third}) == 3
 
 
-def quickstart_template(server) -> dict:
-    """The quickstart workflow as the Templates menu serves it."""
+def quickstart_template(server, name: str = "flux_dreambooth_quickstart") -> dict:
+    """A shipped workflow (the quickstart) as the Templates menu serves it."""
     templates = server.get("/api/workflow_templates")
-    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
-    name = next(n for n in templates[module] if "quickstart" in n)
+    module = next(m for m, names in templates.items() if name in names)
     return server.get(f"/api/workflow_templates/{module}/{name}.json")
 
 
@@ -335,4 +334,33 @@ def test_the_panel_draws_likeness_and_drift_beside_the_loss(server):
     assert "best checkpoint: step 4" in result["status"], result
     assert result["points"] == 4 and result["scores"] == 2, result  # the note kept the chart
     assert result["green"] > 0 and result["red"] > 0, result
+def test_the_kontext_quickstart_queued_from_a_real_browser(server):
+    """The Kontext template from the Templates menu, queued with the Run button: it trains on the
+    bundled pairs, its panel shows the edit samples, and the LoRA is saved (screenshot kept)."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    workflow = quickstart_template(server, "flux_dreambooth_kontext_quickstart")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+        page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
+            app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""")
+        page.get_by_role("button", name="Run").first.click()
+        page.wait_for_function("/^(Done|Failed|Stopped|Cancelled)/.test(document.querySelector("
+                               "'.flux-dreambooth-status')?.textContent || '')", timeout=400000)
+        server.wait_idle(400)
+        page.wait_for_timeout(1500)
+        shot = SCREENSHOTS / f"kontext_quickstart_comfyui_{version}.png"
+        page.screenshot(path=str(shot))
+        status = page.text_content(".flux-dreambooth-status")
+        browser.close()
+    assert status.startswith("Done"), status
+    saved = sorted((server.base / "models" / "loras" / "flux_dreambooth").glob("kontext_quickstart*.safetensors"))
+    assert saved and shot.is_file()
+    assert sorted((server.base / "output" / "flux_dreambooth").glob("kontext_quickstart_*/samples/step_*.png"))
     assert not errors, errors

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ...trainer import files
 from ...trainer.data.captions import fill_triggers
+from ...trainer.data.images import Shaping, from_tensor
 from ...trainer.outputs.progress import Sample
 
 SAMPLERS: list[str] = list(comfy.samplers.KSampler.SAMPLERS)
@@ -40,6 +41,19 @@ def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sam
     return vae.decode(out)[:1]
 
 
+def with_reference(conditioning, vae, image: torch.Tensor):
+    """CONDITIONING with `image` (1, H, W, 3) as the edit's reference, as VAE Encode followed by the
+    stock ReferenceLatent node makes it (FLUX.1 Kontext reads it as ComfyUI's ref_latents)."""
+    latent = vae.encode(image[..., :3])
+    return node_helpers.conditioning_set_values(conditioning, {"reference_latents": [latent]}, append=True)
+
+
+def fitted(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """An IMAGE (1, H, W, 3) scaled to cover width×height and centre-cropped to it."""
+    pixels = Shaping().apply(from_tensor(image[0, ..., :3]), (width, height))
+    return pixels.permute(1, 2, 0)[None]
+
+
 def save_png(image: torch.Tensor, path: Path) -> Path:
     """With ComfyUI's Save Image 8-bit conversion, so the file matches what it would write."""
     pixels = np.clip(255.0 * image[0].cpu().numpy(), 0, 255).astype(np.uint8)
@@ -55,14 +69,20 @@ class Renderer:
     `entries` are (prompt, seed, guidance, steps, label) with `[trigger]` (`[trigger2]`…) still in the prompt."""
 
     def __init__(self, entries: Sequence, sampler: str, scheduler: str, width: int, height: int, clip, vae,
-                 triggers: Sequence[str], folder: Path):
+                 triggers: Sequence[str], folder: Path, reference: torch.Tensor | None = None):
+        """`reference`: the image an edit model (Kontext) edits in every render, (1, H, W, 3); it is
+        fitted to width×height and goes in as ReferenceLatent does."""
         self.entries, self.sampler, self.scheduler = list(entries), sampler, scheduler
         self.width, self.height, self.vae, self.folder = width, height, vae, folder
         self.triggers, self.clip = tuple(triggers), clip
+        self.reference = None if reference is None else fitted(reference, width, height)
         self.conditioning = self._encode(clip)
 
     def _encode(self, clip) -> dict:
-        return {e.prompt: encode_prompt(clip, fill_triggers(e.prompt, self.triggers)) for e in self.entries}
+        out = {e.prompt: encode_prompt(clip, fill_triggers(e.prompt, self.triggers)) for e in self.entries}
+        if self.reference is not None:
+            out = {p: with_reference(c, self.vae, self.reference) for p, c in out.items()}
+        return out
 
     def render(self, model, step: int, should_stop: Callable[[], bool] = lambda: False, clip=None
                ) -> tuple[list[Sample], torch.Tensor]:

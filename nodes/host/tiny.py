@@ -56,8 +56,9 @@ def _widths_from_weights():
         comfy.model_detection.detect_unet_config = detect
 
 
-def load_tiny_flux(seed: int, weight_dtype: str = "default"):
-    """(MODEL, CLIP, VAE) of the tiny FLUX for `seed`."""
+def load_tiny_flux(seed: int, weight_dtype: str = "default", kontext: bool = False):
+    """(MODEL, CLIP, VAE) of the tiny FLUX for `seed`; with `kontext`, named as the tiny FLUX.1
+    Kontext [dev] (the same architecture: what makes it an edit model is training on pairs)."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype is {weight_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}.")
     parts = tiny.build(seed)
@@ -65,7 +66,7 @@ def load_tiny_flux(seed: int, weight_dtype: str = "default"):
     with _widths_from_weights():
         weights = {k: v.clone() for k, v in parts.transformer.state_dict().items()}  # ComfyUI converts in place
         model = comfy.sd.load_diffusion_model_state_dict(weights, model_options=options)
-    model.model.flux_dreambooth_name = parts.name
+    model.model.flux_dreambooth_name = parts.name.replace("tiny-flux", "tiny-flux1-kontext") if kontext else parts.name
 
     vae = comfy.sd.VAE(sd=parts.vae.state_dict(), config=VAE_CONFIG)
     vae.latent_channels = 16

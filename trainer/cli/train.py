@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .. import files
+from ..data import controls
 from ..data.captions import TRIGGER_PLACEHOLDER
 from ..data.encode import EncodeCache, encode_dataset
 from ..families.conditioning import Conditioning
@@ -128,6 +129,7 @@ class ConsoleHost:
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
         self.first_step: int | None = None
+        self.references: tuple[torch.Tensor, ...] = ()  # an edit LoRA's samples edit the first control image
 
     def on_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -182,7 +184,8 @@ class ConsoleHost:
         """One prompt's image (1, 3, H, W) with `lora` (None: the base model) at the validation seed."""
         v, backend = self.recipe.validation, self.model.backend()
         with backend.lora_applied(lora) if lora is not None else contextlib.nullcontext():
-            latents = sample(backend, Conditioning.of([embedded], v.guidance), self.size, self.size, v.steps, v.seed)
+            latents = sample(backend, Conditioning.of([embedded], v.guidance, self.references), self.size, self.size,
+                             v.steps, v.seed)
         return self.model.decode(latents.cpu()).cpu()
 
     def render_prompts(self, lora: LoraSet | None, prompts: list[str], should_stop: Callable[[], bool]
@@ -286,7 +289,7 @@ def run(args) -> int:
     metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
         "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
         "run": folder.path.name, "recipe": text.to_json(recipe)},
-        family=backend.family.name, variant=backend.variant,
+        family=backend.family.name, variant=controls.variant(backend.variant, dataset),
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
@@ -301,6 +304,8 @@ def run(args) -> int:
                               f"seed {v.seed}, {v.steps} steps, guidance {v.guidance:g}, {host.size * 8} px")
     elif v.scores and not v.prompts:
         log.warning("validation.scores is set but validation.prompts is empty: no renders, so no scores.")
+    if examples[0].control is not None:  # Kontext pairs: samples edit the first control image, as the nodes do
+        host.references = (examples[0].control[None],)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and

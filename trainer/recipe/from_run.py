@@ -123,6 +123,8 @@ def dataset_section(dataset: Dataset) -> tuple[DatasetSection, list[str]]:
     resolutions: list[int] = []
     for origin, _, network_weight, items in subject:
         section.folders.append(origin.path)
+        if items[0].control is not None:  # Kontext edit pairs: their control folder, one per folder
+            section.control_path.append(str(items[0].control.parent.absolute()))
         resolutions += [r for r in dict.fromkeys(i.shaping.resolution for i in items) if r not in resolutions]
         differ = _differences(first, origin, SHARED)
         if differ:

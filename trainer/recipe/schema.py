@@ -62,6 +62,10 @@ class DatasetSection:
         "Each subfolder is a subject named like kohya's '10_sks dog' (repeats, trigger, class)."))
     problems: str = field(default="stop", **_help(
         "stop: any unreadable photo or missing caption is an error listing them all; skip: train on the rest."))
+    control_path: list[str] = field(default_factory=list, **_help(
+        "For an edit LoRA (FLUX.1 Kontext): one folder of source images per folder in `folders`, in the same "
+        "order, each image named as its photo after the edit (ai-toolkit's control_path); relative to this "
+        "file. Empty: a plain LoRA."))
     regularisation: list[str] = field(default_factory=list, **_help(
         "Folder(s) of generic class photos (ai-toolkit's is_reg sets, DreamBooth's class_data_dir). They never "
         "carry the trigger; photos without a caption get the class word."))
@@ -97,6 +101,9 @@ class DatasetSection:
              f"{self.maximum_image_size}; photos above the maximum are downsampled to the target (e.g. 1536, 1024)."),
             (bool(re.fullmatch(r"\.?[A-Za-z0-9_]+", self.caption_ext)),
              f"caption_ext is {self.caption_ext!r}; give an extension like txt or caption."),
+            (not self.control_path or len(self.control_path) == len(self.folders),
+             f"control_path names {len(self.control_path)} folder(s) for {len(self.folders)} in folders; give one "
+             "control folder per dataset folder, in the same order (or none for a plain LoRA)."),
         ])
 
 
