@@ -243,7 +243,7 @@ def test_the_train_node_trains_chroma_and_saves_a_chroma_lora(host):
         prompt["1"] = {"class_type": "TinyChromaForTests", "inputs": {}}
         prompt["3"]["inputs"]["end"] = 2  # the toy Chroma has 2 single blocks
         prompt["20"] = {"class_type": "FluxDreamBoothValidation", "inputs": {
-            "prompts": "a photo of [trigger] toy", "seeds": "7", "guidance": "0", "sample_steps": "2", "width": 64,
+            "prompts": "a photo of [trigger] toy", "seeds": "7", "guidance": "3.5", "sample_steps": "2", "width": 64,
             "height": 64, "every_n_steps": 3, "sampler_name": "euler", "scheduler": "simple",
             "before_training": False}}
         prompt["21"] = {"class_type": "FluxDreamBoothRun", "inputs": {
@@ -261,3 +261,19 @@ def test_the_train_node_trains_chroma_and_saves_a_chroma_lora(host):
     assert meta["dreambooth.base_model"] == "tiny-chroma (random weights, seed 0)"
     assert {k.split(".")[0] for k in keys} == {f"lora_unet_single_blocks_{i}_{m}" for i in (0, 1)
                                                for m in ("linear1", "linear2")}
+
+
+def test_chroma_renders_with_its_guidance_input_at_0(chroma, host):
+    """Validation's FLUX guidance does not reach Chroma's distilled guidance input: it stays at 0, as
+    in Chroma's training and its ComfyUI workflows (a FluxGuidance value there changes the image)."""
+    import node_helpers
+
+    pack, model = chroma
+    sampling = pack.nodes.host.sampling
+    _, clip, vae = pack.nodes.host.tiny.load_tiny_flux(0)
+    cond = sampling.encode_prompt(clip, "a photo of sks toy")
+    with torch.inference_mode():
+        at_35, at_0 = (sampling.render(model, vae, cond, 7, 2, g, "euler", "simple", 64, 64) for g in (3.5, 0.0))
+        with_guidance = node_helpers.conditioning_set_values(cond, {"guidance": 3.5})
+        stock = sampling.render(model, vae, with_guidance, 7, 2, 0.0, "euler", "simple", 64, 64)
+    assert torch.equal(at_35, at_0) and (stock - at_0).abs().max() > 1e-3
