@@ -34,7 +34,9 @@ def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sam
     """One image, as a KSampler (cfg 1) after FluxGuidance and a VAE Decode would make it: (1, H, W, 3).
     Cancel is checked every sampling step (older ComfyUI checks it nowhere inside sampling)."""
     latent = torch.zeros(1, 16, height // 8, width // 8)
-    positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
+    positive = conditioning
+    if type(model.model).__name__ != "Chroma":  # Chroma's distilled guidance input is 0, as its workflows leave it
+        positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
     out = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 1.0, sampler, scheduler,
                               positive, positive, latent, denoise=1.0, seed=seed, disable_pbar=True,
                               callback=lambda *_: comfy.model_management.throw_exception_if_processing_interrupted())

@@ -7,6 +7,7 @@ FLUX CLIP-L + T5 classes at toy widths with seeded weights, using ComfyUI's real
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import comfy.model_base
@@ -37,16 +38,23 @@ TEXT_ENCODER_SIZES = {
 @contextmanager
 def _widths_from_weights():
     """ComfyUI up to v0.3.x assumes FLUX.1's full widths (3072, 24 heads) when it detects a FLUX
-    file; while loading the tiny one, read the widths from its weights instead."""
+    file, and every ComfyUI Chroma1's (3072, a 5-layer 5120-wide guidance MLP) for a Chroma file;
+    while loading a tiny one, read the widths from its weights instead."""
     detect = comfy.model_detection.detect_unet_config
 
     def detect_widths(state_dict, key_prefix, *args, **kwargs):
         config = detect(state_dict, key_prefix, *args, **kwargs)
         img_in = state_dict.get(f"{key_prefix}img_in.weight")
-        if config and config.get("image_model") == "flux" and img_in is not None:
+        if config and config.get("image_model") in ("flux", "chroma") and img_in is not None:
             config["hidden_size"] = img_in.shape[0]
             config["num_heads"] = img_in.shape[0] // sum(config["axes_dim"])
             config["context_in_dim"] = state_dict[f"{key_prefix}txt_in.weight"].shape[1]
+        if config and config.get("image_model") == "chroma":  # the distilled guidance layer's widths too
+            approximator = f"{key_prefix}distilled_guidance_layer."
+            config["hidden_dim"] = state_dict[f"{approximator}in_proj.weight"].shape[0]
+            config["out_dim"] = state_dict[f"{approximator}out_proj.weight"].shape[0]
+            config["n_layers"] = 1 + max(int(k[len(approximator):].split(".")[1]) for k in state_dict
+                                         if k.startswith(f"{approximator}layers."))
         return config
 
     comfy.model_detection.detect_unet_config = detect_widths
@@ -119,4 +127,37 @@ def load_tiny_flux2(seed: int, guidance: bool = False, weight_dtype: str = "defa
     options = {"dtype": WEIGHT_DTYPES[weight_dtype]} if WEIGHT_DTYPES[weight_dtype] else {}
     model = comfy.sd.load_diffusion_model_state_dict(tiny_flux2_weights(seed, guidance), model_options=options)
     model.model.flux_dreambooth_name = f"tiny-flux2 {'dev' if guidance else 'klein'} (random weights, seed {seed})"
+    return model
+
+
+# A Chroma at toy width: FLUX.1's blocks without modulation layers, 2 heads of 128, a 2-layer
+# distilled guidance MLP 64 wide (Chroma1's: 5 layers, 5120 wide).
+TINY_CHROMA = {"in_channels": 64, "out_channels": 64, "context_in_dim": 64, "hidden_size": 256, "mlp_ratio": 4.0,
+               "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [16, 56, 56], "theta": 10000,
+               "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 256, "hidden_dim": 64, "n_layers": 2,
+               "txt_ids_dims": [], "vec_in_dim": None}
+
+
+def tiny_chroma_weights(seed: int) -> dict[str, torch.Tensor]:
+    """Seeded weights of the toy Chroma in BFL names, as a Chroma file holds them (RMSNorm
+    scales as `.scale`, which every ComfyUI's Chroma detection reads)."""
+    import dataclasses
+
+    from comfy.ldm.chroma.model import Chroma, ChromaParams
+
+    fields = {f.name for f in dataclasses.fields(ChromaParams)}  # v0.3.64's has no txt_ids_dims / vec_in_dim
+    with torch.device("meta"):
+        dit = Chroma(operations=comfy.ops.disable_weight_init, **{k: v for k, v in TINY_CHROMA.items() if k in fields})
+    weights = tiny.seeded_weights({k: tuple(v.shape) for k, v in dit.state_dict().items()}, seed)
+    return {re.sub(r"(query_norm|key_norm|norms\.\d+)\.weight$", r"\1.scale", k): v for k, v in weights.items()}
+
+
+def load_tiny_chroma(seed: int, weight_dtype: str = "default"):
+    """The toy Chroma as a MODEL, loaded by ComfyUI's own loader (its detection, model_base.Chroma)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype is {weight_dtype!r}; choose from {', '.join(WEIGHT_DTYPES)}.")
+    options = {"dtype": WEIGHT_DTYPES[weight_dtype]} if WEIGHT_DTYPES[weight_dtype] else {}
+    with _widths_from_weights():
+        model = comfy.sd.load_diffusion_model_state_dict(tiny_chroma_weights(seed), model_options=options)
+    model.model.flux_dreambooth_name = f"tiny-chroma (random weights, seed {seed})"
     return model

@@ -59,7 +59,8 @@ def kind_of(shapes: dict[str, tuple[int, ...]]) -> str:
     if "double_stream_modulation_img.lin.weight" in bfl:
         return "a FLUX.2 transformer (this version trains FLUX.1)"
     if any(k.startswith("distilled_guidance_layer.") for k in bfl):
-        return "a Chroma transformer (this version trains FLUX.1)"
+        return ("a Chroma transformer (the command line trains FLUX.1; train Chroma in ComfyUI: Load Diffusion "
+                "Model, then the Train node, which reads the family from the loaded model)")
     if "img_in.weight" in bfl and "double_blocks.0.img_attn.qkv.weight" in bfl:
         channels = bfl["img_in.weight"][1]
         return TRANSFORMER if channels == 64 else \

@@ -144,7 +144,8 @@ class LoraMetadata:
             "ss_base_model_version": self.family,
             "ss_sd_model_name": self.base_model,
             "ss_steps": str(steps),
-            "modelspec.architecture": f"{families.family(self.family).modelspec}-{self.variant}/lora",
+            "modelspec.architecture": "-".join(filter(None, (families.family(self.family).modelspec, self.variant)))
+                                      + "/lora",  # Chroma has one architecture: "chroma/lora"
             "modelspec.trigger_phrase": ", ".join(self.triggers),
             "dreambooth.text_encoders": ",".join(self.text_encoders),
             "ss_network_train_unet_only": str(not self.text_encoders),

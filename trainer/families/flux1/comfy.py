@@ -20,8 +20,10 @@ from . import FAMILY
 
 
 def _unsupported(params) -> str | None:
+    if hasattr(params, "n_layers"):  # ChromaParams: modulation from a distilled guidance layer
+        return "Chroma's blocks (modulation from its distilled_guidance_layer); it trains as Chroma (ComfyChroma)"
     if getattr(params, "global_modulation", False) or getattr(params, "mlp_silu_act", False):
-        return "FLUX.2 / Chroma-style blocks"
+        return "FLUX.2-style blocks (shared modulation); it trains as FLUX.2 (ComfyFlux2)"
     if getattr(params, "yak_mlp", False):
         return "a gated-MLP FLUX variant"
     if params.in_channels != 16 or params.patch_size != 2:
@@ -44,7 +46,7 @@ class ComfyFlux(FluxBackend):
         self.training_flag = training_flag
         self.dims = self.family.layout(params.hidden_size, int(params.hidden_size * params.mlp_ratio),
                                        params.depth, params.depth_single_blocks)
-        self.guidance_embed = bool(params.guidance_embed)
+        self.guidance_embed = bool(getattr(params, "guidance_embed", False))  # Chroma's params have none
         if hasattr(base_model, "get_dtype_inference"):
             self.compute_dtype = base_model.get_dtype_inference()
         else:
