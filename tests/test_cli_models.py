@@ -112,7 +112,7 @@ def test_cli_trains_on_files_from_a_models_folder_as_on_the_model_in_memory(part
     argv = ["train", "--config", str(tmp_path / "recipe.yaml")]
     assert cli.main([*argv, "--model", "flux1-tiny-fp32.safetensors", "--models-dir", str(on_disk / "models"),
                      "--loader", "diffusers", "--dtype", "fp32"]) == 0
-    monkeypatch.setattr(cli_train, "tiny_model", lambda: parts)  # the same weights, in memory
+    monkeypatch.setattr(cli_train, "tiny_model", lambda family="flux1": parts)  # the same weights, in memory
     assert cli.main([*argv, "--model", "tiny"]) == 0
     files, memory = (json.loads((tmp_path / "runs" / f"toy_00{i}" / "summary.json").read_text()) for i in (1, 2))
     assert files["losses"] == pytest.approx(memory["losses"], rel=1e-5)
@@ -130,7 +130,8 @@ def test_wrong_or_missing_files_are_named_before_anything_is_written(on_disk, tm
     save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(49408, 4)}, str(big_vocab))
     cases = [
         (["--model", str(m / "vae" / "ae.safetensors")], "this is FLUX.1's VAE; expected a FLUX.1 transformer"),
-        (["--model", str(flux2), "--models-dir", str(m)], "this is a FLUX.2 transformer"),
+        (["--model", str(flux2), "--models-dir", str(m), "--family", "flux1"],
+         "this is a FLUX.2 transformer; expected a FLUX.1 transformer"),
         (["--model", "flux1-tiny-fp32.safetensors", "--models-dir", str(m),
           "--vae", str(m / "text_encoders" / "clip_l.safetensors")],
          "this is a CLIP-L text encoder; expected FLUX.1's VAE"),

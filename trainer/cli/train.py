@@ -54,8 +54,9 @@ def add_arguments(sub) -> None:
                                    "a run folder, the LoRA beside it.")
     p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
     p.add_argument("--model", required=True, metavar="tiny|FILE|FOLDER",
-                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights), a FLUX.1 transformer "
-                        "file (bf16 or fp8; a path, or a name in --models-dir), or a diffusers FLUX.1 folder")
+                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights; --family flux2 for "
+                        "the tiny FLUX.2), a FLUX.1 or FLUX.2 transformer file (bf16 or fp8; a path, or a name in "
+                        "--models-dir), or a diffusers FLUX.1 folder")
     models.add_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
@@ -74,13 +75,17 @@ def add_arguments(sub) -> None:
 
 
 @functools.cache
-def tiny_model():
-    """The embedded tiny FLUX, built once per process (training leaves its weights as they are)."""
+def tiny_model(family: str = "flux1"):
+    """The embedded tiny FLUX (or FLUX.2), built once per process (training leaves its weights as they are)."""
+    if family == "flux2":
+        from ..families.flux2 import tiny as tiny2
+
+        return tiny2.build(0)
     return tiny.build(0)
 
 
 def load_model(plan: models.Plan):
-    return tiny_model() if plan.loader == models.TINY else models.load(plan)
+    return tiny_model(plan.family) if plan.loader == models.TINY else models.load(plan)
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -122,7 +127,7 @@ class ConsoleHost:
         self.log_json = log_json
         self.console = shown or console.Console(folder, bar=False, tensorboard=False)
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
-        self.size = (v.size or recipe.dataset.resolution[0]) // 8
+        self.size = (v.size or recipe.dataset.resolution[0]) // model.backend().family.downscale
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
