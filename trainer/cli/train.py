@@ -298,7 +298,8 @@ def run(args) -> int:
     fmt = recipe.save.format
     lora_path = files.write_safetensors(
         root / f"{folder.path.name}.safetensors",
-        export.TrainedLora(outcome.lora, {}, outcome.kohya).to_file_dict(fmt, export.SAVE_DTYPES[recipe.save.dtype]),
+        export.TrainedLora(outcome.lora, {"dreambooth.family": backend.family.name}, outcome.kohya).to_file_dict(
+            fmt, export.SAVE_DTYPES[recipe.save.dtype]),
         metadata.header(outcome.steps_done, fmt))
     seconds = time.perf_counter() - started
     summary = {"steps": outcome.steps_done, "fixed_noise_loss_before": outcome.loss_before,
