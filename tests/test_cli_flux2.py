@@ -48,7 +48,7 @@ def test_cli_trains_tiny_flux2_and_its_files_alike(parts, on_disk, tmp_path, mon
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     argv = ["train", "--config", str(tmp_path / "recipe.yaml")]
     assert cli.main([*argv, "--model", TRANSFORMER_NAME, "--models-dir", str(on_disk), "--dtype", "fp32"]) == 0
-    monkeypatch.setattr(cli_train, "tiny_model", lambda family="flux1": parts if family == "flux2" else None)
+    monkeypatch.setattr(cli_train, "tiny_flux2_model", lambda: parts)
     assert cli.main([*argv, "--model", "tiny", "--family", "flux2"]) == 0
     files, memory = (json.loads((tmp_path / "runs" / f"toy_00{i}" / "summary.json").read_text()) for i in (1, 2))
     assert files["losses"] == pytest.approx(memory["losses"], rel=1e-5)

@@ -75,17 +75,23 @@ def add_arguments(sub) -> None:
 
 
 @functools.cache
-def tiny_model(family: str = "flux1"):
-    """The embedded tiny FLUX (or FLUX.2), built once per process (training leaves its weights as they are)."""
-    if family == "flux2":
-        from ..families.flux2 import tiny as tiny2
-
-        return tiny2.build(0)
+def tiny_model():
+    """The embedded tiny FLUX, built once per process (training leaves its weights as they are)."""
     return tiny.build(0)
 
 
+@functools.cache
+def tiny_flux2_model():
+    """The embedded tiny FLUX.2 [klein] (`--model tiny --family flux2`), built once per process."""
+    from ..families.flux2 import tiny as tiny2
+
+    return tiny2.build(0)
+
+
 def load_model(plan: models.Plan):
-    return tiny_model(plan.family) if plan.loader == models.TINY else models.load(plan)
+    if plan.loader != models.TINY:
+        return models.load(plan)
+    return tiny_flux2_model() if plan.family == "flux2" else tiny_model()
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
