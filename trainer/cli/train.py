@@ -56,8 +56,9 @@ def add_arguments(sub) -> None:
                                    "a run folder, the LoRA beside it.")
     p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
     p.add_argument("--model", required=True, metavar="tiny|FILE|FOLDER",
-                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights), a FLUX.1 transformer "
-                        "file (bf16 or fp8; a path, or a name in --models-dir), or a diffusers FLUX.1 folder")
+                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights; --family flux2 for "
+                        "the tiny FLUX.2), a FLUX.1 or FLUX.2 transformer file (bf16 or fp8; a path, or a name in "
+                        "--models-dir), or a diffusers FLUX.1 folder")
     models.add_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
@@ -81,8 +82,18 @@ def tiny_model():
     return tiny.build(0)
 
 
+@functools.cache
+def tiny_flux2_model():
+    """The embedded tiny FLUX.2 [klein] (`--model tiny --family flux2`), built once per process."""
+    from ..families.flux2 import tiny as tiny2
+
+    return tiny2.build(0)
+
+
 def load_model(plan: models.Plan):
-    return tiny_model() if plan.loader == models.TINY else models.load(plan)
+    if plan.loader != models.TINY:
+        return models.load(plan)
+    return tiny_flux2_model() if plan.family == "flux2" else tiny_model()
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -124,7 +135,7 @@ class ConsoleHost:
         self.log_json = log_json
         self.console = shown or console.Console(folder, bar=False, tensorboard=False)
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
-        self.size = (v.size or recipe.dataset.resolution[0]) // 8
+        self.size = (v.size or recipe.dataset.resolution[0]) // model.backend().family.downscale
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
@@ -342,7 +353,8 @@ def run(args) -> int:
     fmt = recipe.save.format
     lora_path = files.write_safetensors(
         root / f"{folder.path.name}.safetensors",
-        export.TrainedLora(outcome.lora, {}, outcome.kohya).to_file_dict(fmt, export.SAVE_DTYPES[recipe.save.dtype]),
+        export.TrainedLora(outcome.lora, {"dreambooth.family": backend.family.name}, outcome.kohya).to_file_dict(
+            fmt, export.SAVE_DTYPES[recipe.save.dtype]),
         metadata.header(outcome.steps_done, fmt))
     seconds = time.perf_counter() - started
     summary = {"steps": outcome.steps_done, "fixed_noise_loss_before": outcome.loss_before,

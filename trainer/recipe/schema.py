@@ -110,7 +110,8 @@ class DatasetSection:
 @dataclass
 class LayerGroupSection:
     blocks: str = field(default="single_transformer_blocks", **_help(
-        "transformer_blocks (double) or single_transformer_blocks (mflux's lora_layers keys)."))
+        "transformer_blocks (double) or single_transformer_blocks (mflux's lora_layers keys); FLUX.2 also "
+        "modulation (its shared modulation layers, start 0, end 1)."))
     start: int = field(default=0, **_help("First block (block_range.start)."))
     end: int = field(default=0, **_help("End block, exclusive (block_range.end); 0: the last block."))
     layer_types: list[str] = field(default_factory=list, **_help("diffusers layer names or preset names."))
