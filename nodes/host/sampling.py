@@ -32,7 +32,8 @@ def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sam
            width: int, height: int) -> torch.Tensor:
     """One image, as a KSampler (cfg 1) after FluxGuidance and a VAE Decode would make it: (1, H, W, 3).
     Cancel is checked every sampling step (older ComfyUI checks it nowhere inside sampling)."""
-    latent = torch.zeros(1, 16, height // 8, width // 8)
+    scale = vae.spacial_compression_encode()  # FLUX.1's 16 channels at 1/8, FLUX.2's 128 at 1/16
+    latent = torch.zeros(1, model.model.latent_format.latent_channels, height // scale, width // scale)
     positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
     out = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), steps, 1.0, sampler, scheduler,
                               positive, positive, latent, denoise=1.0, seed=seed, disable_pbar=True,
