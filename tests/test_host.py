@@ -15,7 +15,7 @@ from PIL import Image
 
 pytestmark = requires_host
 
-QUICKSTART = next((PACK_DIR / "example_workflows").glob("*quickstart*.json"))
+QUICKSTART = PACK_DIR / "example_workflows" / "flux_dreambooth_quickstart.json"  # FLUX.2's: test_host_flux2_quickstart
 NODES = sorted(["FluxDreamBoothTinyFlux", "FluxDreamBoothDatasetFolder", "FluxDreamBoothDatasetMflux",
                 "FluxDreamBoothDatasetImages", "FluxDreamBoothAugment", "FluxDreamBoothRegularisation",
                 "FluxDreamBoothClassImages", "FluxDreamBoothCaption", "FluxDreamBoothDatasetReport",
