@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer import files
+from ..trainer.families import flux2
 from ..trainer.log import logger
 from ..trainer.outputs import export
 from ..trainer.recipe.schema import SaveSection
@@ -113,7 +114,7 @@ class TinyFluxLoader(io.ComfyNode):
             description="A FLUX-architecture MODEL, CLIP and VAE at toy sizes with random, seeded weights: "
                         "try the whole pack on a CPU in a minute before downloading 30 GB. Its images are "
                         "noise; what matters is that training, saving and sampling all work. FLUX.1 or "
-                        "FLUX.2 [klein] (Qwen3 text encoder, 128-channel VAE; needs a ComfyUI with FLUX.2).",
+                        "FLUX.2 [klein] (Qwen3 text encoder, 128-channel VAE; needs a ComfyUI with FLUX.2 [klein]).",
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Same seed, same weights."),
@@ -123,7 +124,8 @@ class TinyFluxLoader(io.ComfyNode):
                 io.Combo.Input("family", options=list(TINY_FAMILIES), default="FLUX.1",
                                tooltip="Which FLUX to build. FLUX.1: CLIP-L + T5, 16-channel latents. FLUX.2: "
                                        "[klein]'s blocks, Qwen3 text encoder, 128-channel latents; needs ComfyUI "
-                                       "≥ 0.3.72. Pick the family you will train for real, to try its path first."),
+                                       f"≥ {flux2.MIN_COMFYUI_KLEIN}. Pick the family you will train for real, to try "
+                                       "its path first."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")],

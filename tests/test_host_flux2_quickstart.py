@@ -68,7 +68,7 @@ def test_flux2_quickstart_trains_renders_samples_and_saves(host, quickstart):
     first = np.asarray(Image.open(samples[0]))
     assert first.shape == (128, 128, 3) and first.std() > 1.0  # a rendered image, not a blank
     saved = outputs[by_type(prompt, "FluxDreamBoothSave")[0]]["text"][0]
-    assert saved.startswith("flux_dreambooth/quickstart_flux2_") and (host.root / "loras" / saved).is_file()
+    assert saved.startswith("flux_dreambooth/flux2_quickstart_") and (host.root / "loras" / saved).is_file()
     without, with_lora = (pixels(host, outputs[k]) for k in by_type(prompt, "SaveImage"))
     assert np.abs(without - with_lora).mean() > 2.0
 
@@ -116,3 +116,14 @@ def test_the_tiny_flux2_set_matches_what_the_model_expects(host):
     latents = vae.encode(torch.rand(1, 64, 48, 3))
     assert latents.shape == (1, 128, 4, 3) == (1, model.model.latent_format.latent_channels, 64 // 16, 48 // 16)
     assert vae.decode(latents).shape == (1, 64, 48, 3)
+
+
+def test_a_comfyui_with_flux2_but_without_klein_refuses_the_tiny_flux2_by_name(host, monkeypatch):
+    """FLUX.2 [dev] came before [klein]'s Qwen3 text encoder (0.3.72 vs 0.9.2): such a ComfyUI is told so."""
+    import comfy.text_encoders.flux
+
+    if not has_flux2():
+        pytest.skip("this ComfyUI has no FLUX.2")
+    monkeypatch.delattr(comfy.text_encoders.flux, "klein_te")
+    with pytest.raises(ValueError, match=rf"needs ComfyUI ≥ 0\.9\.2; this ComfyUI is {host.version}\. Update"):
+        host.pack.nodes.host.tiny.TINY_FAMILIES["FLUX.2"](0, "default")

@@ -329,6 +329,6 @@ def test_the_flux2_quickstart_from_the_templates_menu_in_a_real_browser(server):
         browser.close()
     (run,) = sorted((server.base / "output" / "flux_dreambooth").glob("quickstart_flux2_*"))
     assert (run / "checkpoints" / "step_000040" / "lora.safetensors").is_file()
-    assert list((server.base / "models" / "loras" / "flux_dreambooth").glob("quickstart_flux2_*.safetensors"))
+    assert list((server.base / "models" / "loras" / "flux_dreambooth").glob("flux2_quickstart_*.safetensors"))
     assert points >= 3 and shot.is_file()
     assert not errors, errors

@@ -97,13 +97,18 @@ TINY_FLUX2 = {"in_channels": 128, "out_channels": 128, "vec_in_dim": None,
               "default_ref_method": "index", "ref_index_scale": 10.0}
 
 
+def _comfyui_version() -> str:
+    try:
+        from comfyui_version import __version__ as version
+    except ImportError:
+        version = "older"
+    return version
+
+
 def check_flux2() -> None:
     """FLUX.2 needs a ComfyUI that has it (model_base.Flux2): else an error naming the version."""
     if not hasattr(comfy.model_base, "Flux2"):
-        try:
-            from comfyui_version import __version__ as version
-        except ImportError:
-            version = "older"
+        version = _comfyui_version()
         raise ValueError(f"FLUX.2 needs ComfyUI ≥ {flux2.MIN_COMFYUI} (FLUX.2 [klein]: ≥ {flux2.MIN_COMFYUI_KLEIN}); "
                          f"this ComfyUI is {version}. Update ComfyUI to train FLUX.2, or pick FLUX.1.")
 
@@ -140,6 +145,10 @@ def tiny_flux2_clip(seed: int):
     """FLUX.2 [klein]'s text encoder as a CLIP: ComfyUI's Klein tokenizer (its Qwen files) and Qwen3 class."""
     import comfy.text_encoders.flux as te
 
+    if not hasattr(te, "klein_te"):
+        raise ValueError(f"The tiny FLUX.2 is a [klein], whose Qwen3 text encoder needs ComfyUI ≥ "
+                         f"{flux2.MIN_COMFYUI_KLEIN}; this ComfyUI is {_comfyui_version()}. Update ComfyUI, or pick "
+                         "FLUX.1.")
     target = comfy.supported_models_base.ClipTarget(te.KleinTokenizer, te.klein_te())
     clip = comfy.sd.CLIP(target=target, model_options={"qwen3_4b_model_config": dict(TINY_QWEN3)})
     shapes = {k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()}
