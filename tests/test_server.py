@@ -172,7 +172,7 @@ def test_a_second_training_waits_for_the_first(server):
 
 
 def quickstart_template(server, name: str = "flux_dreambooth_quickstart") -> dict:
-    """A shipped workflow (the quickstart) as the Templates menu serves it."""
+    """A shipped workflow (a quickstart) as the Templates menu serves it."""
     templates = server.get("/api/workflow_templates")
     module = next(m for m, names in templates.items() if name in names)
     return server.get(f"/api/workflow_templates/{module}/{name}.json")
@@ -334,6 +334,10 @@ def test_the_panel_draws_likeness_and_drift_beside_the_loss(server):
     assert "best checkpoint: step 4" in result["status"], result
     assert result["points"] == 4 and result["scores"] == 2, result  # the note kept the chart
     assert result["green"] > 0 and result["red"] > 0, result
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
 def test_the_kontext_quickstart_queued_from_a_real_browser(server):
     """The Kontext template from the Templates menu, queued with the Run button: it trains on the
     bundled pairs, its panel shows the edit samples, and the LoRA is saved (screenshot kept)."""
@@ -363,4 +367,42 @@ def test_the_kontext_quickstart_queued_from_a_real_browser(server):
     saved = sorted((server.base / "models" / "loras" / "flux_dreambooth").glob("kontext_quickstart*.safetensors"))
     assert saved and shot.is_file()
     assert sorted((server.base / "output" / "flux_dreambooth").glob("kontext_quickstart_*/samples/step_*.png"))
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_flux2_quickstart_from_the_templates_menu_in_a_real_browser(server):
+    """The FLUX.2 quickstart as the Templates menu serves it, queued from ComfyUI's frontend, trains
+    to its last step: the panel draws the loss, shows samples and says Done."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    if not server.get("/object_info/EmptyFlux2LatentImage"):
+        pytest.skip("this ComfyUI has no FLUX.2")
+    workflow = quickstart_template(server, "flux_dreambooth_quickstart_flux2")
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
+            app.canvas.ds.scale = 1; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""")
+        page.get_by_role("button", name="Run").first.click()
+        page.wait_for_function("/^Done at step 40/.test(document.querySelector('.flux-dreambooth-status')"
+                               ".textContent)", timeout=400000)
+        page.wait_for_function("[...document.querySelectorAll('.flux-dreambooth-sample')]"
+                               ".some(i => i.complete && i.naturalWidth > 0 && i.title.startsWith('step 40'))",
+                               timeout=30000)
+        points = page.evaluate(f"app.graph.getNodeById({train_id}).fluxPanel.points.length")
+        server.wait_idle()
+        page.wait_for_timeout(1000)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        shot = SCREENSHOTS / f"quickstart_flux2_comfyui_{version}.png"
+        page.screenshot(path=str(shot))
+        browser.close()
+    (run,) = sorted((server.base / "output" / "flux_dreambooth").glob("quickstart_flux2_*"))
+    assert (run / "checkpoints" / "step_000040" / "lora.safetensors").is_file()
+    assert list((server.base / "models" / "loras" / "flux_dreambooth").glob("flux2_quickstart_*.safetensors"))
+    assert points >= 3 and shot.is_file()
     assert not errors, errors

@@ -33,7 +33,8 @@ def render(model, vae, conditioning, seed: int, steps: int, guidance: float, sam
            width: int, height: int) -> torch.Tensor:
     """One image, as a KSampler (cfg 1) after FluxGuidance and a VAE Decode would make it: (1, H, W, 3).
     Cancel is checked every sampling step (older ComfyUI checks it nowhere inside sampling)."""
-    latent = torch.zeros(1, 16, height // 8, width // 8)
+    scale = vae.spacial_compression_encode()  # FLUX.1's 16 channels at 1/8, FLUX.2's 128 at 1/16
+    latent = torch.zeros(1, model.model.latent_format.latent_channels, height // scale, width // scale)
     positive = conditioning
     if type(model.model).__name__ != "Chroma":  # Chroma's distilled guidance input is 0, as its workflows leave it
         positive = node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})

@@ -6,6 +6,7 @@ fetching 30 GB of real weights. Tokens are plain UTF-8 bytes, so no tokenizer fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
         elif key.endswith("bias"):
             out[key] = torch.zeros(shape)
         else:
-            fan_in = shape[-1] if len(shape) >= 2 else 50
+            fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 50  # a conv's: in × kernel
             out[key] = torch.randn(shape, generator=generator) / fan_in ** 0.5
     return out
 
