@@ -160,8 +160,9 @@ class ComfyEncoders:
 
         latent_format = type(self.model.model.latent_format).__name__
         vae = weights_fingerprint(self.vae.first_stage_model, f"{latent_format}{patches(self.vae.patcher)}")
+        pooled = "pooled" if reads_pooled(self.model) else "no pooled"  # Chroma's T5 alone, not FLUX.1's pair
         return {"images": vae,
-                "text": weights_fingerprint(self.clip.cond_stage_model, patches(self.clip.patcher))}
+                "text": weights_fingerprint(self.clip.cond_stage_model, f"{pooled}{patches(self.clip.patcher)}")}
 
     def release(self) -> None:
         unload(self.clip.patcher, self.vae.patcher)
