@@ -11,6 +11,7 @@ from comfyui_host import requires_host
 
 pytestmark = requires_host
 
+TEXT = 96  # the tiny FLUX.2's text width (nodes/host/tiny.py TINY_FLUX2 context_in_dim)
 MODULATION = ("double_stream_modulation_img.linear", "double_stream_modulation_txt.linear",
               "single_stream_modulation.linear")
 
@@ -62,7 +63,7 @@ def test_modulation_lora_file_loads_with_every_key_in_the_stock_lora_loader(flux
     assert "diffusion_model.double_stream_modulation_txt.lin.weight" in patches
 
     torch.manual_seed(4)
-    cond = T.families.conditioning.Conditioning(torch.randn(1, 7, 64))
+    cond = T.families.conditioning.Conditioning(torch.randn(1, 7, TEXT))
     args = (torch.randn(1, 128, 4, 4), torch.tensor([0.6]), cond)
     with torch.no_grad():
         base = backend.velocity(*args)
@@ -96,7 +97,7 @@ def test_comfyui_and_diffusers_agree_on_the_modulation_lora(flux2):
     reference.load_state_dict(bfl.to_diffusers(state))  # the file layout's converter, on ComfyUI's weights
     torch.manual_seed(3)
     lat, noise, sig = torch.randn(2, 128, 4, 4), torch.randn(2, 128, 4, 4), torch.tensor([0.3, 0.8])
-    cond = T.families.conditioning.Conditioning(torch.randn(2, 7, 64))
+    cond = T.families.conditioning.Conditioning(torch.randn(2, 7, TEXT))
     flow = T.loop.flow
 
     def grads(backend):
