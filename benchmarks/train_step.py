@@ -2,6 +2,7 @@
 
     COMFYUI_PATH=~/ComfyUI python benchmarks/train_step.py --device cuda --mode bf16 fp8 fp8+swap30
     COMFYUI_PATH=~/ComfyUI python benchmarks/train_step.py --device cpu      # tiny FLUX, vs TrainLoraNode
+    python benchmarks/train_step.py --family flux2 --size klein4b klein9b dev  # FLUX.2, diffusers' model
 
 On cuda the model is a full-size FLUX.1-dev transformer (19 double and 38 single blocks, hidden
 3072, 24 heads) with random weights; on cpu the pack's tiny FLUX shape. The data are cached
@@ -10,6 +11,10 @@ attention and MLP layers of every block. With COMFYUI_PATH set the model is Comf
 behind a ModelPatcher, and ComfyUI's TrainLoraNode trains the same model on the same data in the
 same run (its best settings on that host; its per-step time is the difference of a long and a
 short run). Without it the model is diffusers' FluxTransformer2DModel.
+
+`--family flux2`: FLUX.2 [klein] 4B / 9B or [dev] at full size on cuda (`--size`), the tiny FLUX.2
+shape on cpu, as diffusers' Flux2Transformer2DModel (random weights), 512 text tokens of the
+text encoder's width (Qwen3's three layers, Mistral's for [dev]); no TrainLoraNode comparison.
 
 A mode is weights[+option…]: weights bf16, fp8 (fp8_e4m3fn storage, bf16 compute) or fp32;
 options nockpt, every2, every4, offload (checkpoint inputs kept on the CPU), swapN (N blocks
@@ -32,11 +37,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))
 if os.environ.get("COMFYUI_PATH"):
     sys.path.insert(1, os.environ["COMFYUI_PATH"])
 
+from comfy_side import comfy_model, native  # noqa: E402
+
 from trainer.data.encode import Example  # noqa: E402
-from trainer.families.flux1.layers import FluxDims  # noqa: E402
+from trainer.families import FAMILIES  # noqa: E402
 from trainer.loop.memory import MemoryConfig, swapped_indices  # noqa: E402
 from trainer.loop.trainer import TrainConfig, Trainer  # noqa: E402
 from trainer.lora.targets import LayerSpec  # noqa: E402
@@ -46,6 +54,13 @@ log = logging.getLogger("benchmark")
 
 FULL = dict(hidden=3072, heads=24, double=19, single=38, context=4096, pooled=768, txt_tokens=512)
 TINY = dict(hidden=256, heads=2, double=2, single=4, context=64, pooled=64, txt_tokens=64)
+# FLUX.2 (model_detection's sizes); its text is always padded to 512 tokens, without a pooled vector
+FLUX2 = {"klein4b": dict(hidden=3072, heads=24, double=5, single=20, context=7680, guidance=False),
+         "klein9b": dict(hidden=4096, heads=32, double=8, single=24, context=12288, guidance=False),
+         "dev": dict(hidden=6144, heads=48, double=8, single=48, context=15360, guidance=True),
+         "tiny": dict(hidden=256, heads=2, double=2, single=2, context=64, guidance=False)}
+for _shape in FLUX2.values():
+    _shape.update(pooled=None, txt_tokens=512, family="flux2")
 # dense bf16 tensor-core peaks (no sparsity), for the MFU column
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "4090": 165, "A6000": 155, "3090": 71}
 WEIGHTS = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
@@ -79,7 +94,7 @@ class Mode:
         return cls(text, WEIGHTS[weights], memory)
 
 
-def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, recomputed: float) -> float:
+def step_flops(dims, img_tokens: int, txt_tokens: int, lora: LoraSet, recomputed: float) -> float:
     """FLOPs of one training step, batch 1. Linear layers: 2·in·out per token through the stream
     the token passes (a double block has an image and a text set of weights of the same shapes; a
     single block one fused set). Attention: 4·L²·d per block (QKᵀ and PV). Backward forms
@@ -87,9 +102,13 @@ def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, 
     attention work; the LoRA also forms its weight gradients. Checkpointing adds the forward of
     the `recomputed` fraction of the blocks.
     Modulation, embedders and the final layer act per sample or are tiny and are left out."""
-    d, mlp, tokens = dims.hidden_size, dims.mlp_hidden, img_tokens + txt_tokens
-    double_linear = 2 * (3 * d * d + d * d + 2 * d * mlp)      # qkv, proj, mlp in and out
-    single_linear = 2 * (d * (3 * d + mlp) + (d + mlp) * d)    # linear1 (qkv+mlp in), linear2
+    d, tokens = dims.hidden_size, img_tokens + txt_tokens
+
+    def linear_flops(*layers: str) -> int:  # the layers' shapes from the family's dims (FLUX.2's SwiGLU: 2 rows)
+        return sum(2 * i * o for i, o in map(dims.shape, layers))
+
+    double_linear = linear_flops(*(f"double_blocks.0.img_{n}" for n in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")))
+    single_linear = linear_flops("single_blocks.0.linear1", "single_blocks.0.linear2")  # qkv+mlp in, out
     attention = 4 * tokens * tokens * d
     linear = tokens * (dims.double_blocks * double_linear + dims.single_blocks * single_linear)
     blocks = dims.double_blocks + dims.single_blocks
@@ -105,52 +124,32 @@ def step_flops(dims: FluxDims, img_tokens: int, txt_tokens: int, lora: LoraSet, 
 
 
 def random_data(shape: dict, resolution: int):
+    family = FAMILIES[shape.get("family", "flux1")]
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(16, resolution // 8, resolution // 8, generator=g)
+    side = resolution // family.downscale
+    latents = torch.randn(family.latent_channels, side, side, generator=g)
     context = torch.randn(shape["txt_tokens"], shape["context"], generator=g)
-    pooled = torch.randn(shape["pooled"], generator=g)
+    pooled = torch.randn(shape["pooled"], generator=g) if shape["pooled"] else None
     return latents, context, pooled
 
 
-def comfy_model(shape: dict, weights: torch.dtype, device: torch.device, disable_dynamic: bool = True):
-    """ComfyUI's FLUX behind a ModelPatcher, random weights (std 0.02, seeded), stored as
-    `weights`. The patcher can rebuild itself, as ComfyUI's loaders' patchers can (v0.33's
-    TrainLoraNode trains on such a fresh copy)."""
-    import dataclasses
-
-    import comfy.ldm.flux.model
-    import comfy.model_detection
-    import comfy.model_patcher
-
-    unet = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16,
-            "vec_in_dim": shape["pooled"], "context_in_dim": shape["context"], "hidden_size": shape["hidden"],
-            "mlp_ratio": 4.0, "num_heads": shape["heads"], "depth": shape["double"],
-            "depth_single_blocks": shape["single"], "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-            "guidance_embed": True}
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        unet["txt_ids_dims"] = []  # FLUX.1's text ids (v0.33 also knows FLUX.2's)
-    config = comfy.model_detection.model_config_from_unet_config(unet)
-    compute = torch.float32 if weights == torch.float32 else torch.bfloat16
-    config.set_inference_dtype(weights, compute if weights != compute else None)
-    model = config.get_model({}, device=device)
-    g = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.diffusion_model.parameters():
-            p.data = (torch.randn(p.shape, generator=g, device=device, dtype=compute) * 0.02).to(weights)
-    model.eval().requires_grad_(False)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-    patcher.cached_patcher_init = (comfy_model, (shape, weights, device))
-    return patcher
-
-
 def diffusers_model(shape: dict, weights: torch.dtype, device: torch.device):
-    from diffusers import FluxTransformer2DModel
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+
+    dtype = None if weights == torch.float32 else weights
+    if shape.get("family") == "flux2":
+        with torch.device(device):  # full size built in place: [dev] is 32B parameters
+            model = Flux2Transformer2DModel(
+                num_layers=shape["double"], num_single_layers=shape["single"], attention_head_dim=128,
+                num_attention_heads=shape["heads"], joint_attention_dim=shape["context"],
+                guidance_embeds=shape["guidance"])
+        return (model.to(dtype=dtype) if dtype else model).eval().requires_grad_(False)
 
     model = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=shape["double"], num_single_layers=shape["single"],
         attention_head_dim=128, num_attention_heads=shape["heads"], joint_attention_dim=shape["context"],
         pooled_projection_dim=shape["pooled"], guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    return model.to(device=device, dtype=None if weights == torch.float32 else weights).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def backend_for(model, device):
@@ -160,6 +159,10 @@ def backend_for(model, device):
         from trainer.families.flux1.comfy import ComfyFlux
 
         return ComfyFlux(model.model, device, lambda on: setattr(comfy.model_management, "in_training", on))
+    if type(model).__name__ == "Flux2Transformer2DModel":
+        from trainer.families.flux2.diffusers import DiffusersFlux2
+
+        return DiffusersFlux2(model)
     from trainer.families.flux1.diffusers import DiffusersFlux
 
     return DiffusersFlux(model)
@@ -229,46 +232,6 @@ def ours(model, device, data, mode: Mode, rank: int, warmup: int, steps: int) ->
     return statistics.median(clock.seconds()), lora, whole, on_device
 
 
-def native(model, data, device, warmup: int, steps: int, rank: int) -> tuple[float, str]:
-    """ComfyUI's TrainLoraNode on the same model and data: (seconds per step, settings)."""
-    from comfy_extras import nodes_train
-
-    latents, context, pooled = data
-    cpu = device.type == "cpu"
-    inputs = dict(model=model, latents={"samples": latents[None].to(device)},
-                  positive=[[context[None].to(device), {"pooled_output": pooled[None].to(device), "guidance": 1.0}]],
-                  batch_size=1, grad_accumulation_steps=1, learning_rate=1e-4, rank=rank, optimizer="AdamW",
-                  loss_function="MSE", seed=0, training_dtype="none" if cpu else "bf16",
-                  lora_dtype="fp32" if cpu else "bf16", algorithm="LoRA", gradient_checkpointing=True,
-                  existing_lora="[None]")
-    node = nodes_train.TrainLoraNode
-    v3 = hasattr(node, "define_schema")
-    candidates = [{"bypass_mode": False}, {"bypass_mode": True}] if v3 else [{}]
-    best = None
-    for extra in candidates:
-        settings = dict(inputs, **extra)
-        if v3:
-            settings.update(quantized_backward=False, checkpoint_depth=1, offloading=False, bucket_mode=False)
-
-        def run(n):
-            started = time.perf_counter()
-            with torch.inference_mode(False):
-                if v3:
-                    node.execute(**{k: [v] for k, v in dict(settings, steps=n).items()})
-                else:
-                    node().train(**dict(settings, steps=n))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - started
-
-        run(warmup)
-        seconds = (run(warmup + steps) - run(warmup)) / steps
-        label = "bypass_mode" if extra.get("bypass_mode") else "weight patching"
-        if best is None or seconds < best[0]:
-            best = (seconds, f"{label}, gradient_checkpointing, {'native dtype' if cpu else 'bf16'}")
-    return best
-
-
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
     if given:
         return given
@@ -281,6 +244,10 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--family", choices=["flux1", "flux2"], default="flux1",
+                        help="flux1: FLUX.1-dev's shape; flux2: FLUX.2's (--size), diffusers' model")
+    parser.add_argument("--size", nargs="+", choices=[s for s in FLUX2 if s != "tiny"],
+                        help="FLUX.2's sizes on cuda (default klein4b); the tiny FLUX.2 on cpu")
     parser.add_argument("--resolution", type=int, nargs="+", help="default: 512 1024 on cuda, 256 on cpu")
     parser.add_argument("--mode", nargs="+",
                         help="default: bf16 fp8 fp8+swap30 on cuda (bf16 bf16+swap30 without ComfyUI), fp32 on cpu")
@@ -293,9 +260,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shape = FULL if cuda else TINY
+    flux2 = args.family == "flux2"
+    shapes = {s: FLUX2[s] for s in (args.size or ["klein4b"])} if flux2 and cuda else \
+        {"tiny": FLUX2["tiny"]} if flux2 else {"FLUX.1-dev" if cuda else "tiny": FULL if cuda else TINY}
     resolutions = args.resolution or ([512, 1024] if cuda else [256])
-    host = bool(os.environ.get("COMFYUI_PATH"))
+    host = bool(os.environ.get("COMFYUI_PATH")) and not flux2  # FLUX.2: diffusers' model, no TrainLoraNode
     default = (["bf16", "fp8", "fp8+swap30"] if host else ["bf16", "bf16+swap30"]) if cuda else ["fp32"]
     modes = [Mode.parse(m) for m in (args.mode or default)]
     if not host and any(m.weights == torch.float8_e4m3fn for m in modes):
@@ -306,11 +275,12 @@ def main(argv=None) -> None:
         comfy.cli_args.args.cpu = True  # before ComfyUI's model_management looks for a GPU
     peak = peak_tflops(device, args.peak_tflops)
     machine = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    log.info("%s FLUX (%d double + %d single blocks, hidden %d) on %s, %s model, torch %s",
-             "Full-size" if cuda else "Tiny", shape["double"], shape["single"], shape["hidden"], machine,
-             "ComfyUI's" if host else "diffusers'", torch.__version__)
     result = ""
-    for mode in modes:
+    for size, shape, mode in ((size, shape, mode) for size, shape in shapes.items() for mode in modes):
+        if mode is modes[0]:
+            log.info("%s %s (%d double + %d single blocks, hidden %d) on %s, %s model, torch %s",
+                     "FLUX.2" if flux2 else "FLUX.1", size, shape["double"], shape["single"], shape["hidden"],
+                     machine, "ComfyUI's" if host else "diffusers'", torch.__version__)
         model = (comfy_model if host else diffusers_model)(shape, mode.weights, device)
         for resolution in resolutions:
             data = random_data(shape, resolution)
@@ -339,7 +309,7 @@ def main(argv=None) -> None:
             result = (f"RESULT device={args.device} resolution={resolution} mode={mode.name} s_per_step={seconds:.4f} "
                       f"peak_mem_gib={peak_gib:.2f} tflops={tflops:.4g} mfu={mfu:.3f} native_s_per_step={native_s:.4f} "
                       f"speedup_vs_native={native_s / seconds:.2f} weights_gib={weights / 2**30:.4f} "
-                      f"weights_on_device_gib={on_device / 2**30:.4f}")
+                      f"weights_on_device_gib={on_device / 2**30:.4f} family={args.family} size={size}")
             print(result, flush=True)  # noqa: T201 - the machine-readable line belongs on stdout
         del model
     return result

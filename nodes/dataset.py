@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer.data import datasets
+from ..trainer.data import controls, datasets
 from ..trainer.data import report as dataset_report
 from ..trainer.data.augment import Augmentation
 from ..trainer.data.images import Shaping
@@ -104,8 +104,10 @@ def summary(dataset: datasets.Dataset) -> str:
     more = f"\n… and {len(dataset) - 8} more" if len(dataset) > 8 else ""
     skipped = f"\nLeft out ({len(dataset.skipped)}):\n  " + "\n  ".join(dataset.skipped) if dataset.skipped else ""
     triggers = ", ".join(f"[trigger{n + 1 if n else ''}] = {t}" for n, t in enumerate(dataset.triggers))
+    pairs = sorted({str(i.control.parent) for i in dataset.items if i.control is not None})
+    paired = f"\nedit pairs (Kontext): control images from {', '.join(pairs)}" if pairs else ""
     return (f"{len(dataset)} images from {dataset.source}" + (f"\nsubjects: {triggers}" if triggers else "")
-            + f"\n{captions}{more}{skipped}")
+            + paired + f"\n{captions}{more}{skipped}")
 
 
 class DatasetFromFolder(io.ComfyNode):
@@ -141,22 +143,40 @@ class DatasetFromFolder(io.ComfyNode):
                                 tooltip="The captions' file extension (ai-toolkit's caption_ext): 'txt' for "
                                         "photo.txt, 'caption' for photo.caption. Only the captions=auto and txt "
                                         "choices read these files."),
+                io.String.Input("control_folder", default="", optional=True,
+                                tooltip="For an edit LoRA (FLUX.1 Kontext): the folder of source images, the "
+                                        "images before the edit, each named as its photo after the edit in "
+                                        "folder (ai-toolkit's control_path; the extension may differ). Each is "
+                                        "resized and cropped as its photo and goes in as the reference image. "
+                                        "Absolute or relative to ComfyUI's input folder; 'builtin:kontext_controls' "
+                                        "pairs with 'builtin:kontext'. Empty: a plain LoRA."),
             ],
             outputs=[sockets.Dataset.Output(display_name="dataset"),
                      io.String.Output(display_name="summary", tooltip="Image count, captions, what was left out.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, **_):
-        return datasets.fingerprint(paths.resolve_input_path(folder, "folder"))
+    def fingerprint_inputs(cls, folder, control_folder="", **_):
+        marks = [datasets.fingerprint(paths.resolve_input_path(folder, "folder"))]
+        if control_folder.strip():
+            marks.append(datasets.fingerprint(paths.resolve_input_path(control_folder, "control_folder")))
+        return "|".join(marks)
 
     @classmethod
     def execute(cls, folder, captions, default_caption, subfolders_as_concepts, previous=None, augment=None,
-                network_weight=1.0, **common) -> io.NodeOutput:
+                network_weight=1.0, control_folder="", **common) -> io.NodeOutput:
         path = paths.resolve_input_path(folder, "folder")
-        dataset = build(lambda o: datasets.from_folder(path, o, subfolders_as_concepts).with_items(
-                        network_weight=network_weight), previous, augment, captions=captions,
-                        default_caption=default_caption, **common)
+        pairs = paths.resolve_input_path(control_folder, "control_folder") if control_folder.strip() else None
+        if pairs is not None and subfolders_as_concepts:
+            raise datasets.DatasetError("control_folder pairs the photos of one folder; turn off "
+                                        "subfolders_as_concepts, or chain one Dataset node per concept folder.")
+
+        def make(o):
+            part = datasets.from_folder(path, o, subfolders_as_concepts).with_items(network_weight=network_weight)
+            return part if pairs is None else controls.with_controls(part, pairs)
+        dataset = build(make, previous, augment, captions=captions, default_caption=default_caption, **common)
+        if pairs is not None:
+            controls.has_controls(dataset)  # every chained dataset paired, or a clear error
         return io.NodeOutput(dataset, summary(dataset))
 
 

@@ -28,6 +28,7 @@ EVENT_PROGRESS = "flux_dreambooth.progress"
 EVENT_CHECKPOINT = "flux_dreambooth.checkpoint"
 EVENT_RENDERING = "flux_dreambooth.rendering"
 EVENT_SAMPLES = "flux_dreambooth.samples"
+EVENT_SCORES = "flux_dreambooth.scores"  # likeness and drift at a validation step
 EVENT_QUEUED = "flux_dreambooth.queued"
 
 # HTTP routes

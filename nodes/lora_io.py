@@ -5,12 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer import files
+from ..trainer.families import flux2
 from ..trainer.log import logger
 from ..trainer.outputs import export
 from ..trainer.recipe.schema import SaveSection
 from . import ids, sockets
 from .host import loras, paths
-from .host.tiny import WEIGHT_DTYPES, load_tiny_flux
+from .host.tiny import TINY_FAMILIES, WEIGHT_DTYPES
 
 log = logger(__name__)
 NO_FILE = "(none)"
@@ -112,18 +113,28 @@ class TinyFluxLoader(io.ComfyNode):
             category=sockets.Category.MODELS,
             description="A FLUX-architecture MODEL, CLIP and VAE at toy sizes with random, seeded weights: "
                         "try the whole pack on a CPU in a minute before downloading 30 GB. Its images are "
-                        "noise; what matters is that training, saving and sampling all work.",
+                        "noise; what matters is that training, saving and sampling all work. FLUX.1 or "
+                        "FLUX.2 [klein] (Qwen3 text encoder, 128-channel VAE; needs a ComfyUI with FLUX.2 [klein]).",
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Same seed, same weights."),
                 io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default",
                                tooltip="Store the transformer like the stock UNET loader would (fp8_e4m3fn, "
                                        "bf16…), to try those training paths."),
+                io.Combo.Input("family", options=list(TINY_FAMILIES), default="FLUX.1", optional=True,
+                               tooltip="Which FLUX to build. FLUX.1: CLIP-L + T5, 16-channel latents. FLUX.1 "
+                                       "Kontext [dev]: the edit model (FLUX.1's architecture; train it on edit "
+                                       "pairs: the dataset's control_folder, and render with a reference image). "
+                                       "FLUX.2: [klein]'s blocks, Qwen3 text encoder, 128-channel latents; needs "
+                                       f"ComfyUI ≥ {flux2.MIN_COMFYUI_KLEIN}. Pick the family you will train for "
+                                       "real, to try its path first."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      io.Vae.Output(display_name="vae")],
         )
 
     @classmethod
-    def execute(cls, seed, weight_dtype) -> io.NodeOutput:
-        return io.NodeOutput(*load_tiny_flux(seed, weight_dtype))
+    def execute(cls, seed, weight_dtype, family="FLUX.1") -> io.NodeOutput:
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"Tiny FLUX: family is {family!r}; choose from {', '.join(TINY_FAMILIES)}.")
+        return io.NodeOutput(*TINY_FAMILIES[family](seed, weight_dtype))

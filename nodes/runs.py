@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer import files
-from ..trainer.outputs import checkpoints
+from ..trainer.outputs import checkpoints, scores
 from ..trainer.outputs.checkpoints import RunSettings
 from . import ids, sockets
 from .host import paths
@@ -65,17 +65,33 @@ def checkpoint_names() -> list[str]:
     return [c.relative_to(root).as_posix() for run in checkpoints.runs(root) for c in run.checkpoints()]
 
 
+def best_checkpoint(names: list[str]) -> str | None:
+    """The best checkpoint (scores.json's, outputs/scores.py) of the most recently scored run, if it is kept."""
+    root = paths.runs_root()
+    scored = [run.path for run in checkpoints.runs(root) if (run.path / scores.SCORES_JSON).is_file()]
+    for folder in sorted(scored, key=lambda p: (p / scores.SCORES_JSON).stat().st_mtime_ns, reverse=True):
+        step = scores.best_step(folder)
+        name = f"{folder.name}/checkpoints/step_{step:06d}" if step is not None else None
+        if name in names:
+            return name
+    return None
+
+
 class LoadCheckpointLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        names = checkpoint_names() or ["(no checkpoints yet)"]
         return io.Schema(
             node_id=ids.LOAD_CHECKPOINT,
             display_name="Load Checkpoint LoRA",
             category=sockets.Category.LORA,
             description="The LoRA of one checkpoint of a run, to compare checkpoints and keep the best rather "
                         "than the last. Feed it to Apply FLUX LoRA or Save FLUX LoRA.",
-            inputs=[io.Combo.Input("checkpoint", options=checkpoint_names() or ["(no checkpoints yet)"],
-                                   tooltip="run/checkpoints/step_… under output/flux_dreambooth.")],
+            inputs=[io.Combo.Input("checkpoint", options=names, default=best_checkpoint(names) or names[0],
+                                   tooltip="run/checkpoints/step_… under output/flux_dreambooth. Starts at the best "
+                                           "checkpoint of the newest run that was scored (Validation Samples with a "
+                                           "CLIP_VISION): the highest likeness among those with drift at most "
+                                           "max_drift.")],
             outputs=[io.LoraModel.Output(display_name="lora")],
         )
 

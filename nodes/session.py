@@ -72,20 +72,37 @@ class ComfyJobHost:
 
     def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
                ) -> tuple[list[Sample], torch.Tensor] | None:
-        sd = export.kohya_state_dict(lora)
+        return self._rendering(lora, lambda model, clip: self.renderer.render(model, step, should_stop, clip))
+
+    def render_prompts(self, lora: LoraSet | None, prompts: list[str], should_stop: Callable[[], bool]
+                       ) -> torch.Tensor | None:
+        """The scores' renders (../trainer/loop/scoring.py); `lora` None: the model as loaded."""
+        return self._rendering(lora, lambda model, clip: self.renderer.render_prompts(model, prompts, should_stop,
+                                                                                      clip))
+
+    def _rendering(self, lora: LoraSet | None, draw: Callable):
+        sd = export.kohya_state_dict(lora) if lora is not None else None
         if self.keep_off or self.quantized:  # as it trains (swapped blocks streamed in), LoRA on activations
-            model, lora_on = models.sampling_as_loaded(self.patcher), self.backend.lora_applied(lora)
+            model = models.sampling_as_loaded(self.patcher)
+            lora_on = self.backend.lora_applied(lora) if lora is not None else nullcontext()
         else:  # as a workflow renders it: the LoRA merged into the weights by ComfyUI's loader
-            model, lora_on = loras.apply_lora(self.patcher, sd, 1.0), nullcontext()
+            model, lora_on = (loras.apply_lora(self.patcher, sd, 1.0) if sd else self.patcher), nullcontext()
         # once the text encoder trains, the prompts go through the CLIP with its LoRA, as Load LoRA gives it
-        clip = loras.apply_lora_to_clip(self.renderer.clip, sd, 1.0) if text_encoder.has_delta(lora) else None
+        teaches_text = lora is not None and text_encoder.has_delta(lora)
+        clip = loras.apply_lora_to_clip(self.renderer.clip, sd, 1.0) if teaches_text else None
         try:
             with lora_on:
-                return self.renderer.render(model, step, should_stop, clip)
+                return draw(model, clip)
         except RenderStopped:
             return None
         finally:  # the LoRA's patches come off, and what ComfyUI moved off to render goes back on
             models.load_for_training(self.patcher, self.keep_off, again=True)
+
+    def after_embedding(self) -> None:
+        models.load_for_training(self.patcher, self.keep_off, again=True)  # the CLIP_VISION may have moved it off
+
+    def on_scores(self, score, rows) -> None:
+        self._send(ids.EVENT_SCORES, step=score.step, likeness=score.likeness, drift=score.drift)
 
     def on_samples(self, step: int, samples: list[Sample]) -> None:
         self._send(ids.EVENT_SAMPLES, step=step, labels=[s.label for s in samples],

@@ -10,6 +10,7 @@ import time
 import torch
 from comfy_api.latest import io
 
+from ..trainer.data import controls
 from ..trainer.data.encode import EncodeCache, encode_dataset
 from ..trainer.log import logger
 from ..trainer.loop.config import LR_SCHEDULES, TrainConfig
@@ -202,7 +203,10 @@ class TrainFluxLora(io.ComfyNode):
         store = EncodeCache(paths.runs_root() / "cache" if cache == "disk" else None)
         examples, skipped = encode_dataset(dataset, models.ComfyEncoders(model, clip, vae), store, config.seed,
                                            dop_class=config.preservation_class())
-        renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples")
+        renderer = validation and validation.renderer(clip, vae, dataset.triggers, folder.path / "samples", dataset)
+        scored = validation and validation.scoring(dataset)
+        if validation and not scored:
+            log.info("No likeness/drift scores: connect Load CLIP Vision to Validation Samples' clip_vision for them.")
         base, base_loras = models.loaded_from(cls.hidden.prompt, cls.hidden.unique_id)  # the file it was loaded from
         unknown = f"unknown {backend.family.label} [{backend.variant}]"
         base = base or getattr(model.model, "flux_dreambooth_name", unknown)
@@ -214,14 +218,15 @@ class TrainFluxLora(io.ComfyNode):
             **({"base_model_loras": ", ".join(base_loras)} if base_loras else {}),
             **({"text_encoder_lr": config.text_encoder_lr, "text_encoder_start": config.text_encoder_start_step()}
                if text_part else {})},
-            family=backend.family.name, variant=backend.variant, text_encoders=text_encoders)
+            family=backend.family.name, variant=controls.variant(backend.variant, dataset),
+            text_encoders=text_encoders)
         write_recipe(folder.path, config, spec, backend.dims, dataset, settings, validation,
                      lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")
         job = JobSpec(backend, examples, config, targets, folder, settings, metadata, LORA_DTYPES[lora_dtype],
-                      resume, validation and validation.schedule(), text_encoder=trainable)
+                      resume, validation and validation.schedule(), text_encoder=trainable, scoring=scored or None)
         with models.quantized_base(patcher, backend, config.memory.base_quantization):
             # after encoding, so loading the encoders can't push it out; swapped blocks stay in CPU memory
             models.load_for_training(patcher, keep_off)
@@ -239,7 +244,7 @@ class TrainFluxLora(io.ComfyNode):
                    + (f"\nLeft out: {'; '.join(skipped)}" if skipped else "")
                    + "".join(f"\n{note}" for note in outcome.notes))
         log.info("Trained: %s", summary)
-        plot = progress.to_pixels(progress.loss_plot(outcome.history))[None]
+        plot = progress.to_pixels(progress.loss_plot(outcome.history, outcome.scores))[None]
         samples = torch.cat(outcome.images) if outcome.images else plot
         ui = {"text": [summary], "fixed_noise_loss": [before, after]}  # samples show in the node's panel
         clip_out = loras.apply_lora_to_clip(clip, trained, 1.0) if text_part else clip

@@ -5,19 +5,27 @@ images the same LoRA gives in a workflow (an evaluation matrix: prompts × seeds
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from comfy_api.latest import io
 
+from ..trainer.data import images
 from ..trainer.data.captions import fill_triggers
+from ..trainer.log import logger
+from ..trainer.loop import scoring
 from ..trainer.loop.job import ValidationSchedule
+from ..trainer.loop.scoring import ScoringPlan
+from ..trainer.outputs import scores
 from ..trainer.parsing import number_list
 from ..trainer.recipe import from_run
 from ..trainer.recipe.schema import ValidationSection
 from . import ids, sockets
-from .host import sampling
+from .host import sampling, vision
+
+log = logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class ValidationPlan:
     sampler: str
     scheduler: str
     before_training: bool
+    clip_vision: object | None = None  # ComfyUI's CLIP_VISION: likeness and drift at every render
+    max_drift: float = scores.DEFAULT_MAX_DRIFT
+    reference_image: object = None  # IMAGE an edit model (Kontext) edits; None: the dataset's first control image
 
     def schedule(self) -> ValidationSchedule:
         return ValidationSchedule(self.every, self.before_training, len(self.entries))
@@ -53,13 +64,34 @@ class ValidationPlan:
     def recipe_section(self) -> tuple[ValidationSection, list[str]]:
         """This plan as a recipe's validation section, and what that can't hold (several seeds, …)."""
         e = self.entries
-        return from_run.validation_section([x.prompt for x in e], [x.seed for x in e], [x.guidance for x in e],
-                                           [x.steps for x in e], self.every, self.width, self.height,
-                                           self.before_training, self.sampler, self.scheduler)
+        section, notes = from_run.validation_section([x.prompt for x in e], [x.seed for x in e],
+                                                     [x.guidance for x in e], [x.steps for x in e], self.every,
+                                                     self.width, self.height, self.before_training, self.sampler,
+                                                     self.scheduler)
+        if self.clip_vision is None:
+            return section, notes
+        return dataclasses.replace(section, max_drift=self.max_drift), notes + [
+            "validation.scores: the scores' CLIP_VISION is a model ComfyUI loaded; on the command line set "
+            "validation.scores to a transformers CLIP/SigLIP folder."]
 
-    def renderer(self, clip, vae, triggers: Sequence[str], folder) -> sampling.Renderer:
+    def scoring(self, dataset) -> ScoringPlan | None:
+        """Likeness and drift for this set (None without a CLIP_VISION: no scores)."""
+        if self.clip_vision is None:
+            return None
+        e = self.entries[0]  # the scores' renders take the first entry's seed, guidance and steps
+        how = f"seed {e.seed}, {e.steps} steps, guidance {e.guidance:g}, {self.width}×{self.height}, " \
+              f"{self.sampler}/{self.scheduler}"
+        return scoring.plan(vision.ClipVisionEmbedder(self.clip_vision), dataset, [x.prompt for x in self.entries],
+                            self.max_drift, how)
+
+    def renderer(self, clip, vae, triggers: Sequence[str], folder, dataset=None) -> sampling.Renderer:
+        """With the reference image an edit LoRA is judged on: `reference_image`, else the first
+        control image of an edit-pair `dataset` (Kontext), else none."""
+        reference = self.reference_image
+        if reference is None and dataset is not None and dataset.items and dataset.items[0].control is not None:
+            reference = images.to_tensor(images.open_rgb(dataset.items[0].control))
         return sampling.Renderer(self.entries, self.sampler, self.scheduler, self.width, self.height, clip, vae,
-                                 triggers, folder)
+                                 triggers, folder, reference)
 
 
 def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
@@ -67,6 +99,9 @@ def plan_from_recipe(section, resolution: int) -> ValidationPlan | None:
     if not section.prompts:
         return None
     size = section.size or resolution
+    if section.scores:
+        log.info("validation.scores %r is the command line's: in ComfyUI, connect Load CLIP Vision to a Validation "
+                 "Samples node's clip_vision for scores.", section.scores)
     entries = tuple(EvalEntry(p, section.seed, section.guidance, section.steps) for p in section.prompts)
     return ValidationPlan(entries, section.every, size, size, "euler", "simple", section.before_training)
 
@@ -79,7 +114,8 @@ class ValidationSamples(io.ComfyNode):
             display_name="Validation Samples",
             category=sockets.Category.TRAINING,
             description="Renders a fixed evaluation set every N steps while training, through ComfyUI's own "
-                        "sampler, so you can judge likeness as it trains and pick the best checkpoint.",
+                        "sampler, so you can judge likeness as it trains and pick the best checkpoint. With a "
+                        "CLIP_VISION it scores likeness and drift at every render and names the best checkpoint.",
             inputs=[
                 io.String.Input("prompts", multiline=True, default="a photo of [trigger]",
                                 tooltip="One prompt per line; [trigger] becomes the dataset's trigger word (a "
@@ -107,13 +143,33 @@ class ValidationSamples(io.ComfyNode):
                 io.Boolean.Input("before_training", default=True,
                                  tooltip="Also render the set before the first step: the base model to compare "
                                          "against."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Load CLIP Vision's model (clip_vision_vit_l, SigLIP): scores every render "
+                                            "— likeness (how alike the [trigger] prompts' samples and your photos "
+                                            "are, mean cosine similarity, higher is better) and drift (how far the "
+                                            "class-word and unrelated prompts moved from the base model's samples, "
+                                            "1 − cosine, lower is better) — into scores.csv/json, the panel and "
+                                            "the loss plot, and names the best checkpoint. Not connected: no "
+                                            "scores."),
+                io.Float.Input("max_drift", default=scores.DEFAULT_MAX_DRIFT, min=0.01, max=2.0, step=0.01,
+                               optional=True,
+                               tooltip="The best checkpoint is the highest likeness among those with drift at "
+                                       "most this (if none, the least drift). 0.1–0.3; lower keeps the base "
+                                       "model's look for everything else."),
+                io.Image.Input("reference_image", optional=True,
+                               tooltip="For an edit LoRA (FLUX.1 Kontext): the image every prompt edits, as the "
+                                       "stock ReferenceLatent node passes it (fitted to width × height). "
+                                       "Unconnected: the first control image of the dataset, so the samples show "
+                                       "the training edit; use a photo the LoRA has not seen to judge how it "
+                                       "generalises."),
             ],
             outputs=[sockets.Validation.Output(display_name="validation")],
         )
 
     @classmethod
     def execute(cls, prompts, seeds, guidance, sample_steps, width, height, every_n_steps, sampler_name,
-                scheduler, before_training) -> io.NodeOutput:
+                scheduler, before_training, clip_vision=None, max_drift=scores.DEFAULT_MAX_DRIFT,
+                reference_image=None) -> io.NodeOutput:
         lines = [p.strip() for p in prompts.splitlines() if p.strip()]
         if not lines:
             raise ValueError("prompts is empty; write at least one prompt (one per line).")
@@ -121,5 +177,9 @@ class ValidationSamples(io.ComfyNode):
                                  number_list(guidance, float, "guidance", "3.5, 4.0"),
                                  number_list(sample_steps, int, "sample_steps", "20, 28"))
         entries = tuple(EvalEntry(*e) for e in grid)
+        if clip_vision is not None:
+            vision.ClipVisionEmbedder(clip_vision)  # a wrong socket, by name, now
+            scoring.check([e.prompt for e in entries], max_drift)
         return io.NodeOutput(ValidationPlan(entries, every_n_steps, width, height, sampler_name, scheduler,
-                                            before_training))
+                                            before_training, clip_vision, max_drift,
+                                            None if reference_image is None else reference_image[:1]))

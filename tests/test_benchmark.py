@@ -55,3 +55,20 @@ def test_swap_mode_reports_fewer_weights_on_the_device(bench, capsys, monkeypatc
     fields = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
     assert fields["mode"] == "fp32+swap4"
     assert 0 < float(fields["weights_on_device_gib"]) < float(fields["weights_gib"])
+
+
+def test_flux2_flops_count_its_swiglu_and_a_cpu_run_names_the_family(bench, capsys, monkeypatch):
+    """FLUX.2 [klein] 4B's MLP in is gate + up (2·9216 rows), so a double block's linear work is
+    2·(4·3072² + 3·3072·9216) per token; the tiny FLUX.2 runs on the CPU with 512 text tokens."""
+    from trainer.families.flux2.layers import Flux2Dims
+
+    dims, empty = Flux2Dims(), LoraSet([])
+    one_double = bench.step_flops(Flux2Dims(3072, 9216, 1, 0), 1, 0, empty, 0.0)
+    linears, attention = 2 * (4 * 3072**2 + 3 * 3072 * 9216), 4 * 3072  # per token, forward
+    assert one_double == 2 * linears + 3 * attention  # one token: the linears forward and back, attention ×3
+    assert 0.05 < bench.step_flops(dims, 4096, 512, empty, 1.0) / 989e12 < 0.15  # 4B: a fifth of FLUX.1's work
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    bench.main(["--device", "cpu", "--family", "flux2", "--resolution", "64", "--steps", "1", "--warmup", "1"])
+    fields = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
+    assert (fields["family"], fields["size"], fields["mode"]) == ("flux2", "tiny", "fp32")
+    assert float(fields["s_per_step"]) > 0 and float(fields["tflops"]) > 0

@@ -130,7 +130,8 @@ def test_wrong_or_missing_files_are_named_before_anything_is_written(on_disk, tm
     save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(49408, 4)}, str(big_vocab))
     cases = [
         (["--model", str(m / "vae" / "ae.safetensors")], "this is FLUX.1's VAE; expected a FLUX.1 transformer"),
-        (["--model", str(flux2), "--models-dir", str(m)], "this is a FLUX.2 transformer"),
+        (["--model", str(flux2), "--models-dir", str(m), "--family", "flux1"],
+         "this is a FLUX.2 transformer; expected a FLUX.1 transformer"),
         (["--model", "flux1-tiny-fp32.safetensors", "--models-dir", str(m),
           "--vae", str(m / "text_encoders" / "clip_l.safetensors")],
          "this is a CLIP-L text encoder; expected FLUX.1's VAE"),

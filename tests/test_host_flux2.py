@@ -10,6 +10,7 @@ import torch
 from comfyui_host import requires_host
 
 pytestmark = requires_host
+TEXT = 96  # the tiny FLUX.2's text width: its Qwen3 encoder's three layers of 32 (nodes/host/tiny.py)
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _backend(pack, model):
 
 
 def _cond(T, batch=1, tokens=7, guidance=1.0):
-    return T.families.conditioning.Conditioning(torch.randn(batch, tokens, 64), None, guidance)
+    return T.families.conditioning.Conditioning(torch.randn(batch, tokens, TEXT), None, guidance)
 
 
 def test_comfyui_without_flux2_refuses_it_by_name(host):
@@ -59,7 +60,7 @@ def test_flux2_is_read_from_the_loaded_model(flux2):
     assert klein.dit.get_submodule(linear1[0].bfl_module).weight.shape == (3 * 256 + 2 * 768, 256)
     with pytest.raises(ValueError, match="pooled"):
         klein.velocity(torch.randn(1, 128, 4, 4), torch.tensor([0.5]),
-                       T.families.conditioning.Conditioning(torch.randn(1, 7, 64), torch.randn(1, 64)))
+                       T.families.conditioning.Conditioning(torch.randn(1, 7, TEXT), torch.randn(1, 64)))
 
 
 def _grads(T, backend, spec, memory, batch):
@@ -106,7 +107,7 @@ def test_tiny_flux2_trains_and_its_file_loads_with_every_key_in_the_stock_lora_l
     g = torch.Generator().manual_seed(0)
     shared = torch.randn(128, 1, 1, generator=g)  # latents with something in common to learn, as photos have
     examples = [T.data.encode.Example(shared + 0.3 * torch.randn(128, 4, 4, generator=g),
-                                      torch.randn(7, 64, generator=g), None, f"photo {i}") for i in range(2)]
+                                      torch.randn(7, TEXT, generator=g), None, f"photo {i}") for i in range(2)]
     config = T.loop.config.TrainConfig(steps=20, learning_rate=1e-2, seed=0)
     before = T.loop.trainer.fixed_noise_loss(backend, lora, examples, config.guidance)
     T.loop.trainer.train(backend, lora, examples, config)

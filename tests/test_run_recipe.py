@@ -136,3 +136,19 @@ def test_images_from_other_nodes_and_a_second_subject_are_named_not_dropped(fold
                   "subjects sks, ohwx: the recipe has one trigger word"):
         assert words in text and words in caplog.text
     assert formats.load(tmp_path / RECIPE_FILE).recipe == run.recipe
+
+
+def test_a_flux2_run_writes_our_recipe_and_no_ai_toolkit_job_naming_flux1(folders, tmp_path, caplog):
+    """ai-toolkit jobs name FLUX.1-dev and its layers: a FLUX.2 run's would train something else."""
+    from trainer.families.flux2.layers import Flux2Dims
+
+    dims = Flux2Dims()
+    dataset = datasets.from_folder(folders[0], datasets.Options("sks", "toy", shaping=Shaping(64)))
+    run = recipe_of_run(TrainConfig(), LayerSpec.preset("attention", dims), dims, dataset, RunSettings())
+    assert run.family == "flux2"
+    with caplog.at_level(logging.WARNING):
+        written = write_run_recipe(tmp_path, run)
+    assert written == [tmp_path / RECIPE_FILE] and not (tmp_path / AI_TOOLKIT_FILE).exists()
+    assert f"no {AI_TOOLKIT_FILE} (this pack writes ai-toolkit jobs for FLUX.1 runs; this one trained FLUX.2)" \
+        in caplog.text
+    assert formats.load(tmp_path / RECIPE_FILE).recipe == run.recipe

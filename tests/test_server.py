@@ -171,11 +171,10 @@ def test_a_second_training_waits_for_the_first(server):
     assert len({first, second, third}) == 3
 
 
-def quickstart_template(server) -> dict:
-    """The quickstart workflow as the Templates menu serves it."""
+def quickstart_template(server, name: str = "flux_dreambooth_quickstart") -> dict:
+    """A shipped workflow (a quickstart) as the Templates menu serves it."""
     templates = server.get("/api/workflow_templates")
-    module = next(m for m, names in templates.items() if any("quickstart" in n for n in names))
-    name = next(n for n in templates[module] if "quickstart" in n)
+    module = next(m for m, names in templates.items() if name in names)
     return server.get(f"/api/workflow_templates/{module}/{name}.json")
 
 
@@ -294,4 +293,116 @@ def test_an_ai_toolkit_job_pasted_into_import_training_config_in_a_real_browser(
     trained = outputs[str(train_id)]["text"][0]
     assert "3 steps at learning_rate 0.002" in summary and "Unsupported: none" in summary
     assert trained.startswith("3 steps") and "run toy_import_001" in trained  # the job's, not the template's
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_panel_draws_likeness_and_drift_beside_the_loss(server):
+    """The panel fed the pack's events as the server sends them (progress, scores, the best-checkpoint
+    note): the scores show in the status line and as two more lines on the chart, the note keeps it."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    workflow = quickstart_template(server)
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        result = page.evaluate("""(id) => {
+            const api = window.comfyAPI?.api?.api ?? window.app.api;  // the object the pack's scripts listen on
+            const send = (type, detail) => api.dispatchEvent(new CustomEvent(type, {detail: {node: String(id),
+                                                                                             ...detail}}));
+            send("flux_dreambooth.status", {state: "training", message: "", run: "scored_001"});
+            for (const step of [1, 2, 3, 4])
+                send("flux_dreambooth.progress", {step, total: 4, loss: 1 / step, loss_smooth: 1 / step, lr: 1e-3,
+                     seconds_per_step: 0.5, eta_seconds: 2, peak_memory_gib: 1, memory_device: "RAM"});
+            send("flux_dreambooth.scores", {step: 2, likeness: 0.25, drift: 0.05});
+            send("flux_dreambooth.scores", {step: 4, likeness: 0.3125, drift: 0.125});
+            send("flux_dreambooth.status", {state: "training", message: "best checkpoint: step 4", run: "scored_001"});
+            const panel = app.graph.getNodeById(id).fluxPanel;
+            const c = panel.canvas, data = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let green = 0, red = 0;
+            for (let i = 0; i < data.length; i += 4) {
+                green += data[i] === 0x4c && data[i + 1] === 0xaf && data[i + 2] === 0x50;
+                red += data[i] === 0xe0 && data[i + 1] === 0x55 && data[i + 2] === 0x45;
+            }
+            return {status: panel.status.textContent, points: panel.points.length, scores: panel.scores.length,
+                    green, red};
+        }""", train_id)
+        browser.close()
+    assert "likeness 0.313 · drift 0.125 (step 4)" in result["status"], result
+    assert "best checkpoint: step 4" in result["status"], result
+    assert result["points"] == 4 and result["scores"] == 2, result  # the note kept the chart
+    assert result["green"] > 0 and result["red"] > 0, result
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_kontext_quickstart_queued_from_a_real_browser(server):
+    """The Kontext template from the Templates menu, queued with the Run button: it trains on the
+    bundled pairs, its panel shows the edit samples, and the LoRA is saved (screenshot kept)."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    workflow = quickstart_template(server, "flux_dreambooth_kontext_quickstart")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+        page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
+            app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""")
+        page.get_by_role("button", name="Run").first.click()
+        page.wait_for_function("/^(Done|Failed|Stopped|Cancelled)/.test(document.querySelector("
+                               "'.flux-dreambooth-status')?.textContent || '')", timeout=400000)
+        server.wait_idle(400)
+        page.wait_for_timeout(1500)
+        shot = SCREENSHOTS / f"kontext_quickstart_comfyui_{version}.png"
+        page.screenshot(path=str(shot))
+        status = page.text_content(".flux-dreambooth-status")
+        browser.close()
+    assert status.startswith("Done"), status
+    saved = sorted((server.base / "models" / "loras" / "flux_dreambooth").glob("kontext_quickstart*.safetensors"))
+    assert saved and shot.is_file()
+    assert sorted((server.base / "output" / "flux_dreambooth").glob("kontext_quickstart_*/samples/step_*.png"))
+    assert not errors, errors
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="no Chromium (apt install chromium, or set CHROMIUM_PATH)")
+def test_the_flux2_quickstart_from_the_templates_menu_in_a_real_browser(server):
+    """The FLUX.2 quickstart as the Templates menu serves it, queued from ComfyUI's frontend, trains
+    to its last step: the panel draws the loss, shows samples and says Done."""
+    pytest.importorskip("playwright", reason="the playwright package drives the browser")
+    from playwright.sync_api import sync_playwright
+
+    if not server.get("/object_info/EmptyFlux2LatentImage"):
+        pytest.skip("this ComfyUI has no FLUX.2")
+    workflow = quickstart_template(server, "flux_dreambooth_quickstart_flux2")
+    train_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "FluxDreamBoothTrain")
+    version = server.get("/system_stats")["system"]["comfyui_version"]
+    errors: list = []
+    with sync_playwright() as p:
+        browser, page = open_workflow(p, server, workflow, errors)
+        page.evaluate(f"""() => {{ const n = app.graph.getNodeById({train_id});
+            app.canvas.ds.scale = 1; app.canvas.ds.offset = [60 - n.pos[0], 40 - n.pos[1]];
+            app.graph.setDirtyCanvas(true, true); }}""")
+        page.get_by_role("button", name="Run").first.click()
+        page.wait_for_function("/^Done at step 40/.test(document.querySelector('.flux-dreambooth-status')"
+                               ".textContent)", timeout=400000)
+        page.wait_for_function("[...document.querySelectorAll('.flux-dreambooth-sample')]"
+                               ".some(i => i.complete && i.naturalWidth > 0 && i.title.startsWith('step 40'))",
+                               timeout=30000)
+        points = page.evaluate(f"app.graph.getNodeById({train_id}).fluxPanel.points.length")
+        server.wait_idle()
+        page.wait_for_timeout(1000)
+        SCREENSHOTS.mkdir(exist_ok=True)
+        shot = SCREENSHOTS / f"quickstart_flux2_comfyui_{version}.png"
+        page.screenshot(path=str(shot))
+        browser.close()
+    (run,) = sorted((server.base / "output" / "flux_dreambooth").glob("quickstart_flux2_*"))
+    assert (run / "checkpoints" / "step_000040" / "lora.safetensors").is_file()
+    assert list((server.base / "models" / "loras" / "flux_dreambooth").glob("flux2_quickstart_*.safetensors"))
+    assert points >= 3 and shot.is_file()
     assert not errors, errors

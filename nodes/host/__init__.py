@@ -9,6 +9,7 @@
     events    websocket events, HTTP routes, progress bars
     sampling  rendering with ComfyUI's sampler, and its sampler and scheduler names
     tiny      the embedded tiny FLUX as ComfyUI objects
+    vision    a CLIP_VISION as the scores' image embedder, and a toy-width one for tests
 
 Node modules use ComfyUI's public node API (`comfy_api.latest.io`) and these, nothing else of
 ComfyUI's; a test holds them to it.

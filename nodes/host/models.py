@@ -13,6 +13,7 @@ import comfy.patcher_extension
 import torch
 
 from ...trainer.data.encode import weights_fingerprint
+from ...trainer.families.chroma.comfy import ComfyChroma
 from ...trainer.families.flux1.comfy import ComfyFlux
 from ...trainer.families.flux1.comfy_text import ComfyText
 from ...trainer.families.flux2.comfy import ComfyFlux2
@@ -34,9 +35,12 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
     With dynamic VRAM (ComfyUI ≥ 0.2x on a GPU) weights are streamed in per call; training needs
     them resident, so it runs on a non-dynamic clone of the same model, as ComfyUI's own trainer
     does. Nothing is loaded here: call `load_for_training` once the dataset is encoded."""
-    backend = BACKENDS.get(type(model.model).__name__) if isinstance(model.model, comfy.model_base.Flux) else None
+    kind = type(model.model).__name__
+    if kind in REFUSED:
+        raise ValueError(f"The MODEL input is {REFUSED[kind]}")
+    backend = BACKENDS.get(kind) if isinstance(model.model, comfy.model_base.Flux) else None
     if backend is None:
-        raise ValueError(f"The MODEL input is a {type(model.model).__name__}; this node trains FLUX.1 and FLUX.2 "
+        raise ValueError(f"The MODEL input is a {kind}; this node trains FLUX.1, FLUX.2 and Chroma "
                          "models (load one with 'Load Diffusion Model' or the Tiny FLUX loader).")
     patcher = model.clone(disable_dynamic=True) if getattr(model, "is_dynamic", lambda: False)() else model
     trained = backend(patcher.model, patcher.load_device, training_flag=set_training_kernels)
@@ -47,7 +51,10 @@ def flux_backend(model) -> tuple[ComfyFlux, object]:
 
 
 # ComfyUI's model class (model_base) -> the backend of its family
-BACKENDS = {"Flux": ComfyFlux, "Flux2": ComfyFlux2}
+BACKENDS = {"Flux": ComfyFlux, "Flux2": ComfyFlux2, "Chroma": ComfyChroma}
+# FLUX-like model classes this pack does not train, and why
+REFUSED = {"ChromaRadiance": "Chroma Radiance, which works in pixel space (no VAE latents, its own NeRF decoder "
+                             "head); this node trains latent models. Train Chroma (Chroma1-Base / HD) instead."}
 
 
 def reads_pooled(model) -> bool:
@@ -127,7 +134,8 @@ def trainable_text(clip, patcher, keep_off: Sequence[str] = ()) -> ComfyText:
     them on the device they are loaded together with the transformer `patcher`."""
     if not reads_pooled(patcher):
         raise ValueError("text_encoder_lr is above 0, but training the text encoder is for FLUX.1's CLIP-L and "
-                         "T5 only; FLUX.2's Qwen3 / Mistral encoder stays frozen. Set text_encoder_lr to 0.")
+                         "T5 only; FLUX.2's Qwen3 / Mistral encoder and Chroma's T5 stay frozen. Set text_encoder_lr "
+                         "to 0.")
     return ComfyText(clip, lambda: load_for_training(patcher, keep_off, again=True, also=(clip.patcher,)))
 
 
@@ -152,8 +160,9 @@ class ComfyEncoders:
 
         latent_format = type(self.model.model.latent_format).__name__
         vae = weights_fingerprint(self.vae.first_stage_model, f"{latent_format}{patches(self.vae.patcher)}")
+        pooled = "pooled" if reads_pooled(self.model) else "no pooled"  # Chroma's T5 alone, not FLUX.1's pair
         return {"images": vae,
-                "text": weights_fingerprint(self.clip.cond_stage_model, patches(self.clip.patcher))}
+                "text": weights_fingerprint(self.clip.cond_stage_model, f"{pooled}{patches(self.clip.patcher)}")}
 
     def release(self) -> None:
         unload(self.clip.patcher, self.vae.patcher)

@@ -9,7 +9,10 @@ import folder_paths
 from ...trainer.data.datasets import DatasetError
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-BUILTIN_DATASETS = {"builtin:quickstart": PACK_ROOT / "trainer" / "assets" / "quickstart"}
+BUILTIN_DATASETS = {"builtin:quickstart": PACK_ROOT / "trainer" / "assets" / "quickstart",
+                    # edit pairs (FLUX.1 Kontext): shapes recoloured red, and the shapes before the edit
+                    "builtin:kontext": PACK_ROOT / "trainer" / "assets" / "kontext" / "targets",
+                    "builtin:kontext_controls": PACK_ROOT / "trainer" / "assets" / "kontext" / "controls"}
 RUNS_SUBFOLDER = "flux_dreambooth"
 VLM_FOLDERS = ("vlm", "LLM")  # models/vlm, and models/LLM where other caption packs keep them
 

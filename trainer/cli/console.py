@@ -85,6 +85,12 @@ class Console:
                 self.writer.add_image(f"samples/{s.entry:02d}", np.asarray(image.convert("RGB")), step,
                                       dataformats="HWC")
 
+    def on_scores(self, score) -> None:
+        """Likeness and drift of a validation step (outputs/scores.py's Score)."""
+        if self.writer is not None:
+            self.writer.add_scalar("scores/likeness", score.likeness, score.step)
+            self.writer.add_scalar("scores/drift", score.drift, score.step)
+
     def on_done(self, step: int, loss_before: float, loss_after: float) -> None:
         if self.writer is not None:
             self.writer.add_scalar("fixed_noise_loss/before", loss_before, step)

@@ -4,6 +4,7 @@ the console shows progress, Ctrl-C is Cancel, and samples render with the librar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,24 +20,25 @@ import torch
 from PIL import Image
 
 from .. import files
+from ..data import controls
 from ..data.captions import TRIGGER_PLACEHOLDER
 from ..data.encode import EncodeCache, encode_dataset
 from ..families.conditioning import Conditioning
 from ..families.flux1 import tiny
 from ..log import logger
-from ..loop import distributed, quantize
+from ..loop import distributed, quantize, scoring
 from ..loop.job import Job, JobSpec, JobState, ValidationSchedule
 from ..loop.text_phase import text_targets
 from ..lora import text_encoder
 from ..lora.weights import LoraSet
-from ..outputs import checkpoints, export
+from ..outputs import checkpoints, export, scores
 from ..outputs.checkpoints import RunFolder
 from ..outputs.progress import Progress, Sample
 from ..outputs.sample import sample
 from ..recipe import build, formats, from_run, importing, text
 from ..recipe.fields import RecipeError
 from ..recipe.schema import Recipe
-from . import console, models
+from . import console, embedder, models
 
 log = logger(__name__)
 
@@ -54,8 +56,9 @@ def add_arguments(sub) -> None:
                                    "a run folder, the LoRA beside it.")
     p.add_argument("--config", type=Path, required=True, help="the recipe (our YAML or JSON format)")
     p.add_argument("--model", required=True, metavar="tiny|FILE|FOLDER",
-                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights), a FLUX.1 transformer "
-                        "file (bf16 or fp8; a path, or a name in --models-dir), or a diffusers FLUX.1 folder")
+                   help="the model to train on: 'tiny' (the embedded tiny FLUX, random weights; --family flux2 for "
+                        "the tiny FLUX.2), a FLUX.1 or FLUX.2 transformer file (bf16 or fp8; a path, or a name in "
+                        "--models-dir), or a diffusers FLUX.1 folder")
     models.add_arguments(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the recipe: dotted keys (train.steps=10) or short ones (steps, "
@@ -79,8 +82,18 @@ def tiny_model():
     return tiny.build(0)
 
 
+@functools.cache
+def tiny_flux2_model():
+    """The embedded tiny FLUX.2 [klein] (`--model tiny --family flux2`), built once per process."""
+    from ..families.flux2 import tiny as tiny2
+
+    return tiny2.build(0)
+
+
 def load_model(plan: models.Plan):
-    return tiny_model() if plan.loader == models.TINY else models.load(plan)
+    if plan.loader != models.TINY:
+        return models.load(plan)
+    return tiny_flux2_model() if plan.family == "flux2" else tiny_model()
 
 
 def output_root(out: Path | None, recipe: Recipe, base: Path) -> Path:
@@ -122,11 +135,12 @@ class ConsoleHost:
         self.log_json = log_json
         self.console = shown or console.Console(folder, bar=False, tensorboard=False)
         v, trigger = recipe.validation, recipe.dataset.trigger.strip()
-        self.size = (v.size or recipe.dataset.resolution[0]) // 8
+        self.size = (v.size or recipe.dataset.resolution[0]) // model.backend().family.downscale
         self.prompts = [p.replace(TRIGGER_PLACEHOLDER, trigger) for p in v.prompts]
         self.encoded = [model.encode_text(p) for p in self.prompts]
         self.interrupted = False
         self.first_step: int | None = None
+        self.references: tuple[torch.Tensor, ...] = ()  # an edit LoRA's samples edit the first control image
 
     def on_interrupt(self, signum, frame) -> None:
         self.interrupted = True
@@ -160,7 +174,7 @@ class ConsoleHost:
 
     def render(self, lora: LoraSet, step: int, should_stop: Callable[[], bool]
                ) -> tuple[list[Sample], torch.Tensor] | None:
-        v, backend = self.recipe.validation, self.model.backend()
+        v = self.recipe.validation
         samples, images = [], []
         encoded = self.encoded
         if text_encoder.has_delta(lora):  # the text encoder trains: the prompts through it, as the LoRA has it
@@ -170,15 +184,39 @@ class ConsoleHost:
         for i, (prompt, embedded) in enumerate(zip(self.prompts, encoded)):
             if should_stop():
                 return None
-            with backend.lora_applied(lora):
-                latents = sample(backend, Conditioning.of([embedded], v.guidance), self.size, self.size, v.steps,
-                                 v.seed)
-            pixels = self.model.decode(latents.cpu()).cpu()
+            pixels = self._sample(lora, embedded)
             image = Image.fromarray((pixels[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
             path = files.write_image(self.folder / "samples" / f"step_{step:06d}_{i:02d}.png", image)
             samples.append(Sample(step, i, f"{prompt} · seed {v.seed} · g {v.guidance:g}", path))
             images.append(pixels)
         return samples, torch.cat(images)
+
+    def _sample(self, lora: LoraSet | None, embedded) -> torch.Tensor:
+        """One prompt's image (1, 3, H, W) with `lora` (None: the base model) at the validation seed."""
+        v, backend = self.recipe.validation, self.model.backend()
+        with backend.lora_applied(lora) if lora is not None else contextlib.nullcontext():
+            latents = sample(backend, Conditioning.of([embedded], v.guidance, self.references), self.size, self.size,
+                             v.steps, v.seed)
+        return self.model.decode(latents.cpu()).cpu()
+
+    def render_prompts(self, lora: LoraSet | None, prompts: list[str], should_stop: Callable[[], bool]
+                       ) -> torch.Tensor | None:
+        """For the scores (loop/scoring.py): each prompt at the validation seed, (N, H, W, 3)."""
+        images = []
+        for prompt in prompts:
+            if should_stop():
+                return None
+            if lora is not None and text_encoder.has_delta(lora):
+                trainable = self.model.trainable_text()
+                with torch.no_grad(), text_encoder.applied(trainable, lora):
+                    embedded = trainable.encode(prompt)
+            else:
+                embedded = self.model.encode_text(prompt)
+            images.append(self._sample(lora, embedded))
+        return torch.cat(images).permute(0, 2, 3, 1)
+
+    def on_scores(self, score, rows) -> None:
+        self.console.on_scores(score)
 
     def on_samples(self, step: int, samples: list[Sample]) -> None:
         log.info("Samples of step %d in %s", step, self.folder / "samples")
@@ -207,6 +245,12 @@ def note_changes(previous: Path, recipe: Recipe) -> None:
         log.info("Resuming with changed settings: %s.", "; ".join(changed))
 
 
+def scored_validation(recipe: Recipe, base: Path):
+    """The validation section as the run's recipe holds it: a scores model folder made absolute."""
+    folder = embedder.check(recipe.validation.scores, base) if recipe.validation.scores else None
+    return dataclasses.replace(recipe.validation, scores=str(folder.absolute())) if folder else recipe.validation
+
+
 def run(args) -> int:
     started = time.perf_counter()
     imported = formats.load(args.config)
@@ -220,6 +264,12 @@ def run(args) -> int:
     # everything that can be checked before anything is loaded or written
     build.check_paths(recipe, base, imported.origins)
     model_plan = models.plan(args)
+    if recipe.validation.scores and recipe.validation.prompts:
+        embedder.check(recipe.validation.scores, base)
+        try:
+            scoring.check(recipe.validation.prompts, recipe.validation.max_drift)
+        except ValueError as e:
+            raise RecipeError(f"validation.scores: {e}") from None
     console.check(args)
     try:
         export.check_format(recipe.save.format, {recipe.layers.variant})
@@ -250,7 +300,7 @@ def run(args) -> int:
     metadata = export.LoraMetadata(spec, dataset.trigger_word, model.name, {
         "resolution": resolution, "learning_rate": recipe.train.learning_rate, "seed": recipe.train.seed,
         "run": folder.path.name, "recipe": text.to_json(recipe)},
-        family=backend.family.name, variant=backend.variant,
+        family=backend.family.name, variant=controls.variant(backend.variant, dataset),
         text_encoders=tuple(dict.fromkeys(t.component for t in text_part)))
     v = recipe.validation
     schedule = ValidationSchedule(v.every, v.before_training, len(v.prompts)) if v.prompts else None
@@ -259,19 +309,29 @@ def run(args) -> int:
     shown = console.Console(folder.path, writes and console.wants_bar(args.progress, log_json),
                             writes and args.report_to == "tensorboard")
     host = ConsoleHost(model, recipe, folder.path, args.log_every, log_json, shown)
+    scored = None
+    if schedule and recipe.validation.scores and writes:
+        scored = scoring.plan(embedder.load(v.scores, base, backend.device), dataset, v.prompts, v.max_drift,
+                              f"seed {v.seed}, {v.steps} steps, guidance {v.guidance:g}, {host.size * 8} px")
+    elif v.scores and not v.prompts:
+        log.warning("validation.scores is set but validation.prompts is empty: no renders, so no scores.")
+    if examples[0].control is not None:  # Kontext pairs: samples edit the first control image, as the nodes do
+        host.references = (examples[0].control[None],)
     log.info("Training %d LoRA layers on %d images at %s for %d steps into %s%s.", len(targets), len(examples),
              resolution, recipe.train.steps, folder.path, f", resuming {resume.name}" if resume else "")
     # the run's recipe as it trains (folders resolved, the layers fitted to the model): recipe.yaml, and
     # recipe_ai_toolkit.yaml; rank 0's to write
     ran = from_run.recipe_of_run(recipe.train, spec, backend.dims, dataset, build.run_settings(recipe),
-                                 (recipe.validation, []), dataclasses.replace(recipe.save, output=str(root.absolute())),
+                                 (scored_validation(recipe, base), []),
+                                 dataclasses.replace(recipe.save, output=str(root.absolute())),
                                  notes=[f"model: --model {args.model} on the command line (not a key of the file)."])
     if resume is not None and writes:
         note_changes(folder.path / from_run.RECIPE_FILE, ran.recipe)
     if writes:
         from_run.write_run_recipe(folder.path, ran)
     job = Job(JobSpec(backend, examples, recipe.train, targets, folder, build.run_settings(recipe), metadata,
-                      resume=resume, validation=schedule, text_encoder=trainable, ranks=ranks), key="cli")
+                      resume=resume, validation=schedule, text_encoder=trainable, ranks=ranks, scoring=scored),
+              key="cli")
     main_thread = threading.current_thread() is threading.main_thread()
     # Ctrl-C is rank 0's to act on: the other ranks wait for it in the next step, then torchrun ends them
     previous = signal.signal(signal.SIGINT, host.on_interrupt if writes else signal.SIG_IGN) if main_thread else None
@@ -293,12 +353,14 @@ def run(args) -> int:
     fmt = recipe.save.format
     lora_path = files.write_safetensors(
         root / f"{folder.path.name}.safetensors",
-        export.TrainedLora(outcome.lora, {}, outcome.kohya).to_file_dict(fmt, export.SAVE_DTYPES[recipe.save.dtype]),
+        export.TrainedLora(outcome.lora, {"dreambooth.family": backend.family.name}, outcome.kohya).to_file_dict(
+            fmt, export.SAVE_DTYPES[recipe.save.dtype]),
         metadata.header(outcome.steps_done, fmt))
     seconds = time.perf_counter() - started
     summary = {"steps": outcome.steps_done, "fixed_noise_loss_before": outcome.loss_before,
                "fixed_noise_loss_after": outcome.loss_after, "seconds": seconds, "lora": str(lora_path),
-               "run": str(folder.path), "resumed_from": str(resume) if resume else None, "losses": outcome.losses}
+               "run": str(folder.path), "resumed_from": str(resume) if resume else None, "losses": outcome.losses,
+               "best_checkpoint": scores.best_step(folder.path)}
     files.write_json(folder.path / "summary.json", summary, indent=1)
     log.info("Done: %d steps in %.1f s; fixed-noise loss %.4f -> %.4f. LoRA %s; run folder %s.",
              outcome.steps_done, seconds, outcome.loss_before, outcome.loss_after, lora_path, folder.path)

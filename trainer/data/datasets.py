@@ -68,6 +68,7 @@ class DatasetItem:
     pixels: torch.Tensor | None = None  # (H, W, 3) in [0, 1]
     label: str = ""
     origin: Origin | None = None  # where it came from (set by from_folder, from_mflux_config, from_images)
+    control: Path | None = None  # the edit's source image (Kontext pairs, controls.py), shaped as this one
 
     @property
     def name(self) -> str:
@@ -90,6 +91,8 @@ class DatasetItem:
     def content_key(self) -> str:
         """A hash of the image's content (not its name): the cache key's base, the duplicate check."""
         data = self.image.read_bytes() if self.image else self.pixels.numpy().tobytes()
+        if self.control is not None:  # an edit pair: the same target with another source is another example
+            data += b"control" + self.control.read_bytes()
         return hashlib.sha256(data).hexdigest()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from .. import files
@@ -56,6 +57,18 @@ class Example:
     shuffled_captions: list = field(default_factory=list)  # the captions `texts` encode, in order
     dropout_caption: str = ""  # the caption `dropout_text` encodes (a trained text encoder encodes them live)
     network_weight: float = 1.0  # the LoRA's multiplier on this photo (ai-toolkit's per-dataset network_weight)
+    controls: list = field(default_factory=list)  # an edit pair's source latents, one per view ([latents, *views])
+
+    @property
+    def control(self) -> torch.Tensor | None:
+        """The edit's source latents (Kontext), for the plain view; None for a plain photo."""
+        return self.controls[0] if self.controls else None
+
+    def control_of(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """The source latents shaped as `latents` (one of this example's views: `batches.choose`)."""
+        if not self.controls:
+            return None
+        return self.controls[next(i for i, v in enumerate([self.latents, *self.views]) if v is latents)]
 
     def copied(self) -> "Example":
         """With copies of every tensor: tensors made under inference_mode can't join autograd."""
@@ -63,6 +76,7 @@ class Example:
         return replace(self, latents=self.latents.clone(), context=self.context.clone(),
                        pooled=None if self.pooled is None else self.pooled.clone(),
                        views=[v.clone() for v in self.views], texts=[pair(t) for t in self.texts],
+                       controls=[c.clone() for c in self.controls],
                        dropout_text=pair(self.dropout_text) if self.dropout_text else None,
                        preserve=[pair(t) for t in self.preserve])
 
@@ -193,21 +207,29 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
     for n, (item, bucket) in enumerate(planned):
         content, opened = item.content_key(), []
 
-        def latents_of(view: int) -> torch.Tensor:
+        def latents_of(view: int) -> dict[str, torch.Tensor]:
             def compute():
                 if not opened:
                     opened.append(images.open_rgb(item.image, bucket) if item.image else
                                   images.from_tensor(item.pixels))
+                out = {"latents": shaped(opened[0], view)}
+                if item.control is not None:  # the edit's source: at the target's size, then the same crop
+                    control = images.open_rgb(item.control, bucket).resize(opened[0].size, Image.LANCZOS)
+                    out["control"] = shaped(control, view)
+                return out
+
+            def shaped(image, view: int) -> torch.Tensor:
                 generator = torch.Generator().manual_seed(int(key(seed, content, view)[:12], 16))
-                pixels = item.shaping.apply(opened[0], bucket, generator if view else None)
-                return {"latents": encoders.encode_images(item.augment.apply(pixels, view, generator)[None])[0]}
+                pixels = item.shaping.apply(image, bucket, generator if view else None)
+                return encoders.encode_images(item.augment.apply(pixels, view, generator)[None])[0]
             # view 0 is the plain photo: the same whatever the seed and augmentation
             varies = (item.augment.flip, item.augment.color_jitter, seed) if view else None
             shaping = replace(item.shaping, minimum_image_size=0)  # the minimum changes which photos, not pixels
-            return cache.get(key("latents", ids["images"], content, bucket, shaping, varies, view),
-                             compute)["latents"]
+            return cache.get(key("latents", ids["images"], content, bucket, shaping, varies, view), compute)
 
-        views = [latents_of(v) for v in range(item.augment.view_count(item.shaping.crop == "random"))]
+        encoded = [latents_of(v) for v in range(item.augment.view_count(item.shaping.crop == "random"))]
+        views = [e["latents"] for e in encoded]
+        controls = [e["control"] for e in encoded] if item.control is not None else []
         shuffles = shuffled_tags(item.caption, 1, TAG_SHUFFLES, seed) if item.augment.shuffle_tags else []
         context, pooled = text(item.caption)
         dropout = item.augment.caption_dropout
@@ -223,7 +245,7 @@ def encode_dataset(dataset: Dataset, encoders: Encoders, cache: EncodeCache | No
                                 subject="" if item.regularisation else item.trigger_word, preserve=preserve,
                                 preserved_captions=class_captions,
                                 shuffled_captions=list(shuffles), dropout_caption=item.trigger if dropout else "",
-                                network_weight=item.network_weight))
+                                network_weight=item.network_weight, controls=controls))
         if on_progress:
             on_progress(n + 1, len(planned))
     log.info("Encoded %d images (%d from the cache, %d computed).", len(examples), cache.hits, cache.misses)

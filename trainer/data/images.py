@@ -289,3 +289,8 @@ class Shaping:
 def from_tensor(pixels: torch.Tensor) -> Image.Image:
     """A ComfyUI IMAGE (H, W, 3) in [0, 1] as a PIL image."""
     return Image.fromarray((pixels.clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a ComfyUI IMAGE batch of one, (1, H, W, 3) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]

@@ -11,10 +11,10 @@ the loop, checkpoints) knows none of them. A new family is a new folder and one 
 from __future__ import annotations
 
 from ..lora.targets import LayerVocabulary
-from . import flux1, flux2
+from . import chroma, flux1, flux2
 from .spec import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (flux1.FAMILY, flux2.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (flux1.FAMILY, flux2.FAMILY, chroma.FAMILY)}
 
 
 def family(name: str) -> Family:

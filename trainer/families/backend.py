@@ -25,6 +25,7 @@ class FluxBackend:
     dims: ModelLayout
     guidance_embed: bool
     split_layers: bool  # one Linear per diffusers name (True) or BFL's fused layers (False)
+    takes_references: bool = False  # reads Conditioning.references (an edit's source latents: Kontext)
     compute_dtype: torch.dtype
     device: torch.device
 
@@ -115,7 +116,7 @@ class FluxBackend:
 
     def check_conditioning(self, cond: Conditioning) -> None:
         """`cond` carries what this family reads and nothing it would drop."""
-        if cond.references:
+        if cond.references and not self.takes_references:
             raise ValueError(f"The batch has reference images, which this {self.family.label} model does not take in "
                              "(reference images are for edit models: Kontext, FLUX.2).")
         if self.family.pooled and cond.pooled is None:

@@ -25,11 +25,12 @@ class Conditioning:
     references: tuple[torch.Tensor, ...] = ()  # clean reference latents (B, C, h, w), unnoised
 
     @classmethod
-    def of(cls, texts: list[Text], guidance: float = 1.0) -> "Conditioning":
+    def of(cls, texts: list[Text], guidance: float = 1.0, references: tuple[torch.Tensor, ...] = ()
+           ) -> "Conditioning":
         """A batch from captions' (context, pooled) pairs, as the encode cache holds them."""
         context = torch.stack([c for c, _ in texts])
         pooled = None if texts[0][1] is None else torch.stack([p for _, p in texts])
-        return cls(context, pooled, guidance)
+        return cls(context, pooled, guidance, tuple(references))
 
     @property
     def batch(self) -> int:

@@ -27,6 +27,7 @@ class Family:
     pooled: bool  # whether the model reads a pooled text vector (Conditioning.pooled)
     modelspec: str  # modelspec.architecture's family name ("flux-1" -> "flux-1-dev/lora")
     variants: tuple[str, str]  # (with a guidance embedding, without): ("dev", "schnell")
+    downscale: int = 8  # image pixels per latent pixel, each side (FLUX.2's VAE patchifies: 16)
 
     def tokens(self, latent_height: int, latent_width: int) -> int:
         """How many image tokens a latent of this size makes."""

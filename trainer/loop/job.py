@@ -17,7 +17,6 @@ A job ends in one of four ways:
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 from contextlib import ExitStack
@@ -39,26 +38,12 @@ from ..outputs import checkpoints, export, progress
 from ..outputs.checkpoints import RunFolder, RunSettings
 from ..outputs.progress import Progress, Sample
 from .distributed import Ranks
+from .probe import PROBE_EXAMPLES, probe_examples  # noqa: F401 (the job's, imported from here)
+from .scoring import Scorer, ScoringPlan
 from .trainer import StepInfo, TrainConfig, Trainer, check_batch_size, fixed_noise_loss
 
 log = logger(__name__)
 _FINAL = "final"  # the worker's last pause, before it lets go of the model
-PROBE_EXAMPLES = 4  # the fixed-noise loss (steadier than the per-step loss) is measured on this many
-
-
-def probe_examples(examples: list[Example], count: int = PROBE_EXAMPLES) -> list[Example]:
-    """Where the fixed-noise loss is measured: the subjects' own photos, never regularisation or
-    class images, taken in turn from each subject (at least one of each) up to `count`."""
-    by_subject: dict[str, list[Example]] = {}
-    for e in examples:
-        if not e.regularisation:
-            by_subject.setdefault(e.subject, []).append(e)
-    if not by_subject:  # only regularisation images: measure on those
-        return examples[:count]
-    in_turn = [e for group in itertools.zip_longest(*by_subject.values()) for e in group if e is not None]
-    return in_turn[:max(count, len(by_subject))]
-
-
 class JobState(str, Enum):
     TRAINING = "training"
     STOPPING = "stopping"  # Stop asked for: finish after this step, with every output
@@ -92,6 +77,7 @@ class JobSpec:
     validation: ValidationSchedule | None = None
     text_encoder: TrainableText | None = None  # what the targets' text-encoder part trains on (text_phase.py)
     ranks: Ranks | None = None  # a data-parallel run (distributed.py): only rank 0 writes the run's files
+    scoring: ScoringPlan | None = None  # likeness and drift at every validation render (scoring.py)
 
 
 @dataclass
@@ -108,6 +94,7 @@ class Outcome:
     notes: list[str] = field(default_factory=list)  # for the run's summary: e.g. the dataset changed on resume
     kohya: dict[str, torch.Tensor] | None = None  # `lora` as a kohya file, made while the model is as it
     # trained (DoRA's dora_scale is relative to the base weights)
+    scores: list = field(default_factory=list)  # likeness and drift per validation step (outputs/scores.py)
 
 
 class JobHost(Protocol):
@@ -173,6 +160,8 @@ class Job:
         self.notes: list[str] = []
         self._told: set[str] = set()
         self.writes = spec.ranks is None or spec.ranks.primary  # checkpoints, samples, plots
+        self.scorer = Scorer(spec.scoring, spec.run.path, self.saved_step if spec.resume else None) \
+            if spec.scoring and self.writes and spec.validation else None
 
     # ----- state, from any thread ----------------------------------------------------------------
     @property
@@ -282,7 +271,7 @@ class Job:
         lora = trainer.result_lora()
         return Outcome(lora.cpu(), trainer.losses, trainer.step, stopped, self.loss_before, self.loss_after,
                        self.samples, self.latest_images, self.tracker.history, list(self.notes),
-                       export.kohya_state_dict(lora))
+                       export.kohya_state_dict(lora), self.scorer.rows if self.scorer else [])
 
     def _serve(self, worker: threading.Thread, host: JobHost) -> None:
         """Until the loop ends: show its steps, serve its pauses, watch for Cancel."""
@@ -368,7 +357,8 @@ class Job:
             return
         host.on_rendering(trainer.step, spec.validation.count)
         should_stop = (lambda: self._state == JobState.CANCELLING) if final else self._ending
-        rendered = host.render(trainer.result_lora(), trainer.step, should_stop)
+        lora = trainer.result_lora()
+        rendered = host.render(lora, trainer.step, should_stop)
         if rendered is None:  # Stop pressed mid-render: the final render, at the stop step, follows
             return
         samples, images = rendered
@@ -376,6 +366,8 @@ class Job:
         self.latest_images = [images]
         progress.save_samples(spec.run.path, self.samples)
         host.on_samples(trainer.step, samples)
+        if self.scorer is not None:
+            self.scorer.score(host, lora, trainer.step, images, should_stop)
 
     def _finish_files(self, host: JobHost, render: bool, checkpoint: bool = True) -> None:
         """At the end, however it came: the last checkpoint, last samples, grid, strip, plots."""
@@ -385,6 +377,9 @@ class Job:
             self._save_checkpoint(host)
         if render and self.spec.validation:
             self._render(host, final=True)
+        if render and self.scorer is not None:
+            chosen = self.scorer.finish([checkpoints.step_of(c) for c in self.spec.run.checkpoints()])
+            self._tell(host, chosen.line() if chosen else "")
         folder = self.spec.run.path
         if self.samples:
             progress.write_sample_grid(folder / "grid.png", self.samples)
@@ -394,4 +389,5 @@ class Job:
     def _write_plots(self) -> None:
         if self.tracker.history and self.writes:
             progress.write_history(self.spec.run.path, self.tracker.history)
-            progress.write_loss_plot(self.spec.run.path / "loss.png", self.tracker.history)
+            progress.write_loss_plot(self.spec.run.path / "loss.png", self.tracker.history,
+                                     self.scorer.rows if self.scorer else ())

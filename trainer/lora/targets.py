@@ -25,7 +25,8 @@ TRANSFORMER = "transformer"  # LoraTarget.component of the transformer's layers 
 class LayerVocabulary:
     """A family's LoRA layer names: diffusers' block groups, their layer types, presets."""
 
-    groups: dict[str, str]  # diffusers block group -> BFL block group ("transformer_blocks" -> "double_blocks")
+    groups: dict[str, str]  # diffusers block group -> BFL block group ("transformer_blocks" -> "double_blocks");
+    # "" for a group of model-level layers (FLUX.2's shared modulation): depth 1, names without a block index
     layers: dict[str, dict[str, tuple[str, str | None]]]  # group -> layer type -> (BFL module, row slice)
     presets: dict[str, dict[str, tuple[str, ...]]]  # preset -> group -> layer types
 
@@ -179,13 +180,14 @@ class LayerSpec:
             group.check(layout)
             for block in range(group.start, group.end):
                 for layer in group.layer_types:
-                    name = f"{group.blocks}.{block}.{layer}"
+                    top = not vocabulary.groups[group.blocks]  # model-level layers: one "block", no index
+                    name = layer if top else f"{group.blocks}.{block}.{layer}"
                     if name in seen:
                         raise ValueError(f"{name} is selected by layer group {seen[name] + 1} and again by group "
                                          f"{gi + 1}; each layer can be in one group only.")
                     seen[name] = gi
                     module, part = vocabulary.layers[group.blocks][layer]
-                    bfl = f"{vocabulary.groups[group.blocks]}.{block}.{module}"
+                    bfl = module if top else f"{vocabulary.groups[group.blocks]}.{block}.{module}"
                     in_features, out_features = layout.shape(bfl)
                     rows = layout.rows(part, out_features)
                     overlap = [t for t in targets if t.bfl_module == bfl and t.rows[0] < rows[1] > rows[0] < t.rows[1]]

@@ -56,13 +56,19 @@ def kohya_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[
     return _finish(sd, dtype)
 
 
-def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32,
+                         family: str = "flux1") -> dict[str, torch.Tensor]:
     """PEFT names as diffusers' FluxPipeline.save_lora_weights writes them: `transformer.*`, and
-    CLIP-L as `text_encoder.*` (its loader has no place for T5-XXL: save that in kohya format)."""
+    CLIP-L as `text_encoder.*` (its loader has no place for T5-XXL: save that in kohya format).
+    FLUX.2 (Flux2LoraLoaderMixin): no `.alpha` keys (its loader refuses them and scales by 1), so
+    each B carries its scale; slices of a layer diffusers fuses too (a single block's
+    attn.to_qkv_mlp_proj) are written as that one layer, as the kohya file writes BFL's."""
     check_format("diffusers", {w.variant for w in lora})
     if T5XXL in lora.components():
         raise ValueError("This LoRA trained T5-XXL (text_encoder_t5), which diffusers' FLUX LoRA loader can't "
                          "load (it reads the transformer and CLIP-L only); save it in kohya format.")
+    if family != "flux1":
+        return _finish(_diffusers_fused(lora, families.family(family)), dtype)
     sd = {}
     for w in lora:
         prefix = text_encoder.DIFFUSERS_PREFIXES.get(w.target.component)
@@ -73,6 +79,36 @@ def diffusers_state_dict(lora: LoraSet, dtype: torch.dtype = torch.float32) -> d
         if w.variant == "dora":  # PEFT's m: it divides by ‖W + s·BA‖ itself
             sd[f"{key}.lora_magnitude_vector"] = w.magnitude.detach()
     return _finish(sd, dtype)
+
+
+def _diffusers_module(target, vocabulary) -> str:
+    """The diffusers module a target lives in: its own name, or the fused layer its rows are part of."""
+    if target.part is None or target.name.count(".") < 2:
+        return target.name
+    group, block, _ = target.name.split(".", 2)
+    whole = {module: name for name, (module, part) in vocabulary.layers[group].items() if part is None}
+    fused = whole.get(target.bfl_module.split(".", 2)[2])
+    return f"{group}.{block}.{fused}" if fused else target.name
+
+
+def _diffusers_fused(lora: LoraSet, family) -> dict[str, torch.Tensor]:
+    sd = {}
+    for weights in lora.by_module().values():
+        by_module: dict[str, list] = {}
+        for w in weights:
+            by_module.setdefault(_diffusers_module(w.target, family.vocabulary), []).append(w)
+        for module, group in by_module.items():
+            fused = len(group) > 1 or group[0].target.name != module
+            if fused and any(w.variant == "dora" for w in group):
+                raise ValueError(f"format is 'diffusers': {family.label}'s {module} is one layer in diffusers, and a "
+                                 "DoRA on part of it can't be written there; save as kohya, or train the whole "
+                                 "layer.")
+            key = f"transformer.{module}"
+            sd[f"{key}.lora_A.weight"] = torch.cat([w.down for w in group]).detach()
+            sd[f"{key}.lora_B.weight"] = (fused_up(group) if fused else group[0].up * group[0].scale).detach()
+            if group[0].variant == "dora":
+                sd[f"{key}.lora_magnitude_vector"] = group[0].magnitude.detach()
+    return sd
 
 
 def check_format(fmt: str, variants: set[str]) -> None:
@@ -97,10 +133,11 @@ def _finish(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.
     return out
 
 
-def state_dict(lora: LoraSet, fmt: str = "kohya", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def state_dict(lora: LoraSet, fmt: str = "kohya", dtype: torch.dtype = torch.float32,
+               family: str = "flux1") -> dict[str, torch.Tensor]:
     if fmt not in FORMATS:
         raise ValueError(f"format is {fmt!r}; choose {' or '.join(FORMATS)}.")
-    return (kohya_state_dict if fmt == "kohya" else diffusers_state_dict)(lora, dtype)
+    return kohya_state_dict(lora, dtype) if fmt == "kohya" else diffusers_state_dict(lora, dtype, family)
 
 
 @dataclass(frozen=True)
@@ -144,7 +181,8 @@ class LoraMetadata:
             "ss_base_model_version": self.family,
             "ss_sd_model_name": self.base_model,
             "ss_steps": str(steps),
-            "modelspec.architecture": f"{families.family(self.family).modelspec}-{self.variant}/lora",
+            "modelspec.architecture": "-".join(filter(None, (families.family(self.family).modelspec, self.variant)))
+                                      + "/lora",  # Chroma has one architecture: "chroma/lora"
             "modelspec.trigger_phrase": ", ".join(self.triggers),
             "dreambooth.text_encoders": ",".join(self.text_encoders),
             "ss_network_train_unet_only": str(not self.text_encoders),
@@ -180,7 +218,7 @@ class TrainedLora(dict):
     def to_file_dict(self, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if fmt == "kohya":
             return _finish(dict(self), dtype)
-        return state_dict(self.lora, fmt, dtype)
+        return state_dict(self.lora, fmt, dtype, self.metadata.get("dreambooth.family", "flux1"))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

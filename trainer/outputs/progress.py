@@ -101,8 +101,9 @@ def write_history(folder: Path, history: list[tuple[int, float, float, float]]) 
     files.write_json(folder / "loss_history.json", [dict(zip(HISTORY_COLUMNS, row)) for row in history])
 
 
-def loss_plot(history: list[tuple[int, float, float, float]], size=(640, 360)) -> Image.Image:
-    """Raw loss (light) and smoothed loss (dark) against step, with the axis ranges written on."""
+def loss_plot(history: list[tuple[int, float, float, float]], scores=(), size=(640, 360)) -> Image.Image:
+    """Raw loss (light) and smoothed loss (dark) against step, with the axis ranges written on;
+    with `scores` (outputs/scores.py's rows), likeness (green) and drift (red) on a scale of their own."""
     w, h = size
     img = Image.new("RGB", size, "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
@@ -121,8 +122,25 @@ def loss_plot(history: list[tuple[int, float, float, float]], size=(640, 360)) -
         draw.text((4, bottom - 10), f"{lo:.3f}", fill="black", font=font)
         draw.text((left, bottom + 8), f"step {steps[0]}", fill="black", font=font)
         draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black", font=font)
+        _score_lines(draw, font, [r for r in scores if steps[0] <= r.step <= steps[-1]], x, top, bottom, right)
     draw.text((left + 8, top + 4), "loss (raw, smoothed)", fill=(20, 60, 160), font=font)
     return img
+
+
+def _score_lines(draw, font, rows, x, top, bottom, right) -> None:
+    if not rows:
+        return
+    values = [r.likeness for r in rows] + [r.drift for r in rows]
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1e-6
+    y = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)  # noqa: E731
+    for name, colour in (("likeness", (30, 150, 60)), ("drift", (200, 50, 40))):
+        points = [(x(r.step), y(getattr(r, name))) for r in rows]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    draw.text((right - 150, top + 4), f"likeness, drift {lo:.2f}–{hi:.2f}", fill=(30, 150, 60), font=font)
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,8 @@ def load_samples(folder: Path) -> list[Sample]:
             if Path(d["path"]).is_file()]
 
 
-def write_loss_plot(path: Path, history: list[tuple[int, float, float, float]]) -> Path:
-    return files.write_image(path, loss_plot(history))
+def write_loss_plot(path: Path, history: list[tuple[int, float, float, float]], scores=()) -> Path:
+    return files.write_image(path, loss_plot(history, scores))
 
 
 def write_sample_grid(path: Path, samples: list[Sample]) -> Path:

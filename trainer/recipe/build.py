@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import datasets
+from ..data import controls, datasets
 from ..data.augment import Augmentation
 from ..data.images import Shaping
 from ..lora.targets import LayerGroup, LayerSpec, ModelLayout, parse_layer_types
@@ -41,8 +41,10 @@ def dataset(recipe: Recipe, base: Path) -> datasets.Dataset:
         augment = Augmentation(flip=d.flip, caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
         subject = datasets.Options(d.trigger.strip(), d.class_word.strip(), d.repeats, d.captions, d.default_caption,
                                    shaping, augment, d.problems, d.caption_ext)
-        parts += [_source(base / Path(f).expanduser(), subject, d.concepts).with_items(network_weight=d.network_weight)
-                  for f in d.folders]
+        for i, f in enumerate(d.folders):
+            part = _source(base / Path(f).expanduser(), subject, d.concepts).with_items(network_weight=d.network_weight)
+            parts.append(controls.with_controls(part, base / Path(d.control_path[i]).expanduser())
+                         if d.control_path else part)
         # regularisation photos without a caption: the class prompt, else the class word (never the subject's
         # default_caption)
         fallback = d.regularisation_caption.strip() or d.class_word.strip()

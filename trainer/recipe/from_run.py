@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from .. import files
+from .. import families, files
 from ..data.augment import Augmentation
 from ..data.datasets import Dataset, DatasetItem, Origin
 from ..log import logger
@@ -34,6 +34,7 @@ RECIPE_FILE, AI_TOOLKIT_FILE = "recipe.yaml", "recipe_ai_toolkit.yaml"
 class RunRecipe:
     recipe: Recipe
     notes: list[str] = field(default_factory=list)  # what the files can't hold, for a person
+    family: str = "flux1"  # the model family the run trained (families.FAMILIES): ai-toolkit jobs are FLUX.1's
 
 
 def validation_section(prompts: Sequence[str], seeds: Sequence[int], guidances: Sequence[float],
@@ -123,6 +124,8 @@ def dataset_section(dataset: Dataset) -> tuple[DatasetSection, list[str]]:
     resolutions: list[int] = []
     for origin, _, network_weight, items in subject:
         section.folders.append(origin.path)
+        if items[0].control is not None:  # Kontext edit pairs: their control folder, one per folder
+            section.control_path.append(str(items[0].control.parent.absolute()))
         resolutions += [r for r in dict.fromkeys(i.shaping.resolution for i in items) if r not in resolutions]
         differ = _differences(first, origin, SHARED)
         if differ:
@@ -191,7 +194,7 @@ def recipe_of_run(config: TrainConfig, spec: LayerSpec, layout: ModelLayout, dat
         all_notes.append(f"resumed from {run.resume_from.strip()}: the recipe starts fresh (`--resume latest` "
                          "continues a run).")
     recipe = Recipe(data, layers_section(spec, layout), config, save, section)
-    return RunRecipe(recipe, all_notes)
+    return RunRecipe(recipe, all_notes, families.of_layout(layout).name)
 
 
 def _commented(body: str, notes: Sequence[str]) -> str:
@@ -209,6 +212,10 @@ def write_run_recipe(folder: str | Path, run: RunRecipe) -> list[Path]:
     for note in run.notes:
         log.warning("Recipe of %s: %s", folder.name, note)
     written = [files.write_text(folder / RECIPE_FILE, _commented(text.to_yaml(run.recipe), run.notes))]
+    if run.family != "flux1":  # the job would name FLUX.1-dev and its layers
+        log.warning("Recipe of %s: no %s (this pack writes ai-toolkit jobs for FLUX.1 runs; this one trained %s).",
+                    folder.name, AI_TOOLKIT_FILE, families.family(run.family).label)
+        return written
     try:
         job = ai_toolkit.write(run.recipe)
     except ValueError as e:  # e.g. layers ai-toolkit's full-size FLUX can't take: say so, keep training

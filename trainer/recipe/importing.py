@@ -50,7 +50,7 @@ def missing_note(setting: str, value: str, path: Path) -> str:
 
 
 
-PATH_KEYS = ("dataset.folders", "dataset.regularisation")
+PATH_KEYS = ("dataset.folders", "dataset.regularisation", "dataset.control_path")
 
 
 def paths_of(recipe: Recipe, base: Path) -> list[tuple[str, str, Path]]:

@@ -14,6 +14,7 @@ from ..data.datasets import CAPTION_SOURCES, PROBLEMS
 from ..loop.config import TrainConfig
 from ..lora.variants import VARIANTS
 from ..outputs.export import FORMATS, SAVE_DTYPES
+from ..outputs.scores import DEFAULT_MAX_DRIFT
 from . import fields
 from .fields import Key, Reader, RecipeError, check
 
@@ -61,6 +62,10 @@ class DatasetSection:
         "Each subfolder is a subject named like kohya's '10_sks dog' (repeats, trigger, class)."))
     problems: str = field(default="stop", **_help(
         "stop: any unreadable photo or missing caption is an error listing them all; skip: train on the rest."))
+    control_path: list[str] = field(default_factory=list, **_help(
+        "For an edit LoRA (FLUX.1 Kontext): one folder of source images per folder in `folders`, in the same "
+        "order, each image named as its photo after the edit (ai-toolkit's control_path); relative to this "
+        "file. Empty: a plain LoRA."))
     regularisation: list[str] = field(default_factory=list, **_help(
         "Folder(s) of generic class photos (ai-toolkit's is_reg sets, DreamBooth's class_data_dir). They never "
         "carry the trigger; photos without a caption get the class word."))
@@ -96,13 +101,17 @@ class DatasetSection:
              f"{self.maximum_image_size}; photos above the maximum are downsampled to the target (e.g. 1536, 1024)."),
             (bool(re.fullmatch(r"\.?[A-Za-z0-9_]+", self.caption_ext)),
              f"caption_ext is {self.caption_ext!r}; give an extension like txt or caption."),
+            (not self.control_path or len(self.control_path) == len(self.folders),
+             f"control_path names {len(self.control_path)} folder(s) for {len(self.folders)} in folders; give one "
+             "control folder per dataset folder, in the same order (or none for a plain LoRA)."),
         ])
 
 
 @dataclass
 class LayerGroupSection:
     blocks: str = field(default="single_transformer_blocks", **_help(
-        "transformer_blocks (double) or single_transformer_blocks (mflux's lora_layers keys)."))
+        "transformer_blocks (double) or single_transformer_blocks (mflux's lora_layers keys); FLUX.2 also "
+        "modulation (its shared modulation layers, start 0, end 1)."))
     start: int = field(default=0, **_help("First block (block_range.start)."))
     end: int = field(default=0, **_help("End block, exclusive (block_range.end); 0: the last block."))
     layer_types: list[str] = field(default_factory=list, **_help("diffusers layer names or preset names."))
@@ -198,12 +207,20 @@ class ValidationSection:
     guidance: float = field(default=3.5, **_help("FLUX guidance of the samples (3.5 for dev)."))
     size: int = field(default=0, **_help("Sample size in pixels; 0: the first training resolution."))
     before_training: bool = field(default=True, **_help("Also render before the first step, to compare against."))
+    scores: str = field(default="", **_help(
+        "Likeness and drift at every render, and the best checkpoint (README: Scores): a folder with a "
+        "transformers CLIP or SigLIP vision model (relative to this file), or 'pixels' (a fixed pooling "
+        "embedder, meaningful only for the tiny model); empty: no scores."))
+    max_drift: float = field(default=DEFAULT_MAX_DRIFT, **_help(
+        "The best checkpoint is the most alike of those whose drift (1 − cosine similarity of the class and "
+        "unrelated prompts' samples to the base model's) is at most this; 0.1–0.3."))
 
     def __post_init__(self):
         check("validation", [(self.every >= 1, f"every is {self.every}; render at least every 1 step."),
                              (self.steps >= 1, f"steps is {self.steps}; sample with at least 1 step (20 usual)."),
                              (self.size == 0 or (self.size >= 16 and self.size % 16 == 0),
-                              f"size is {self.size}; use 0 or a multiple of 16.")])
+                              f"size is {self.size}; use 0 or a multiple of 16."),
+                             (self.max_drift > 0, f"max_drift is {self.max_drift}; use a value above 0 (0.1–0.3).")])
 
 
 @dataclass

@@ -12,6 +12,7 @@ export const EVENT = {
   CHECKPOINT: "flux_dreambooth.checkpoint",
   RENDERING: "flux_dreambooth.rendering",
   SAMPLES: "flux_dreambooth.samples",
+  SCORES: "flux_dreambooth.scores",
   QUEUED: "flux_dreambooth.queued",
 };
 

@@ -1,5 +1,6 @@
-// The Train node's live panel: loss chart (raw and smoothed), step / speed / ETA / memory, the
-// latest validation samples, and Stop. Fed by the pack's websocket events; sends Stop to the
+// The Train node's live panel: loss chart (raw and smoothed; likeness and drift at each validation
+// step when Validation Samples has a CLIP_VISION), step / speed / ETA / memory, the latest
+// validation samples, and Stop. Fed by the pack's websocket events; sends Stop to the
 // pack's route. Stop ends the run early with outputs and a checkpoint; ComfyUI's Cancel aborts.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -24,6 +25,7 @@ class Panel {
   constructor(node) {
     this.node = node;
     this.points = [];
+    this.scores = []; // [step, likeness, drift]
     this.root = element("div", { display: "flex", flexDirection: "column", gap: "4px", font: "12px sans-serif",
                                  color: "#ddd", width: "100%", boxSizing: "border-box", padding: "2px 4px" });
     this.root.className = "flux-dreambooth-panel";
@@ -59,8 +61,13 @@ class Panel {
 
   onStatus(d) {
     this.executionId = d.node;
+    if (d.state === "training" && d.message) { // a note while training (e.g. the best checkpoint): keep the chart
+      this.status.textContent = `${this.status.textContent.split("\n")[0]}\n${d.message}`;
+      return;
+    }
     if (d.state === "training") {
       this.points = [];
+      this.scores = [];
       this.step = this.checkpoint = null;
       this.gallery.replaceChildren();
       this.stopButton.disabled = false;
@@ -83,8 +90,20 @@ class Panel {
     this.status.textContent =
       `step ${d.step}/${d.total} · loss ${d.loss.toFixed(4)} (avg ${d.loss_smooth.toFixed(4)}) · ` +
       `${d.seconds_per_step.toFixed(2)} s/step · ETA ${clock(d.eta_seconds)} · ` +
-      `peak ${d.peak_memory_gib.toFixed(1)} GiB ${d.memory_device}`;
+      `peak ${d.peak_memory_gib.toFixed(1)} GiB ${d.memory_device}` + this.scoreText();
     this.draw();
+  }
+
+  onScores(d) {
+    this.scores = this.scores.filter((p) => p[0] !== d.step).concat([[d.step, d.likeness, d.drift]]);
+    this.scores.sort((a, b) => a[0] - b[0]);
+    this.status.textContent = `${this.status.textContent.split("\n")[0].split(" · likeness")[0]}${this.scoreText()}`;
+    this.draw();
+  }
+
+  scoreText() {
+    const s = this.scores.at(-1);
+    return s ? ` · likeness ${s[1].toFixed(3)} · drift ${s[2].toFixed(3)} (step ${s[0]})` : "";
   }
 
   onExecuted(output) {
@@ -143,6 +162,30 @@ class Panel {
     ctx.fillStyle = "#aaa";
     ctx.fillText(`${hi.toFixed(3)}`, 4, 10);
     ctx.fillText(`${lo.toFixed(3)}  ·  step ${first}–${last}`, 4, c.height - 3);
+    this.drawScores(ctx, c, x, first, last);
+  }
+
+  drawScores(ctx, c, x, first, last) {
+    // likeness (green) and drift (red) on a scale of their own, written on the right
+    const shown = this.scores.filter((p) => p[0] >= first && p[0] <= last);
+    if (!shown.length) return;
+    const values = shown.flatMap((p) => [p[1], p[2]]);
+    const lo = Math.min(...values), hi = Math.max(...values);
+    const y = (v) => c.height - 14 - ((v - lo) / (hi - lo || 1)) * (c.height - 24);
+    for (const [col, color] of [[1, "#4caf50"], [2, "#e05545"]]) {
+      ctx.strokeStyle = ctx.fillStyle = color;
+      ctx.lineWidth = 2;
+      ctx.beginPath();
+      shown.forEach((p, i) => (i ? ctx.lineTo(x(p[0]), y(p[col])) : ctx.moveTo(x(p[0]), y(p[col]))));
+      ctx.stroke();
+      shown.forEach((p) => ctx.fillRect(x(p[0]) - 2, y(p[col]) - 2, 4, 4));
+    }
+    ctx.textAlign = "right";
+    ctx.fillStyle = "#4caf50";
+    ctx.fillText(`likeness`, c.width - 4, 10);
+    ctx.fillStyle = "#e05545";
+    ctx.fillText(`drift  ${lo.toFixed(2)}–${hi.toFixed(2)}`, c.width - 4, 22);
+    ctx.textAlign = "left";
   }
 }
 
@@ -167,6 +210,7 @@ app.registerExtension({
     api.addEventListener(EVENT.CHECKPOINT, forward("onCheckpoint"));
     api.addEventListener(EVENT.SAMPLES, forward("onSamples"));
     api.addEventListener(EVENT.RENDERING, forward("onRendering"));
+    api.addEventListener(EVENT.SCORES, forward("onScores"));
     api.addEventListener(EVENT.QUEUED, (event) => {
       const toast = app.extensionManager?.toast;
       if (toast) toast.add({ severity: "info", summary: "FLUX DreamBooth", detail: event.detail.message, life: 8000 });

@@ -20,8 +20,10 @@ from . import FAMILY
 
 
 def _unsupported(params) -> str | None:
+    if hasattr(params, "n_layers"):  # ChromaParams: modulation from a distilled guidance layer
+        return "Chroma's blocks (modulation from its distilled_guidance_layer); it trains as Chroma (ComfyChroma)"
     if getattr(params, "global_modulation", False) or getattr(params, "mlp_silu_act", False):
-        return "FLUX.2 / Chroma-style blocks"
+        return "FLUX.2-style blocks (shared modulation); it trains as FLUX.2 (ComfyFlux2)"
     if getattr(params, "yak_mlp", False):
         return "a gated-MLP FLUX variant"
     if params.in_channels != 16 or params.patch_size != 2:
@@ -32,6 +34,7 @@ def _unsupported(params) -> str | None:
 class ComfyFlux(FluxBackend):
     family = FAMILY
     split_layers = False
+    takes_references = True  # FLUX.1 Kontext [dev]: ComfyUI's ref_latents, as its ReferenceLatent node feeds them
 
     def __init__(self, base_model, device: torch.device, training_flag: Callable[[bool], None] | None = None):
         """`device` is where the model computes (the patcher's load device). `training_flag(on)`
@@ -43,7 +46,7 @@ class ComfyFlux(FluxBackend):
         self.training_flag = training_flag
         self.dims = self.family.layout(params.hidden_size, int(params.hidden_size * params.mlp_ratio),
                                        params.depth, params.depth_single_blocks)
-        self.guidance_embed = bool(params.guidance_embed)
+        self.guidance_embed = bool(getattr(params, "guidance_embed", False))  # Chroma's params have none
         if hasattr(base_model, "get_dtype_inference"):
             self.compute_dtype = base_model.get_dtype_inference()
         else:
@@ -56,7 +59,7 @@ class ComfyFlux(FluxBackend):
         problem = _unsupported(params)
         if problem:
             raise ValueError(f"This model has {problem}; this backend trains FLUX.1 models "
-                             "(dev, schnell, Krea, Kontext-free fine-tunes).")
+                             "(dev, schnell, Krea, Kontext and fine-tunes of them).")
 
     def layer(self, w: LoraWeight) -> nn.Module:
         return self.dit.get_submodule(w.target.bfl_module)
@@ -90,8 +93,18 @@ class ComfyFlux(FluxBackend):
         timestep = self.model.model_sampling.timestep(sigmas.to(device)).float()
         out = self.dit(latents.to(device, dtype), timestep, cond.context.to(device, dtype),
                        y=cond.pooled.to(device, dtype), guidance=self.guidance_tensor(cond.guidance, latents.shape[0]),
-                       transformer_options={"optimized_attention_override": sdpa_attention})
+                       transformer_options={"optimized_attention_override": sdpa_attention}, **self.refs(cond))
         return out.float()
+
+    def refs(self, cond) -> dict:
+        """The reference latents as ComfyUI's model takes them (`ref_latents`, clean, already in the
+        model's latent space; the model appends their tokens after the target's and returns only the
+        target's, so the loss covers those alone) with the model's own reference method (FLUX.1: offset)."""
+        if not cond.references:
+            return {}
+        method = getattr(self.dit.params, "default_ref_method", "offset")
+        return {"ref_latents": [r.to(self.device, self.compute_dtype) for r in cond.references],
+                "ref_latents_method": method}
 
 
 def usable_by_autograd(model: nn.Module) -> None:

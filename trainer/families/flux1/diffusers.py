@@ -25,9 +25,9 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x.reshape(b, c, height, width)
 
 
-def image_ids(height: int, width: int, device) -> torch.Tensor:
-    """RoPE positions of the image tokens: (0, row, column)."""
-    ids = torch.zeros(height // 2, width // 2, 3, device=device)
+def image_ids(height: int, width: int, device, index: int = 0) -> torch.Tensor:
+    """RoPE positions of the image tokens: (index, row, column); index 1 for a Kontext reference."""
+    ids = torch.full((height // 2, width // 2, 3), float(index), device=device)
     ids[..., 1] = torch.arange(height // 2, device=device)[:, None]
     ids[..., 2] = torch.arange(width // 2, device=device)[None, :]
     return ids.reshape(-1, 3)
@@ -36,6 +36,7 @@ def image_ids(height: int, width: int, device) -> torch.Tensor:
 class DiffusersFlux(FluxBackend):
     family = FAMILY
     split_layers = True
+    takes_references = True  # FLUX.1 Kontext [dev], as diffusers' FluxKontextPipeline feeds its image
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer.requires_grad_(False)
@@ -63,14 +64,22 @@ class DiffusersFlux(FluxBackend):
         b, _, h, w = latents.shape
         context, pooled, guidance = cond.context, cond.pooled, cond.guidance
         dtype, device = self.compute_dtype, self.device
+        tokens, ids = pack_latents(latents), image_ids(h, w, device)
+        target = tokens.shape[1]
+        if len(cond.references) > 1:
+            raise ValueError("FLUX.1 Kontext takes one reference image here; the batch has "
+                             f"{len(cond.references)}.")
+        for ref in cond.references:  # Kontext: the reference's tokens after the target's, at RoPE index 1
+            tokens = torch.cat([tokens, pack_latents(ref.to(tokens.device))], dim=1)
+            ids = torch.cat([ids, image_ids(ref.shape[-2], ref.shape[-1], device, index=1)])
         out = self.transformer(
-            hidden_states=pack_latents(latents).to(device, dtype),
+            hidden_states=tokens.to(device, dtype),
             encoder_hidden_states=context.to(device, dtype),
             pooled_projections=pooled.to(device, dtype),
             timestep=sigmas.to(device, dtype),
-            img_ids=image_ids(h, w, device),
+            img_ids=ids,
             txt_ids=torch.zeros(context.shape[1], 3, device=device),
             guidance=self.guidance_tensor(guidance, b),
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w).float()
+        return unpack_latents(out[:, :target], h, w).float()  # the target's tokens: the loss covers them only

@@ -7,6 +7,7 @@ fetching 30 GB of real weights. Tokens are plain UTF-8 bytes, so no tokenizer fi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
         elif key.endswith("bias"):
             out[key] = torch.zeros(shape)
         else:
-            fan_in = shape[-1] if len(shape) >= 2 else 50
+            fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 50  # a conv's: in × kernel
             out[key] = torch.randn(shape, generator=generator) / fan_in ** 0.5
     return out
 

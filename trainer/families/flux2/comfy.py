@@ -17,6 +17,7 @@ from . import FAMILY
 
 class ComfyFlux2(ComfyFlux):
     family = FAMILY
+    takes_references = False  # FLUX.2's reference images are not trained yet
 
     @staticmethod
     def check_params(params) -> None:

@@ -54,6 +54,8 @@ class DiffusersFlux2(FluxBackend):
     def layer(self, w: LoraWeight) -> nn.Module:
         """diffusers' own layer; FLUX.2's single-block slices (q, k, v, proj_mlp) live in its fused
         `attn.to_qkv_mlp_proj`, as in BFL's layout."""
+        if w.target.name.count(".") < 2:  # a model-level layer (the shared modulation)
+            return self.transformer.get_submodule(w.target.name)
         group, block, name = w.target.name.split(".", 2)
         if group == "single_transformer_blocks" and w.target.part is not None:
             name = "attn.to_qkv_mlp_proj"

@@ -7,7 +7,9 @@ MLPs are SwiGLU: `img_mlp.0` (diffusers' `ff.linear_in`) holds the gate rows the
 q | k | v | gate | up: 3·hidden + 2·mlp_hidden rows, and `linear2` (`attn.to_out`) reads
 attention | MLP. diffusers fuses the single block as BFL does; the slices of it are named as
 FLUX.1's (attn.to_q, attn.to_k, attn.to_v, proj_mlp) so that the presets mean the same rows in
-both families.
+both families. The shared modulation (`double_stream_modulation_img.linear` and `_txt`, hidden → 6·hidden;
+`single_stream_modulation.linear`, hidden → 3·hidden) is the group "modulation", block_range 0…1, in
+no preset: every block's shift, scale and gate come from it, so a LoRA there changes them all.
 """
 
 from __future__ import annotations
@@ -21,9 +23,15 @@ ATTENTION_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 MLP_DOUBLE = ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
 
+MODULATION = "modulation"  # the model-level layers every block's shift/scale/gate comes from
+MODULATION_LAYERS = {"double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+                     "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+                     "single_stream_modulation.linear": "single_stream_modulation.lin"}
+
 VOCABULARY = LayerVocabulary(
-    groups={DOUBLE: "double_blocks", SINGLE: "single_blocks"},
+    groups={DOUBLE: "double_blocks", SINGLE: "single_blocks", MODULATION: ""},
     layers={
+        MODULATION: {name: (bfl, None) for name, bfl in MODULATION_LAYERS.items()},
         DOUBLE: {
             "attn.to_q": ("img_attn.qkv", "q"),
             "attn.to_k": ("img_attn.qkv", "k"),
@@ -69,17 +77,18 @@ class Flux2Dims:
     vocabulary = VOCABULARY
 
     def depth(self, blocks: str) -> int:
-        return self.double_blocks if blocks == DOUBLE else self.single_blocks
+        return {DOUBLE: self.double_blocks, SINGLE: self.single_blocks}.get(blocks, 1)  # modulation: model-level
 
     def shape(self, bfl_module: str) -> tuple[int, int]:
         """(in_features, out_features) of a BFL layer, from its name."""
         h, m = self.hidden_size, self.mlp_hidden
         leaf = bfl_module.split(".", 2)[-1]
-        shapes = {"img_attn.qkv": (h, 3 * h), "txt_attn.qkv": (h, 3 * h),
+        shapes = {"double_stream_modulation_img.lin": (h, 6 * h), "double_stream_modulation_txt.lin": (h, 6 * h),
+                  "single_stream_modulation.lin": (h, 3 * h),"img_attn.qkv": (h, 3 * h), "txt_attn.qkv": (h, 3 * h),
                   "img_attn.proj": (h, h), "txt_attn.proj": (h, h),
                   "img_mlp.0": (h, 2 * m), "txt_mlp.0": (h, 2 * m), "img_mlp.2": (m, h), "txt_mlp.2": (m, h),
                   "linear1": (h, 3 * h + 2 * m), "linear2": (h + m, h)}
-        return shapes[leaf]
+        return shapes.get(bfl_module) or shapes[leaf]
 
     def rows(self, part: str | None, out_features: int) -> tuple[int, int]:
         """Output rows [start, stop) of a slice of a fused layer: the MLP slice of linear1 is its

@@ -45,8 +45,8 @@ UNLESS_DEFAULT = {  # honoured at these values, with why any other is not
     "random_triggers": (([],), "random trigger words are not added here"),
     "mask_path": ((None, ""), "masked loss is not done here"),
     "alpha_mask": ((False,), "masked loss is not done here"),
-    "control_path": ((None, ""), "control images (Kontext-style training) are not trained here"),
-    "controls": (([],), "control images (Kontext-style training) are not trained here"),
+    "controls": (([],), "ai-toolkit's generated controls (depth, pose…) are not made here; give the control "
+                        "images as control_path"),
     "inpaint_path": ((None, ""), "inpainting is not trained here"),
     "type": (("image",), "this pack trains on image folders"),
     "random_scale": ((False,), "random scaling is not done here"),
@@ -79,6 +79,7 @@ def read_datasets(job: Job, datasets: list[dict], base: str, trigger: Any) -> No
             m.origins[f"{ours}[{len(folders[ours]) - 1}]"] = join(key, name)
         if folders[ours]:
             m.origins[ours] = m.origins[f"{ours}[0]"]
+    _controls(job, subjects, regs)
     first = subjects[0][1] if subjects else {}
     mine = {name: conv(first.get(name, default)) for name, (_, default, conv) in {**SUBJECT, **PLANNED}.items()}
     for i, (key, d) in enumerate(subjects):
@@ -121,6 +122,36 @@ def read_datasets(job: Job, datasets: list[dict], base: str, trigger: Any) -> No
                 _same_or_differs(job, join(key, name), conv(d[name]), mine[name], "the subject's")
     for key, d in subjects + regs:
         _common(job, key, d, trigger, mine)
+
+
+def _controls(job: Job, subjects: list, regs: list) -> None:
+    """Subject datasets' `control_path` (edit pairs for FLUX.1 Kontext) as dataset.control_path, one
+    per folder: all of them paired, or none."""
+    m = job.m
+    given = [(key, d) for key, d in subjects if d.get("folder_path", d.get("dataset_path")) is not None]
+    paths = [(key, d.get("control_path")) for key, d in given]
+    paths = [(key, p[0] if isinstance(p, list) and len(p) == 1 else p) for key, p in paths]
+    for key, d in regs:
+        if d.get("control_path"):
+            m.drop(join(key, "control_path"), "regularisation sets train without control images here")
+    if not any(p for _, p in paths):
+        for key, p in paths:
+            if p is not None:
+                m.same(join(key, "control_path"))
+        return
+    bad = [(key, p) for key, p in paths if not p or isinstance(p, list)]
+    if bad:
+        for key, p in paths:
+            m.drop(join(key, "control_path"), "several control images per photo are not trained here" if
+                   isinstance(p, list) else "every subject dataset needs its control_path here (an edit LoRA "
+                   "trains on pairs only)")
+        return
+    folders = []
+    for key, p in paths:
+        folders.append(job.path(join(key, "control_path"), p))
+        job.set(join(key, "control_path"), "dataset.control_path", list(folders))
+        m.origins[f"dataset.control_path[{len(folders) - 1}]"] = join(key, "control_path")
+    m.origins["dataset.control_path"] = m.origins["dataset.control_path[0]"]
 
 
 def _same_or_differs(job: Job, key: str, value: Any, used: Any, whose: str) -> None:

@@ -132,6 +132,8 @@ def _datasets(recipe: Recipe, out: Export) -> list[dict]:
                "shuffle_tokens": d.shuffle_tags, "network_weight": d.network_weight,
                **({"default_caption": d.default_caption} if d.default_caption else {})}
     sets = [{"folder_path": f, **shared, **subject, "is_reg": False} for f in d.folders]
+    for one, control in zip(sets, d.control_path):  # Kontext edit pairs
+        one["control_path"] = control
     reg = {"default_caption": d.class_word.strip()} if d.class_word.strip() else {}
     sets += [{"folder_path": f, **shared, **reg, "network_weight": d.regularisation_network_weight, "is_reg": True}
              for f in d.regularisation]
