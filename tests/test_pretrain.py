@@ -40,9 +40,9 @@ def test_normalising_the_vae_gives_flux_latents_and_keeps_its_reconstructions():
 def test_the_denoiser_stage_lowers_the_flow_matching_loss_and_trains_the_text_encoders():
     model = tiny.build(2, hidden_heads=1)
     t5_before = [p.clone() for p in model.t5.parameters()]
-    settings = denoiser.DenoiserSettings(steps=30, batch_size=8, size=32, scenes=32, learning_rate=2e-3)
+    settings = denoiser.DenoiserSettings(steps=50, batch_size=8, size=32, scenes=32, learning_rate=2e-3)
     losses = denoiser.train_denoiser(model, settings, seed=0)
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, losses
     assert any(not torch.equal(a, b) for a, b in zip(t5_before, model.t5.parameters()))
     assert not any(p.requires_grad for p in model.transformer.parameters())  # frozen again, as build leaves it
 
