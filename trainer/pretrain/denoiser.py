@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families.conditioning import Conditioning
+from ..families.flux1 import tiny
 from ..loop import flow
 from . import world
 from .autoencoder import to_pixels
@@ -51,10 +52,12 @@ def scene_pool(model, settings: DenoiserSettings, rng: random.Random) -> tuple[t
     return torch.cat(latents), [s.caption for s in scenes]
 
 
-def encode_batch(text, captions: list[str]) -> Conditioning:
-    """Captions through the (training) text encoders, with grad."""
-    pairs = [text.encode(c) for c in captions]
-    return Conditioning.of(pairs, GUIDANCE)
+def encode_batch(model, captions: list[str]) -> Conditioning:
+    """Captions through the (training) text encoders, with grad, in one batch: the same values as
+    `model.encode_text` per caption (every caption pads to the same length), a quarter of the time."""
+    t5_ids = torch.stack([model.tokenizer(c, tiny.T5_TOKENS, bos=False) for c in captions])
+    clip_ids = torch.stack([model.tokenizer(c, tiny.CLIP_TOKENS) for c in captions])
+    return Conditioning(model.t5(t5_ids).last_hidden_state, model.clip(clip_ids).pooler_output, GUIDANCE)
 
 
 def train_denoiser(model, settings: DenoiserSettings, seed: int, report=lambda step, loss: None) -> list[float]:
@@ -63,7 +66,7 @@ def train_denoiser(model, settings: DenoiserSettings, seed: int, report=lambda s
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     latents, captions = scene_pool(model, settings, rng)
-    backend, text = model.backend(), model.trainable_text()
+    backend = model.backend()
     transformer, encoders = model.transformer, (model.clip, model.t5)
     for m in (transformer, *encoders):
         m.train().requires_grad_(True)
@@ -81,7 +84,7 @@ def train_denoiser(model, settings: DenoiserSettings, seed: int, report=lambda s
         z = latents[rows]
         noise = torch.randn(z.shape, generator=generator)
         sigmas = timesteps.sample(len(rows), tokens, generator)
-        cond = encode_batch(text, [captions[i] for i in rows])
+        cond = encode_batch(model, [captions[i] for i in rows])
         v = backend.velocity(flow.noisy_latents(z, noise, sigmas), sigmas, cond)
         loss = flow.flow_matching_loss(v, flow.velocity_target(z, noise)).mean()
         optimizer.zero_grad(set_to_none=True)

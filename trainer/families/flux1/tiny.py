@@ -158,3 +158,10 @@ def load_pretrained(folder: Path = PRETRAINED) -> TinyFlux:
         module.load_state_dict(state, strict=True)
     model.pretrained = True
     return model
+
+
+def embedded(pretrained: bool = True, seed: int = 0) -> TinyFlux:
+    """The tiny FLUX the quickstart, the Tiny FLUX node and `--model tiny` use: the pretrained set the
+    pack ships (it draws the shapes world, so a LoRA's effect is visible), or `tiny.build(seed)`'s
+    seeded random weights (for tests and for a pipeline check without any meaning)."""
+    return load_pretrained() if pretrained else build(seed)
