@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..trainer.families.flux1.layers import DOUBLE, SINGLE
 from ..trainer.families.flux1.layers import VOCABULARY as FLUX1
+from ..trainer.families.flux2.layers import MODULATION, MODULATION_LAYERS
 from ..trainer.families.flux2.layers import VOCABULARY as FLUX2
 from ..trainer.lora.targets import LayerGroup, LayerSpec, parse_layer_types, preset_names
 from ..trainer.lora.variants import VARIANTS
@@ -26,9 +27,13 @@ class LoraLayerGroup(io.ComfyNode):
             inputs=[
                 sockets.LoraLayers.Input("previous", optional=True,
                                          tooltip="Groups from another LoRA Layer Group node."),
-                io.Combo.Input("blocks", options=[SINGLE, DOUBLE], default=SINGLE,
+                io.Combo.Input("blocks", options=[SINGLE, DOUBLE, MODULATION], default=SINGLE,
                                tooltip="single_transformer_blocks (38 in FLUX.1, later layers, details) or "
-                                       "transformer_blocks (19, the double-stream layers, broader features)."),
+                                       "transformer_blocks (19, the double-stream layers, broader features). "
+                                       "FLUX.2 only: modulation, the shared layers every block's shift, scale "
+                                       "and gate come from (start 0, end 1; layer_types "
+                                       f"{', '.join(MODULATION_LAYERS)}); a LoRA there changes every block, "
+                                       "so give it a low rank (2–4) next to a block group."),
                 io.Int.Input("start", default=0, min=0, max=100,
                              tooltip="First block of the range. The people template starts at 10 to leave early "
                                      "layers (composition) alone."),

@@ -113,3 +113,19 @@ def test_comfyui_and_diffusers_agree_on_the_modulation_lora(flux2):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for g, r in zip(got, ref_grads):
         assert r.abs().max() > 0 and (g - r).abs().max() <= 1e-4 * r.abs().max()
+
+
+def test_layer_group_node_offers_the_modulation_group(flux2):
+    """The LoRA Layer Group node's blocks input holds 'modulation'; its group targets the three
+    shared modulation layers of ComfyUI's tiny FLUX.2, and FLUX.1 refuses it by name."""
+    node = flux2.nodes.layers.LoraLayerGroup
+    spec = node.execute("modulation", 0, 1, ", ".join(MODULATION), 2, 0.0).result[0]
+    with torch.inference_mode():
+        model = flux2.nodes.host.tiny.load_tiny_flux2(0)
+    backend, _ = flux2.nodes.host.models.flux_backend(model)
+    names = {t.name for t in spec.targets(backend.dims)}
+    assert {n.split(".")[0] for n in names} == {"double_stream_modulation_img", "double_stream_modulation_txt",
+                                                "single_stream_modulation"}
+    flux1, _ = flux2.nodes.host.models.flux_backend(flux2.nodes.host.tiny.load_tiny_flux(0)[0])
+    with pytest.raises(ValueError, match="no modulation"):
+        spec.targets(flux1.dims)
