@@ -35,11 +35,19 @@ CHECKPOINTING = {"every block": ("blocks", 1), "every 2nd block": ("blocks", 2),
                  "every block, offload to CPU": ("offload", 1), "off": ("off", 1)}
 
 
-def write_recipe(folder, config, spec, layout, dataset, run, validation, save, base: str, lora_dtype: str) -> None:
+# how `python -m trainer train` names the embedded tiny model of each family (Chroma has none there)
+TINY_ON_THE_COMMAND_LINE = {"flux1": "--model tiny", "flux2": "--model tiny --family flux2"}
+
+
+def write_recipe(folder, config, spec, layout, dataset, run, validation, save, base: str, lora_dtype: str,
+                 family: str) -> None:
     """The run's recipe into its folder (recipe.yaml, recipe_ai_toolkit.yaml), with the node's own
     settings a file can't hold named there."""
-    notes = [f"model: {base}, the Train node's MODEL input (a model ComfyUI loaded: load it in ComfyUI; the "
-             "command line trains --model tiny)."]
+    command = "--models-dir ~/ComfyUI/models --model FILE"
+    if family in TINY_ON_THE_COMMAND_LINE:
+        command += f" (or {TINY_ON_THE_COMMAND_LINE[family]}, the embedded tiny one)"
+    notes = [f"model: {base}, the Train node's MODEL input (a model ComfyUI loaded). On the command line name "
+             f"its file: {command}."]
     if save is None:
         notes.append("save.dtype and save.format: no Save FLUX LoRA node saves this LoRA in the workflow (written: "
                      "fp16, kohya).")
@@ -221,7 +229,8 @@ class TrainFluxLora(io.ComfyNode):
             family=backend.family.name, variant=controls.variant(backend.variant, dataset),
             text_encoders=text_encoders)
         write_recipe(folder.path, config, spec, backend.dims, dataset, settings, validation,
-                     lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype)
+                     lora_io.save_section(cls.hidden.prompt, cls.hidden.unique_id), base, lora_dtype,
+                     backend.family.name)
         log.info("Training %d LoRA layers on %d images at %s for %d steps into %s (%s)%s.", len(targets),
                  len(examples), resolution, config.steps, folder.path, memory,
                  f", resuming {resume.name}" if resume else "")

@@ -357,6 +357,7 @@ def test_the_run_folder_holds_the_workflows_recipe_which_reads_back_and_trains(h
     assert (r.save.dtype, r.save.format) == ("fp16", "kohya")  # the Save FLUX LoRA node's
     written = (run / "recipe.yaml").read_text()
     assert "model: tiny-flux" in written and "no Save FLUX LoRA node" not in written  # what it can't hold, named
+    assert "--model FILE (or --model tiny, the embedded tiny one)" in written  # how the command line runs it
     job = T.recipe.formats.load(run / "recipe_ai_toolkit.yaml")
     assert job.format == "ai-toolkit" and job.recipe.train.steps == widgets["steps"]
     cli = importlib.import_module(f"{T.__name__}.cli")

@@ -65,6 +65,7 @@ def test_flux2_quickstart_trains_renders_samples_and_saves(host, quickstart):
     runs = sorted((host.root / "output" / "flux_dreambooth").glob("quickstart_flux2_*"))
     samples = sorted(runs[-1].rglob("step_*.png"))
     assert {p.name for p in samples} >= {f"step_{s:06d}_{i:02d}.png" for s in (0, 20, 40) for i in (0, 1)}
+    assert "(or --model tiny --family flux2, the embedded tiny one)" in (runs[-1] / "recipe.yaml").read_text()
     first = np.asarray(Image.open(samples[0]))
     assert first.shape == (128, 128, 3) and first.std() > 1.0  # a rendered image, not a blank
     saved = outputs[by_type(prompt, "FluxDreamBoothSave")[0]]["text"][0]

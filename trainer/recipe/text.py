@@ -113,7 +113,8 @@ def _section(obj: Any, indent: str, comments: bool) -> list[str]:
 def to_yaml(recipe: Recipe, comments: bool = True) -> str:
     """The recipe as our YAML format, every key written, each after its help as a comment."""
     lines = ["# FLUX DreamBooth recipe (comfyui-flux-dreambooth). Train it with:",
-             "#   python -m trainer train --config THIS_FILE --model tiny", ""] if comments else []
+             "#   python -m trainer train --config THIS_FILE --models-dir ~/ComfyUI/models --model FILE",
+             "# (or --model tiny: the embedded tiny FLUX, to try it)", ""] if comments else []
     for f in dataclasses.fields(recipe):
         lines += [f"{f.name}:", *_section(getattr(recipe, f.name), "  ", comments), ""]
     return "\n".join(lines).rstrip() + "\n"
