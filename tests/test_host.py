@@ -79,7 +79,7 @@ def test_example_workflows_are_valid_prompts_for_this_comfyui(host, workflow):
             path.touch()
             host.folder_paths.add_model_folder_path(folder, str(path.parent))
     valid = asyncio.run(host.execution.validate_prompt("check", prompt, None))
-    assert valid[0], valid[1:]
+    assert valid[0] and valid[3] == {}, valid[1:]  # True with node errors: only some outputs would run
     assert {n["class_type"] for n in prompt.values()} >= {"FluxDreamBoothTrain", "FluxDreamBoothSave", "KSampler"}
 
 
