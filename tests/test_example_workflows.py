@@ -32,7 +32,8 @@ def nodes(name: str, node_type: str) -> list[dict]:
     return [n for n in load(name)["nodes"] if n["type"] == node_type]
 
 
-def check_layers_and_sampling(name: str, dims) -> None:
+def check_layers_and_sampling(name: str, dims) -> str:
+    """The workflow's layer groups fit `dims`; returns its Train node's timestep sampling (one the node offers)."""
     groups = nodes(name, "FluxDreamBoothLayers")
     assert groups
     for node in groups:
@@ -42,6 +43,7 @@ def check_layers_and_sampling(name: str, dims) -> None:
         group.check(dims)
     (train,) = nodes(name, "FluxDreamBoothTrain")
     assert train["widgets_values"][5] in TIMESTEP_SAMPLINGS
+    return train["widgets_values"][5]
 
 
 @pytest.mark.parametrize("name, family", [("flux_dreambooth_quickstart", "FLUX.1"),
@@ -59,9 +61,7 @@ def test_each_quickstart_trains_layers_its_tiny_family_has(name, family):
 def test_each_real_workflow_trains_layers_its_full_size_model_has(name, unet, dims, sampling):
     (loader,) = nodes(name, "UNETLoader")
     assert loader["widgets_values"][0] == unet
-    check_layers_and_sampling(name, dims)
-    (train,) = nodes(name, "FluxDreamBoothTrain")
-    assert train["widgets_values"][5] == sampling
+    assert check_layers_and_sampling(name, dims) == sampling
 
 
 def test_the_klein_workflow_samples_base_klein_with_cfg_and_no_flux_guidance():
